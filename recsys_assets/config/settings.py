@@ -1,0 +1,260 @@
+"""Typed, validated configuration loaded from one YAML file.
+
+The file is `recsys_assets/config/surfaces.yaml` unless `RECSYS_CONFIG` names another.
+Unknown keys and impossible values fail at load with the dotted path of the bad entry,
+so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import timedelta
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("surfaces.yaml")
+CONFIG_ENV_VAR = "RECSYS_CONFIG"
+
+SOURCES = (
+    "two_tower",
+    "item_to_item",
+    "content",
+    "trending",
+    "editorial",
+    "new_item_exploration",
+    "long_tail_quality",
+)
+"""Candidate sources, in the order their per-source rank columns appear."""
+
+SUBJECT_REQUIREMENTS = (
+    "consent_personalization",
+    "email_subscribed",
+    "push_enabled",
+    "tenant_actor",
+)
+_PARTITION_KEY_FORBIDDEN = re.compile(r"[|\[\],\s]")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class ConfigError(ValueError):
+    """The configuration file is invalid; the message names the file and the entry."""
+
+
+def parse_duration(value: Any) -> timedelta:
+    """'30m', '6h', '7d', a number of seconds, or a timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=float(value))
+    if isinstance(value, str) and (match := _DURATION.match(value)):
+        return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+    raise ValueError(f"not a duration: {value!r} (use e.g. '30m', '6h', '7d' or seconds)")
+
+
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainingConfig(_Strict):
+    cutoff_days_before_snapshot: int = Field(7, ge=0)
+    validation_fraction: float = Field(0.15, gt=0, lt=0.5)
+    embedding_dim: int = Field(32, ge=4, le=512)
+    epochs: int = Field(4, ge=1)
+    seed: int = 7
+
+
+class PipelineConfig(_Strict):
+    shard_subjects: int = Field(4000, ge=1)
+    retrieval_item_chunk: int = Field(50000, ge=1)
+    recent_items_per_user: int = Field(20, ge=1)
+    trending_window_days: int = Field(3, ge=1)
+
+
+class EligibilityConfig(_Strict):
+    requires: tuple[Literal[SUBJECT_REQUIREMENTS], ...] = ()  # type: ignore[valid-type]
+    active_within_days: int = Field(30, ge=1)
+
+
+class SlatePolicyConfig(_Strict):
+    version: str = "slate_v1"
+    max_per_category: int = Field(ge=1)
+    max_per_creator: int = Field(ge=1)
+    exploration_slots: int = Field(0, ge=0)
+    sponsored_cap: int = Field(0, ge=0)
+    high_confidence_first: bool = False
+
+
+class StalePolicyConfig(_Strict):
+    mode: Literal["serve_with_check", "never", "final_check_mandatory"]
+    max_stale: Duration = timedelta(0)
+
+    @model_validator(mode="after")
+    def _bound_required(self) -> StalePolicyConfig:
+        if self.mode != "never" and self.max_stale <= timedelta(0):
+            raise ValueError(f"stale_policy mode {self.mode!r} needs a positive max_stale")
+        return self
+
+
+class ChannelRulesConfig(_Strict):
+    frequency_cap_per_day: int = Field(0, ge=0)
+    """How many times one item may be shown to one user on this surface per day; 0 = no cap."""
+    quiet_hours: bool = False
+    send_hour_local: int | None = Field(None, ge=0, le=23)
+
+
+class SurfaceConfig(_Strict):
+    name: str = ""
+    personalized: bool = True
+    display_count: int = Field(ge=1)
+    store_depth: int = Field(ge=1)
+    ttl: Duration
+    candidate_budget: int = Field(ge=1)
+    sources: dict[Literal[SOURCES], int]  # type: ignore[valid-type]
+    eligibility: EligibilityConfig
+    slate_policy: SlatePolicyConfig
+    stale_policy: StalePolicyConfig
+    channel_rules: ChannelRulesConfig = ChannelRulesConfig()
+
+    @model_validator(mode="after")
+    def _depths(self) -> SurfaceConfig:
+        if self.store_depth <= self.display_count:
+            raise ValueError(
+                f"store_depth ({self.store_depth}) must be greater than display_count "
+                f"({self.display_count}): the serving layer fills from deeper in the list"
+            )
+        if self.candidate_budget < self.store_depth:
+            raise ValueError(
+                f"candidate_budget ({self.candidate_budget}) must be at least store_depth "
+                f"({self.store_depth})"
+            )
+        if any(n < 0 for n in self.sources.values()):
+            raise ValueError("per-source candidate counts must be >= 0")
+        if self.ttl <= timedelta(0):
+            raise ValueError("ttl must be positive")
+        return self
+
+
+class FallbackConfig(_Strict):
+    ttl: Duration = timedelta(minutes=30)
+    list_length: int = Field(50, ge=1)
+
+
+class PublishThresholds(_Strict):
+    min_coverage: float = Field(0.95, ge=0, le=1)
+    max_invalid_item_rate: float = Field(0.02, ge=0, le=1)
+    max_duplicate_rate: float = Field(0.0, ge=0, le=1)
+    max_policy_violation_rate: float = Field(0.0, ge=0, le=1)
+    max_empty_list_rate: float = Field(0.05, ge=0, le=1)
+    min_mean_list_length_ratio: float = Field(0.5, ge=0, le=1)
+    max_age: Duration = timedelta(hours=2)
+
+
+class PublishConfig(_Strict):
+    retain_versions: int = Field(5, ge=1)
+    thresholds: PublishThresholds = PublishThresholds()
+
+
+class ServingConfig(_Strict):
+    manifest_poll_interval_s: float = Field(5.0, gt=0)
+
+
+class Settings(_Strict):
+    regions: tuple[str, ...]
+    training: TrainingConfig = TrainingConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    surfaces: dict[str, SurfaceConfig]
+    fallback: FallbackConfig = FallbackConfig()
+    publish: PublishConfig = PublishConfig()
+    serving: ServingConfig = ServingConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_surfaces(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("surfaces"), dict):
+            data = dict(data)
+            data["surfaces"] = {
+                name: {**body, "name": name} if isinstance(body, dict) else body
+                for name, body in data["surfaces"].items()
+            }
+        return data
+
+    @model_validator(mode="after")
+    def _keys(self) -> Settings:
+        if not self.regions:
+            raise ValueError("regions: at least one region is required")
+        if len(set(self.regions)) != len(self.regions):
+            raise ValueError(f"regions: duplicates in {list(self.regions)}")
+        if not self.surfaces:
+            raise ValueError("surfaces: at least one surface is required")
+        for key in (*self.regions, *self.surfaces):
+            if not key or _PARTITION_KEY_FORBIDDEN.search(key):
+                raise ValueError(
+                    f"{key!r} cannot be a partition key: no '|', '[', ']', ',' or spaces"
+                )
+        return self
+
+    def surface(self, name: str) -> SurfaceConfig:
+        """The surface called `name`, or a ConfigError listing the known ones."""
+        try:
+            return self.surfaces[name]
+        except KeyError:
+            raise ConfigError(
+                f"unknown surface {name!r}; configured surfaces: {sorted(self.surfaces)}"
+            ) from None
+
+    def check_region(self, region: str) -> str:
+        """`region` if configured, else a ConfigError listing the known ones."""
+        if region not in self.regions:
+            raise ConfigError(
+                f"unknown region {region!r}; configured regions: {list(self.regions)}"
+            )
+        return region
+
+
+def _format_validation_error(source: str, error: ValidationError) -> str:
+    lines = [f"invalid configuration in {source}:"]
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"  {where}: {message}")
+    return "\n".join(lines)
+
+
+def settings_from_mapping(data: Any, source: str = "<mapping>") -> Settings:
+    """Validate an already-parsed configuration mapping."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid configuration in {source}: expected a mapping at top level")
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(_format_validation_error(source, error)) from None
+
+
+@lru_cache(maxsize=8)
+def _load(path: str) -> Settings:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read configuration {path}: {error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"configuration {path} is not valid YAML: {error}") from None
+    return settings_from_mapping(data, path)
+
+
+def load_settings(path: str | os.PathLike[str] | None = None) -> Settings:
+    """Settings from `path`, else `$RECSYS_CONFIG`, else the packaged default."""
+    chosen = path or os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH
+    return _load(str(Path(chosen).resolve()))

@@ -1,0 +1,83 @@
+"""Contract violations that tell the user what is wrong, where, and with examples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+import pandera.pandas as pa
+
+SAMPLE_ROWS = 5
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One broken rule: which column, which check, how many rows, a few samples."""
+
+    column: str
+    check: str
+    count: int
+    samples: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        shown = ", ".join(self.samples)
+        return f"column {self.column!r}: {self.check} — {self.count} row(s), e.g. [{shown}]"
+
+
+@dataclass
+class ContractViolation(ValueError):
+    """A table broke its contract; nothing downstream may run on it."""
+
+    table: str
+    violations: list[Violation] = field(default_factory=list)
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = f" (from {self.source})" if self.source else ""
+        lines = [f"table {self.table!r}{where} breaks its contract:"]
+        lines += [f"  - {violation.describe()}" for violation in self.violations]
+        return "\n".join(lines)
+
+
+def violations_from_pandera(error: pa.errors.SchemaErrors, frame: pd.DataFrame) -> list[Violation]:
+    """Group Pandera's failure cases into one Violation per (column, check)."""
+    cases = error.failure_cases.copy()
+    cases["column"] = cases["column"].fillna("(table)").astype(str)
+    cases["check"] = cases["check"].astype(str)
+    found: list[Violation] = []
+    for (column, check), group in cases.groupby(["column", "check"], sort=True):
+        samples = tuple(_sample(group, frame, column))
+        count = len(group)
+        found.append(
+            Violation(column=column, check=_readable_check(check), count=count, samples=samples)
+        )
+    return found
+
+
+def _sample(group: pd.DataFrame, frame: pd.DataFrame, column: str) -> list[str]:
+    out: list[str] = []
+    for _, case in group.head(SAMPLE_ROWS).iterrows():
+        index = case.get("index")
+        value = case.get("failure_case")
+        if pd.notna(index) and column in frame.columns:
+            out.append(f"row {int(index)}: {value!r}")
+        else:
+            out.append(repr(value))
+    return out
+
+
+def _readable_check(check: str) -> str:
+    if check.startswith("column_in_dataframe"):
+        return "missing column"
+    if check.startswith("column_in_schema"):
+        return "unexpected column"
+    if check.startswith("coerce_dtype") or check.startswith("dtype"):
+        return f"wrong type ({check})"
+    if check == "field_uniqueness" or check.startswith("unique"):
+        return "duplicate key"
+    if check == "not_nullable":
+        return "missing value (null)"
+    return check

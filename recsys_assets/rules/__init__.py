@@ -1,0 +1,1 @@
+"""Business rules shared by pipeline, publish validation and serving (one copy each)."""

@@ -201,8 +201,8 @@ class Warehouse:
             )
             try:
                 self.fs.pipe_file(target, data, **condition)
-            except OSError as error:  # s3fs maps 412 PreconditionFailed to an OSError
-                if "Precondition" in str(error) or "412" in str(error):
+            except OSError as error:  # s3fs turns S3's 412 into FileExistsError
+                if isinstance(error, FileExistsError) or "pre-condition" in str(error).lower():
                     raise PreconditionFailed(f"{self.uri(relative)} changed concurrently") from None
                 raise
             return

@@ -1,0 +1,51 @@
+"""`recsys`: the command line. Each role registers its own subcommands.
+
+A module in COMMAND_MODULES exposes `register(subparsers)`, adding its subcommands with
+`set_defaults(handler=...)`; a handler takes the parsed namespace and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from recsys_assets.config import ConfigError
+from recsys_assets.contracts import ContractViolation
+from recsys_assets.warehouse import WarehouseError
+
+COMMAND_MODULES = (
+    "recsys_assets.data.commands",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recsys",
+        description="Batch scoring and precomputed recommendations (a Dagster code location).",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except (ConfigError, ContractViolation, WarehouseError, FileNotFoundError, ValueError) as error:
+        print(f"recsys {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -16,9 +16,7 @@ from recsys_assets.config import ConfigError
 from recsys_assets.contracts import ContractViolation
 from recsys_assets.warehouse import WarehouseError
 
-COMMAND_MODULES = (
-    "recsys_assets.data.commands",
-)
+COMMAND_MODULES = ("recsys_assets.data.commands",)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,59 @@
+"""Partitions: surface × region, both from configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import dagster as dg
+
+from recsys_assets.config import Settings, load_settings
+
+SURFACE_DIMENSION = "surface"
+REGION_DIMENSION = "region"
+
+
+def surface_region_partitions(settings: Settings | None = None) -> dg.MultiPartitionsDefinition:
+    """Every configured surface × every configured region."""
+    settings = settings or load_settings()
+    return dg.MultiPartitionsDefinition(
+        {
+            REGION_DIMENSION: dg.StaticPartitionsDefinition(list(settings.regions)),
+            SURFACE_DIMENSION: dg.StaticPartitionsDefinition(list(settings.surfaces)),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class SurfaceRegion:
+    """One partition, in the domain's words."""
+
+    surface: str
+    region: str
+
+    @classmethod
+    def from_key(cls, key: str) -> SurfaceRegion:
+        """From a MultiPartitionKey, or its string form `region|surface` (dimensions sorted)."""
+        if isinstance(key, dg.MultiPartitionKey):
+            dims = key.keys_by_dimension
+            return cls(surface=dims[SURFACE_DIMENSION], region=dims[REGION_DIMENSION])
+        parts = str(key).split("|")
+        if len(parts) != 2:
+            raise ValueError(f"not a surface × region partition key: {key!r}")
+        region, surface = parts
+        return cls(surface=surface, region=region)
+
+    @classmethod
+    def from_context(
+        cls, context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext
+    ) -> SurfaceRegion:
+        return cls.from_key(context.partition_key)
+
+    def to_key(self) -> dg.MultiPartitionKey:
+        return dg.MultiPartitionKey(
+            {SURFACE_DIMENSION: self.surface, REGION_DIMENSION: self.region}
+        )
+
+    @property
+    def path(self) -> str:
+        """Hive-style path segment: surface=…/region=…"""
+        return f"surface={self.surface}/region={self.region}"

@@ -24,6 +24,8 @@ NOT_IN_REGION = "not_in_region"
 OUT_OF_STOCK = "out_of_stock"
 CAMPAIGN_ENDED = "campaign_ended"
 TENANT_NOT_ALLOWED = "tenant_not_allowed"
+ROLE_NOT_ALLOWED = "role_not_allowed"
+CASE_CLOSED = "case_closed"
 UNKNOWN_ITEM = "unknown_item"
 # Reasons that depend on the subject or on events after generation (serving adds these).
 TOMBSTONED = "tombstoned"
@@ -39,7 +41,9 @@ ITEM_REASONS = (
     NOT_IN_REGION,
     OUT_OF_STOCK,
     CAMPAIGN_ENDED,
+    CASE_CLOSED,
     TENANT_NOT_ALLOWED,
+    ROLE_NOT_ALLOWED,
 )
 REJECTION_REASONS = (
     *ITEM_REASONS,
@@ -66,12 +70,17 @@ def item_rejection_reasons(
     region: str,
     now: datetime,
     subject_tenant: pd.Series | str | None = None,
+    subject_role: pd.Series | str | None = None,
 ) -> pd.Series:
     """First failing item-state reason per row of `items`, or None where the item is eligible.
 
     `items` has the raw items columns (status, policy_state, regions, stock, is_sponsored,
-    campaign_end, tenant_id). `subject_tenant` (scalar or aligned with `items`) enables the
-    tenant rule: an item owned by a tenant may only go to that tenant's actors.
+    campaign_end, case_state, tenant_id, required_role). `subject_tenant` (scalar or aligned
+    with `items`; None/NaN = a consumer) enables the tenant rule: an item owned by a tenant
+    may only go to that tenant's actors, and a consumer gets no tenant-owned item.
+    `subject_role` enables the role rule: an item with a required_role goes only to actors
+    holding that role. Pass neither to check item state alone (publish's invalid-item rate
+    for consumer surfaces passes the tenant too, so both paths agree).
     """
     now_ts = pd.Timestamp(now).tz_localize(None) if pd.Timestamp(now).tzinfo else pd.Timestamp(now)
     checks: list[tuple[str, np.ndarray]] = [
@@ -85,20 +94,27 @@ def item_rejection_reasons(
             .fillna(False)
             .to_numpy(dtype=bool),
         ),
+        (CASE_CLOSED, (items["case_state"] == "closed").fillna(False).to_numpy(dtype=bool)),
     ]
     if subject_tenant is not None:
-        owner = items["tenant_id"]
-        tenant = (
-            subject_tenant
-            if isinstance(subject_tenant, pd.Series)
-            else pd.Series(subject_tenant, index=items.index)
-        )
-        foreign = owner.notna() & (owner.astype(object) != tenant.astype(object))
-        checks.append((TENANT_NOT_ALLOWED, foreign.fillna(True).to_numpy(dtype=bool)))
+        owner = items["tenant_id"].astype(object)
+        tenant = _aligned(subject_tenant, items.index)
+        foreign = owner.notna() & (tenant.isna() | (owner != tenant))
+        checks.append((TENANT_NOT_ALLOWED, foreign.to_numpy(dtype=bool)))
+    if subject_role is not None:
+        required = items["required_role"].astype(object)
+        role = _aligned(subject_role, items.index)
+        missing_role = required.notna() & (role.isna() | (required != role))
+        checks.append((ROLE_NOT_ALLOWED, missing_role.to_numpy(dtype=bool)))
     reasons = np.full(len(items), None, dtype=object)
     for reason, failed in reversed(checks):  # earlier checks win: assign them last
         reasons[failed] = reason
     return pd.Series(reasons, index=items.index, name="rejection_reason")
+
+
+def _aligned(value: pd.Series | str, index: pd.Index) -> pd.Series:
+    series = value if isinstance(value, pd.Series) else pd.Series(value, index=index)
+    return series.astype(object).where(series.notna(), None)
 
 
 def eligible_items(items: pd.DataFrame, *, region: str, now: datetime) -> pd.DataFrame:

@@ -43,11 +43,27 @@ class ContractViolation(ValueError):
 
 
 def violations_from_pandera(error: pa.errors.SchemaErrors, frame: pd.DataFrame) -> list[Violation]:
-    """Group Pandera's failure cases into one Violation per (column, check)."""
+    """Group Pandera's failure cases into one Violation per (column, check).
+
+    A missing column is reported under its own name (Pandera files it under the schema's);
+    a column that cannot be converted to its type reports only that, not the follow-on
+    dtype and value-check failures that the failed conversion causes.
+    """
     cases = error.failure_cases.copy()
     cases["column"] = cases["column"].fillna("(table)").astype(str)
     cases["check"] = cases["check"].astype(str)
     found: list[Violation] = []
+    missing = cases["check"].str.startswith("column_in_dataframe")
+    for name in cases.loc[missing, "failure_case"].astype(str):
+        present = ", ".join(map(str, frame.columns[:12]))
+        found.append(
+            Violation(name, "missing column", len(frame), (f"columns present: [{present}]",))
+        )
+    cases = cases[~missing]
+    unconvertible = set(cases.loc[cases["check"].str.startswith("coerce_dtype"), "column"])
+    cases = cases[
+        ~cases["column"].isin(unconvertible) | cases["check"].str.startswith("coerce_dtype")
+    ]
     for (column, check), group in cases.groupby(["column", "check"], sort=True):
         samples = tuple(_sample(group, frame, column))
         count = len(group)
@@ -75,7 +91,8 @@ def _readable_check(check: str) -> str:
     if check.startswith("column_in_schema"):
         return "unexpected column"
     if check.startswith("coerce_dtype") or check.startswith("dtype"):
-        return f"wrong type ({check})"
+        wanted = check.split("(", 1)[-1].rstrip(")").strip("'")
+        return f"wrong type: cannot convert to {wanted}"
     if check == "field_uniqueness" or check.startswith("unique"):
         return "duplicate key"
     if check == "not_nullable":

@@ -148,6 +148,11 @@ RAW_CONTRACTS: dict[str, type[_Contract]] = {
 }
 """Every source table and its contract, in the order they are validated and written."""
 
+REQUIRED_TABLES = ("users", "items", "interactions")
+"""Tables that must have rows: nothing can be recommended without them."""
+OPTIONAL_TABLES = ("exposures", "user_controls", "editorial")
+"""Tables that may be empty (an import rarely has them); they still need their columns."""
+
 _KEYS = {
     "users": ["user_id"],
     "items": ["item_id"],
@@ -176,10 +181,16 @@ def validate_table(
     now: datetime | None = None,
     regions: tuple[str, ...] | None = None,
 ) -> pd.DataFrame:
-    """Validate and coerce one source table; raise ContractViolation naming every problem."""
+    """Validate and coerce one source table; raise ContractViolation naming every problem.
+
+    A required table (REQUIRED_TABLES) must have rows; an optional one may be empty but
+    still needs every column.
+    """
     contract = RAW_CONTRACTS[table]
-    if frame.empty:
-        raise ContractViolation(table, [Violation("(table)", "empty table", 0)], source)
+    if frame.empty and table in REQUIRED_TABLES:
+        raise ContractViolation(
+            table, [Violation("(table)", "empty table: at least one row is required", 0)], source
+        )
     try:
         validated = contract.validate(frame, lazy=True)
     except pa.errors.SchemaErrors as error:

@@ -1,0 +1,401 @@
+"""The batch pipeline's assets: thin shells over the stage functions.
+
+Every partitioned asset reads its upstream partition from the warehouse, processes it in
+subject shards (one Parquet part per shard, so memory does not grow with users), checks
+each part against the stage's Pandera contract, writes it, and reports metadata. The
+contract checks are blocking: a violation stops the downstream steps of the run.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+from dagster_duckdb import DuckDBResource
+
+from recsys_assets.contracts.pipeline import validate_stage
+from recsys_assets.data import read_raw
+from recsys_assets.models.bundle import load_bundle, train_bundle
+from recsys_assets.pipeline import candidates as candidate_stage
+from recsys_assets.pipeline.features import (
+    FEATURE_SET_VERSION,
+    compute_features,
+    leakage_violations,
+)
+from recsys_assets.pipeline.partitions import SurfaceRegion, surface_region_partitions
+from recsys_assets.pipeline.resources import RecsysResource
+from recsys_assets.pipeline.retrieval import retrieve_two_tower
+from recsys_assets.pipeline.scoring import score_candidates
+from recsys_assets.pipeline.shards import (
+    ShardWriteResult,
+    markdown_table,
+    quantiles,
+    read_parts,
+    write_shards,
+)
+from recsys_assets.pipeline.slates import build_slates
+from recsys_assets.pipeline.subjects import select_subjects, shard_bounds
+
+PARTITIONS = surface_region_partitions()
+PIPELINE_GROUP = "pipeline"
+
+
+def _contract_check(asset: str) -> dg.AssetCheckSpec:
+    return dg.AssetCheckSpec(
+        name=f"{asset}_contract",
+        asset=asset,
+        blocking=True,
+        description=f"Every part of {asset} satisfies its Pandera contract "
+        "(recsys_assets.contracts.pipeline).",
+    )
+
+
+def _outcome(
+    asset: str, result: ShardWriteResult, metadata: dict[str, dg.RawMetadataValue]
+) -> dg.MaterializeResult:
+    """Metadata plus the contract check's verdict for one partition."""
+    passed = result.violation is None
+    check = dg.AssetCheckResult(
+        check_name=f"{asset}_contract",
+        passed=passed,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "violations": str(result.violation) if not passed else "none",
+            "rows_checked": result.rows,
+        },
+    )
+    return dg.MaterializeResult(
+        metadata={**metadata, "rows": result.rows, "parts": result.parts},
+        check_results=[check],
+    )
+
+
+@dg.asset(group_name="models", kinds={"torch"})
+def model_bundle(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
+    """Two-tower retrieval + calibrated ranker, trained on data before the training cutoff.
+
+    Writes a versioned bundle (weights + bundle.json) and points models/current.json at it.
+    """
+    info = train_bundle(recsys.warehouse(), recsys.settings())
+    context.log.info("trained model bundle %s", info.model_version)
+    return dg.MaterializeResult(
+        metadata={
+            "model_version": info.model_version,
+            "feature_set_version": info.feature_set_version,
+            "training_window": f"{info.window_start} → {info.cutoff}",
+            "data_snapshot": info.data_snapshot,
+            "device": info.device,
+            "offline_metrics": dg.MetadataValue.md(
+                markdown_table(
+                    {k: round(v, 4) for k, v in info.metrics.items()}, ("metric", "value")
+                )
+            ),
+            **{key: float(value) for key, value in info.metrics.items()},
+        }
+    )
+
+
+@dg.asset(
+    partitions_def=PARTITIONS,
+    group_name=PIPELINE_GROUP,
+    check_specs=[_contract_check("subjects")],
+    kinds={"pandas", "parquet"},
+)
+def subjects(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
+    """Who may receive this surface in this region: consent, subscriptions, activity, tenant."""
+    partition = SurfaceRegion.from_context(context)
+    warehouse, settings = recsys.warehouse(), recsys.settings()
+    surface = settings.surface(partition.surface)
+    selection = select_subjects(
+        read_raw(warehouse, "users"), surface, region=partition.region, now=recsys.now()
+    )
+    frame = selection.subjects
+    size = settings.pipeline.shard_subjects
+    shards = (frame.iloc[start:stop] for start, stop in shard_bounds(len(frame), size))
+    result = write_shards(
+        warehouse, "subjects", partition.path, shards, lambda part: validate_stage("subjects", part)
+    )
+    excluded = {reason: count for reason, count in selection.excluded.items() if count}
+    return _outcome(
+        "subjects",
+        result,
+        {
+            "subjects": len(frame),
+            "excluded_by_reason": dg.MetadataValue.md(
+                markdown_table(excluded, ("reason", "users"))
+            ),
+            **{f"excluded_{reason}": count for reason, count in excluded.items()},
+        },
+    )
+
+
+@dg.asset(
+    partitions_def=PARTITIONS,
+    group_name=PIPELINE_GROUP,
+    deps=[subjects, model_bundle],
+    check_specs=[_contract_check("candidate_pools")],
+    kinds={"pandas", "torch", "parquet"},
+)
+def candidate_pools(
+    context: dg.AssetExecutionContext, recsys: RecsysResource
+) -> dg.MaterializeResult:
+    """Multi-source candidates with provenance, deduplicated, within the surface's budget."""
+    partition = SurfaceRegion.from_context(context)
+    warehouse, settings = recsys.warehouse(), recsys.settings()
+    surface = settings.surface(partition.surface)
+    now = recsys.now()
+    bundle = load_bundle(warehouse)
+    ingredients = candidate_stage.build_context(
+        items=read_raw(warehouse, "items"),
+        interactions=read_raw(warehouse, "interactions"),
+        user_controls=read_raw(warehouse, "user_controls"),
+        editorial=read_raw(warehouse, "editorial"),
+        region=partition.region,
+        surface=surface,
+        score_time=now,
+        trending_window_days=settings.pipeline.trending_window_days,
+    )
+
+    def two_tower(
+        ids: np.ndarray, item_ids: np.ndarray, k: int, blocked: pd.DataFrame
+    ) -> pd.DataFrame:
+        return retrieve_two_tower(
+            bundle.two_tower,
+            ids,
+            item_ids,
+            k,
+            exclude_pairs=blocked,
+            item_chunk=settings.pipeline.retrieval_item_chunk,
+        )
+
+    per_subject: list[np.ndarray] = []
+    source_counts: Counter[str] = Counter()
+
+    def shards() -> Iterator[pd.DataFrame]:
+        for _, subject_shard in read_parts(warehouse, "subjects", partition.path):
+            pool = candidate_stage.generate_candidates(
+                subject_shard,
+                ingredients,
+                surface,
+                two_tower=two_tower,
+                recent_items_per_user=settings.pipeline.recent_items_per_user,
+            )
+            counts = (
+                pool.groupby("subject_id").size().reindex(subject_shard["subject_id"], fill_value=0)
+            )
+            per_subject.append(counts.to_numpy())
+            for column in candidate_stage.RANK_COLUMNS:
+                source_counts[column.removeprefix("rank_")] += int((pool[column] > 0).sum())
+            yield pool
+
+    result = write_shards(
+        warehouse,
+        "candidate_pools",
+        partition.path,
+        shards(),
+        lambda part: validate_stage("candidate_pools", part),
+    )
+    sizes = np.concatenate(per_subject) if per_subject else np.array([])
+    total = max(sum(source_counts.values()), 1)
+    source_mix = {source: f"{count / total:.1%}" for source, count in source_counts.items()}
+    return _outcome(
+        "candidate_pools",
+        result,
+        {
+            "model_version": bundle.info.model_version,
+            "candidate_policy_version": candidate_stage.CANDIDATE_POLICY_VERSION,
+            "candidates_per_subject": dg.MetadataValue.json(quantiles(sizes)),
+            "subjects_without_candidates": int((sizes == 0).sum()),
+            "source_mix": dg.MetadataValue.md(markdown_table(source_mix, ("source", "share"))),
+        },
+    )
+
+
+@dg.asset(
+    partitions_def=PARTITIONS,
+    group_name=PIPELINE_GROUP,
+    deps=[candidate_pools],
+    check_specs=[
+        _contract_check("features_asof"),
+        dg.AssetCheckSpec(
+            name="no_future_feature_values",
+            asset="features_asof",
+            blocking=True,
+            description="No feature row uses a value from after its score_time.",
+        ),
+    ],
+    kinds={"duckdb", "parquet"},
+)
+def features_asof(
+    context: dg.AssetExecutionContext, recsys: RecsysResource, duckdb: DuckDBResource
+) -> dg.MaterializeResult:
+    """Point-in-time features (DuckDB ASOF JOIN): feature_timestamp <= score_time on every row."""
+    partition = SurfaceRegion.from_context(context)
+    warehouse = recsys.warehouse()
+    now = recsys.now()
+    items = read_raw(warehouse, "items")
+    interactions = read_raw(warehouse, "interactions")
+    exposures = read_raw(warehouse, "exposures")
+    user_controls = read_raw(warehouse, "user_controls")
+    leaks = 0
+
+    def shards(con) -> Iterator[pd.DataFrame]:
+        nonlocal leaks
+        for _, pool in read_parts(warehouse, "candidate_pools", partition.path):
+            features = compute_features(
+                con,
+                pool,
+                interactions=interactions,
+                exposures=exposures,
+                items=items,
+                user_controls=user_controls,
+                surface=partition.surface,
+                score_time=now,
+            )
+            leaks += len(leakage_violations(features))
+            yield features
+
+    with duckdb.get_connection() as con:
+        result = write_shards(
+            warehouse,
+            "features_asof",
+            partition.path,
+            shards(con),
+            lambda part: validate_stage("features_asof", part),
+        )
+    outcome = _outcome(
+        "features_asof",
+        result,
+        {"feature_set_version": FEATURE_SET_VERSION, "score_time": str(now)},
+    )
+    leakage = dg.AssetCheckResult(
+        check_name="no_future_feature_values",
+        passed=leaks == 0,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"rows_with_future_values": leaks},
+    )
+    return dg.MaterializeResult(
+        metadata=outcome.metadata, check_results=[*outcome.check_results, leakage]
+    )
+
+
+@dg.asset(
+    partitions_def=PARTITIONS,
+    group_name=PIPELINE_GROUP,
+    deps=[features_asof, model_bundle],
+    check_specs=[_contract_check("scored_candidates")],
+    kinds={"torch", "parquet"},
+)
+def scored_candidates(
+    context: dg.AssetExecutionContext, recsys: RecsysResource
+) -> dg.MaterializeResult:
+    """Calibrated ranker predictions and utility with its components, with lineage."""
+    partition = SurfaceRegion.from_context(context)
+    warehouse = recsys.warehouse()
+    bundle = load_bundle(warehouse)
+    items = read_raw(warehouse, "items").set_index("item_id")
+    popularity = _popularity_percentile(read_raw(warehouse, "interactions"))
+    lineage = {
+        "model_version": bundle.info.model_version,
+        "feature_set_version": bundle.info.feature_set_version,
+        "pipeline_run_id": context.run.run_id,
+    }
+    utilities: list[np.ndarray] = []
+
+    def shards() -> Iterator[pd.DataFrame]:
+        for _, features in read_parts(warehouse, "features_asof", partition.path):
+            scored = score_candidates(
+                features, items, bundle.scorer, popularity_percentile=popularity, lineage=lineage
+            )
+            utilities.append(scored["utility"].to_numpy())
+            yield scored
+
+    result = write_shards(
+        warehouse,
+        "scored_candidates",
+        partition.path,
+        shards(),
+        lambda part: validate_stage("scored_candidates", part),
+    )
+    values = np.concatenate(utilities) if utilities else np.array([])
+    return _outcome(
+        "scored_candidates",
+        result,
+        {
+            **lineage,
+            "utility_distribution": dg.MetadataValue.json(quantiles(values, (0.05, 0.5, 0.95))),
+        },
+    )
+
+
+@dg.asset(
+    partitions_def=PARTITIONS,
+    group_name=PIPELINE_GROUP,
+    deps=[scored_candidates],
+    check_specs=[_contract_check("slates")],
+    kinds={"pandas", "parquet"},
+)
+def slates(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
+    """Slate policy: diversity caps, exploration slots (seed + propensity), sponsored cap."""
+    partition = SurfaceRegion.from_context(context)
+    warehouse, settings = recsys.warehouse(), recsys.settings()
+    surface = settings.surface(partition.surface)
+    seed = settings.training.seed
+    lengths: list[np.ndarray] = []
+    explored = 0
+
+    def shards() -> Iterator[pd.DataFrame]:
+        nonlocal explored
+        for _, scored in read_parts(warehouse, "scored_candidates", partition.path):
+            slate = build_slates(scored, surface, seed=seed)
+            subjects_in_shard = scored["subject_id"].unique()
+            lengths.append(
+                slate.groupby("subject_id")
+                .size()
+                .reindex(subjects_in_shard, fill_value=0)
+                .to_numpy()
+            )
+            explored += int(slate["exploration"].sum())
+            yield slate
+
+    result = write_shards(
+        warehouse, "slates", partition.path, shards(), lambda part: validate_stage("slates", part)
+    )
+    sizes = np.concatenate(lengths) if lengths else np.array([])
+    subjects_total = len(read_parts_count(warehouse, partition.path))
+    return _outcome(
+        "slates",
+        result,
+        {
+            "slate_policy_version": surface.slate_policy.version,
+            "exploration_seed": seed,
+            "list_length": dg.MetadataValue.json(quantiles(sizes)),
+            "lists": len(sizes),
+            "empty_lists": int(subjects_total - int((sizes > 0).sum())),
+            "exploration_items": explored,
+        },
+    )
+
+
+def read_parts_count(warehouse, partition_path: str) -> pd.Series:
+    """Subject ids of the partition (empty lists are subjects without any slate row)."""
+    frames = [frame["subject_id"] for _, frame in read_parts(warehouse, "subjects", partition_path)]
+    return pd.concat(frames) if frames else pd.Series(dtype="int64")
+
+
+def _popularity_percentile(interactions: pd.DataFrame) -> pd.Series:
+    counts = interactions.groupby("item_id").size()
+    return counts.rank(pct=True)
+
+
+PIPELINE_ASSETS = [
+    model_bundle,
+    subjects,
+    candidate_pools,
+    features_asof,
+    scored_candidates,
+    slates,
+]

@@ -1,0 +1,427 @@
+"""Multi-source candidate generation, merged with provenance, per subject shard.
+
+Sources (names from `config.settings.SOURCES`):
+
+| source | what it proposes |
+| --- | --- |
+| two_tower | exact top-K inner product of the subject's and the items' tower embeddings |
+| item_to_item | co-engagement neighbours (cosine over users) of the subject's recent items |
+| content | popular items of the subject's favourite categories, by affinity share |
+| trending | the region's fastest-growing items over the recent window |
+| editorial | items of editorial lists valid now in the region, in list order |
+| new_item_exploration | items created recently, the subject's categories first |
+| long_tail_quality | outside the head of popularity, best smoothed engagement rate |
+
+Everything a subject must never see (consumed, hidden item/creator/category, ineligible
+in the region, another tenant's case) is removed before ranking, and each subject keeps
+at most the surface's candidate budget, preferring candidates with the best rank relative
+to their source's quota.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from recsys_assets.config import SurfaceConfig
+from recsys_assets.config.settings import SOURCES
+from recsys_assets.rules.eligibility import item_rejection_reasons
+
+CANDIDATE_POLICY_VERSION = "candidates_v1"
+POSITIVE_EVENTS = ("click", "purchase", "rating")
+"""Engagement that counts as interest (ratings below 3 do not)."""
+CONSUMED_EVENTS = ("click", "purchase", "rating")
+"""Engagement after which an item is not recommended again to the same user."""
+NEW_ITEM_DAYS = 14
+LONG_TAIL_HEAD_SHARE = 0.1
+I2I_NEIGHBOURS = 50
+RANK_COLUMNS = [f"rank_{source}" for source in SOURCES]
+
+TwoTowerRetriever = Callable[[np.ndarray, np.ndarray, int, pd.DataFrame], pd.DataFrame]
+"""(subject_ids, candidate item_ids, k, excluded (subject_id, item_id) pairs) →
+frame of subject_id, item_id, rank_two_tower, retrieval_score."""
+
+
+@dataclass(frozen=True)
+class CandidateContext:
+    """Everything about the region's items and its users' history, built once per partition."""
+
+    items: pd.DataFrame
+    """Eligible items: item_id, category, creator_id, tenant_id, popularity, created_at."""
+    history: pd.DataFrame
+    """Positive engagement before score_time: user_id, item_id, ts, weight."""
+    blocked: pd.DataFrame
+    """(subject_id, item_id) pairs never to propose: consumed or hidden."""
+    neighbours: pd.DataFrame
+    """item_id, neighbour_id, similarity (top I2I_NEIGHBOURS per item, eligible neighbours)."""
+    trending: np.ndarray
+    editorial: np.ndarray
+    new_items: pd.DataFrame
+    long_tail: np.ndarray
+    tenant_items: bool
+    """True for surfaces that recommend a tenant's own cases (enterprise queue)."""
+
+
+def build_context(
+    *,
+    items: pd.DataFrame,
+    interactions: pd.DataFrame,
+    user_controls: pd.DataFrame,
+    editorial: pd.DataFrame,
+    region: str,
+    surface: SurfaceConfig,
+    score_time: pd.Timestamp,
+    trending_window_days: int,
+) -> CandidateContext:
+    """Region-level candidate ingredients, using only data from before `score_time`."""
+    interactions = interactions[interactions["ts"] <= score_time]
+    tenant_items = "tenant_actor" in surface.eligibility.requires
+    reasons = item_rejection_reasons(items, region=region, now=score_time)
+    eligible = items[reasons.isna().to_numpy()]
+    owned = eligible["tenant_id"].notna()
+    eligible = eligible[owned] if tenant_items else eligible[~owned]
+
+    positives = interactions[
+        interactions["event_type"].isin(POSITIVE_EVENTS)
+        & ~((interactions["event_type"] == "rating") & (interactions["value"] < 3))
+    ]
+    weights = positives["event_type"].map({"click": 1.0, "rating": 1.0, "purchase": 2.0})
+    history = positives.assign(weight=weights.astype("float32"))[
+        ["user_id", "item_id", "ts", "weight"]
+    ]
+    popularity = history.groupby("item_id")["weight"].sum()
+    eligible = eligible.assign(
+        popularity=eligible["item_id"].map(popularity).fillna(0.0).astype("float32")
+    )[["item_id", "category", "creator_id", "tenant_id", "popularity", "created_at"]]
+    eligible = eligible.sort_values(["popularity", "item_id"], ascending=[False, True])
+
+    return CandidateContext(
+        items=eligible.reset_index(drop=True),
+        history=history,
+        blocked=_blocked_pairs(interactions, user_controls, items),
+        neighbours=_item_neighbours(history, eligible["item_id"].to_numpy()),
+        trending=_trending(history, eligible, score_time, trending_window_days),
+        editorial=_editorial(editorial, eligible, region, score_time),
+        new_items=eligible[eligible["created_at"] >= score_time - pd.Timedelta(days=NEW_ITEM_DAYS)]
+        .sort_values(["created_at", "item_id"], ascending=[False, True])
+        .reset_index(drop=True),
+        long_tail=_long_tail(interactions, eligible),
+        tenant_items=tenant_items,
+    )
+
+
+def _blocked_pairs(
+    interactions: pd.DataFrame, user_controls: pd.DataFrame, items: pd.DataFrame
+) -> pd.DataFrame:
+    consumed = interactions.loc[
+        interactions["event_type"].isin(CONSUMED_EVENTS), ["user_id", "item_id"]
+    ]
+    # The latest control per (user, target) wins: a later unhide lifts an earlier hide.
+    latest = user_controls.sort_values("ts").drop_duplicates(
+        ["user_id", "target_type", "target_id"], keep="last"
+    )
+    hides = latest[latest["action"] == "hide"]
+    hidden_items = hides.loc[hides["target_type"] == "item", ["user_id", "target_id"]]
+    hidden_items = pd.DataFrame(
+        {
+            "user_id": hidden_items["user_id"].to_numpy(),
+            "item_id": pd.to_numeric(hidden_items["target_id"], errors="coerce"),
+        }
+    ).dropna()
+    by_attribute = []
+    for target, column in (("creator", "creator_id"), ("category", "category")):
+        chosen = hides.loc[hides["target_type"] == target, ["user_id", "target_id"]]
+        if chosen.empty:
+            continue
+        joined = chosen.merge(
+            items[["item_id", column]], left_on="target_id", right_on=column, how="inner"
+        )
+        by_attribute.append(joined[["user_id", "item_id"]])
+    blocked = pd.concat([consumed, hidden_items, *by_attribute], ignore_index=True)
+    blocked = blocked.astype({"user_id": "int64", "item_id": "int64"}).drop_duplicates()
+    return blocked.rename(columns={"user_id": "subject_id"}).reset_index(drop=True)
+
+
+def _item_neighbours(history: pd.DataFrame, eligible_ids: np.ndarray) -> pd.DataFrame:
+    """Top co-engaged items per item, cosine-normalised by item engagement counts."""
+    recent = (
+        history.sort_values("ts", ascending=False)
+        .drop_duplicates(["user_id", "item_id"])
+        .groupby("user_id", sort=False)
+        .head(30)[["user_id", "item_id"]]
+    )
+    pairs = recent.merge(recent, on="user_id", suffixes=("", "_other"))
+    pairs = pairs[
+        (pairs["item_id"] != pairs["item_id_other"]) & pairs["item_id_other"].isin(eligible_ids)
+    ]
+    if pairs.empty:
+        return pd.DataFrame(
+            {
+                "item_id": pd.Series(dtype="int64"),
+                "neighbour_id": pd.Series(dtype="int64"),
+                "similarity": pd.Series(dtype="float32"),
+            }
+        )
+    counts = pairs.groupby(["item_id", "item_id_other"]).size().rename("co").reset_index()
+    degree = recent.groupby("item_id").size()
+    norm = np.sqrt(
+        counts["item_id"].map(degree).to_numpy() * counts["item_id_other"].map(degree).to_numpy()
+    )
+    counts["similarity"] = (counts["co"] / norm).astype("float32")
+    counts = counts.sort_values(
+        ["item_id", "similarity", "item_id_other"], ascending=[True, False, True]
+    )
+    top = counts.groupby("item_id", sort=False).head(I2I_NEIGHBOURS)
+    return top.rename(columns={"item_id_other": "neighbour_id"})[
+        ["item_id", "neighbour_id", "similarity"]
+    ].reset_index(drop=True)
+
+
+def _trending(
+    history: pd.DataFrame, eligible: pd.DataFrame, score_time: pd.Timestamp, window_days: int
+) -> np.ndarray:
+    """Items ranked by recent-window engagement over (smoothed) previous-window engagement."""
+    window = pd.Timedelta(days=window_days)
+    recent = history[history["ts"] > score_time - window]
+    previous = history[
+        (history["ts"] <= score_time - window) & (history["ts"] > score_time - 2 * window)
+    ]
+    now_counts = recent.groupby("item_id")["weight"].sum()
+    before = previous.groupby("item_id")["weight"].sum()
+    ids = eligible["item_id"]
+    current = ids.map(now_counts).fillna(0.0).to_numpy()
+    growth = current * (current + 1.0) / (ids.map(before).fillna(0.0).to_numpy() + 5.0)
+    order = np.lexsort((ids.to_numpy(), -growth))
+    return ids.to_numpy()[order][current[order] > 0]
+
+
+def _editorial(
+    editorial: pd.DataFrame, eligible: pd.DataFrame, region: str, score_time: pd.Timestamp
+) -> np.ndarray:
+    live = editorial[
+        (editorial["region"] == region)
+        & (editorial["valid_from"] <= score_time)
+        & (editorial["valid_to"] > score_time)
+        & editorial["item_id"].isin(eligible["item_id"])
+    ]
+    ordered = live.sort_values(["position", "list_name", "item_id"])
+    return ordered["item_id"].drop_duplicates().to_numpy()
+
+
+def _long_tail(interactions: pd.DataFrame, eligible: pd.DataFrame) -> np.ndarray:
+    """Outside the popularity head, ranked by a Beta-smoothed engagement-per-view rate."""
+    head = max(1, int(len(eligible) * LONG_TAIL_HEAD_SHARE))
+    tail = eligible.iloc[head:]
+    relevant = interactions[interactions["item_id"].isin(tail["item_id"])]
+    views = relevant[relevant["event_type"] == "view"].groupby("item_id").size()
+    engaged = relevant[relevant["event_type"].isin(POSITIVE_EVENTS)].groupby("item_id").size()
+    ids = tail["item_id"]
+    rate = (ids.map(engaged).fillna(0) + 1.0) / (
+        ids.map(views).fillna(0) + ids.map(engaged).fillna(0) + 10.0
+    )
+    order = np.lexsort((ids.to_numpy(), -rate.to_numpy()))
+    return ids.to_numpy()[order]
+
+
+def generate_candidates(
+    subjects: pd.DataFrame,
+    context: CandidateContext,
+    surface: SurfaceConfig,
+    *,
+    two_tower: TwoTowerRetriever | None,
+    recent_items_per_user: int,
+) -> pd.DataFrame:
+    """Candidate pool for one shard of subjects: one row per (subject, item), with provenance."""
+    subject_ids = subjects["subject_id"].to_numpy(dtype="int64")
+    quota = {source: surface.sources.get(source, 0) for source in SOURCES}
+    eligible_items = context.items
+    if context.tenant_items:
+        # Cases belong to one tenant: each actor only sees their own tenant's items.
+        tenant_pairs = subjects[["subject_id", "tenant_id"]].merge(
+            eligible_items[["item_id", "tenant_id"]], on="tenant_id"
+        )[["subject_id", "item_id"]]
+    else:
+        tenant_pairs = None
+
+    frames: list[pd.DataFrame] = []
+    if two_tower is not None and quota["two_tower"] > 0 and len(eligible_items):
+        retrieved = two_tower(
+            subject_ids,
+            eligible_items["item_id"].to_numpy(dtype="int64"),
+            min(quota["two_tower"], len(eligible_items)),
+            context.blocked[context.blocked["subject_id"].isin(subject_ids)],
+        )
+        frames.append(
+            retrieved.rename(columns={"rank_two_tower": "rank"}).assign(source="two_tower")
+        )
+    shard_history = context.history[context.history["user_id"].isin(subject_ids)]
+    affinity = _category_affinity(shard_history, eligible_items)
+    builders = {
+        "item_to_item": lambda n: _from_neighbours(
+            shard_history, context.neighbours, n, recent_items_per_user
+        ),
+        "content": lambda n: _from_categories(affinity, eligible_items, n),
+        "trending": lambda n: _same_for_all(subject_ids, context.trending[:n]),
+        "editorial": lambda n: _same_for_all(subject_ids, context.editorial[:n]),
+        "new_item_exploration": lambda n: _new_items(subject_ids, affinity, context.new_items, n),
+        "long_tail_quality": lambda n: _same_for_all(subject_ids, context.long_tail[:n]),
+    }
+    for source, build in builders.items():
+        if quota[source] > 0:
+            frames.append(build(quota[source]).assign(source=source))
+
+    proposed = (
+        pd.concat([frame for frame in frames if len(frame)], ignore_index=True)
+        if any(len(frame) for frame in frames)
+        else _empty_proposals()
+    )
+    proposed = proposed[proposed["subject_id"].isin(subject_ids)]
+    proposed = proposed[proposed["item_id"].isin(eligible_items["item_id"])]
+    if tenant_pairs is not None:
+        proposed = proposed.merge(tenant_pairs, on=["subject_id", "item_id"])
+    proposed = _anti_join(proposed, context.blocked)
+    return _merge_sources(proposed, quota, surface.candidate_budget)
+
+
+def provenance_labels(present: np.ndarray) -> np.ndarray:
+    """`|`-joined source names per row of a (rows × SOURCES) boolean matrix, without a row loop."""
+    codes = present.astype(np.int64) @ (1 << np.arange(len(SOURCES), dtype=np.int64))
+    table = np.array(
+        [
+            "|".join(name for bit, name in enumerate(SOURCES) if code >> bit & 1)
+            for code in range(1 << len(SOURCES))
+        ],
+        dtype=object,
+    )
+    return table[codes]
+
+
+def _empty_proposals() -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "subject_id": pd.Series(dtype="int64"),
+            "item_id": pd.Series(dtype="int64"),
+            "rank": pd.Series(dtype="int64"),
+            "retrieval_score": pd.Series(dtype="float32"),
+            "source": pd.Series(dtype="str"),
+        }
+    )
+
+
+def _category_affinity(history: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
+    """subject_id, category, share: each subject's engagement share per category."""
+    joined = history.merge(items[["item_id", "category"]], on="item_id", how="inner")
+    weights = joined.groupby(["user_id", "category"], sort=False)["weight"].sum().rename("w")
+    weights = weights.reset_index().rename(columns={"user_id": "subject_id"})
+    weights["share"] = weights["w"] / weights.groupby("subject_id")["w"].transform("sum")
+    return weights[["subject_id", "category", "share"]]
+
+
+def _from_neighbours(
+    history: pd.DataFrame, neighbours: pd.DataFrame, n: int, recent_per_user: int
+) -> pd.DataFrame:
+    recent = (
+        history.sort_values(["user_id", "ts"], ascending=[True, False])
+        .groupby("user_id", sort=False)
+        .head(recent_per_user)[["user_id", "item_id"]]
+    )
+    scored = recent.merge(neighbours, on="item_id")
+    totals = (
+        scored.groupby(["user_id", "neighbour_id"], sort=False)["similarity"].sum().reset_index()
+    )
+    totals = totals.rename(columns={"user_id": "subject_id", "neighbour_id": "item_id"})
+    return _top_n(totals, "similarity", n)
+
+
+def _from_categories(affinity: pd.DataFrame, items: pd.DataFrame, n: int) -> pd.DataFrame:
+    """Each subject's n slots split over their categories by share, most popular items first."""
+    if affinity.empty:
+        return _empty_proposals().drop(columns="source")
+    per_category = items.assign(category_rank=items.groupby("category", sort=False).cumcount() + 1)[
+        ["item_id", "category", "category_rank", "popularity"]
+    ]
+    per_category = per_category[per_category["category_rank"] <= n]
+    slots = affinity.assign(slots=np.ceil(affinity["share"] * n).astype("int64"))
+    joined = slots.merge(per_category, on="category")
+    joined = joined[joined["category_rank"] <= joined["slots"]]
+    joined = joined.assign(score=joined["share"] / joined["category_rank"])
+    return _top_n(joined[["subject_id", "item_id", "score"]], "score", n)
+
+
+def _same_for_all(subject_ids: np.ndarray, ranked_items: np.ndarray) -> pd.DataFrame:
+    n_items = len(ranked_items)
+    return pd.DataFrame(
+        {
+            "subject_id": np.repeat(subject_ids, n_items),
+            "item_id": np.tile(ranked_items.astype("int64"), len(subject_ids)),
+            "rank": np.tile(np.arange(1, n_items + 1, dtype="int64"), len(subject_ids)),
+        }
+    )
+
+
+def _new_items(
+    subject_ids: np.ndarray, affinity: pd.DataFrame, new_items: pd.DataFrame, n: int
+) -> pd.DataFrame:
+    """Recent items, those in the subject's categories first, then newest first."""
+    if new_items.empty:
+        return _empty_proposals().drop(columns="source")
+    pool = new_items.head(max(n * 5, n))[["item_id", "category"]].assign(
+        recency=lambda frame: 1.0 / (np.arange(len(frame)) + 1.0)
+    )
+    grid = pd.DataFrame({"subject_id": subject_ids}).merge(pool, how="cross")
+    grid = grid.merge(affinity, on=["subject_id", "category"], how="left")
+    grid["score"] = grid["share"].fillna(0.0) + 0.01 * grid["recency"]
+    return _top_n(grid[["subject_id", "item_id", "score"]], "score", n)
+
+
+def _top_n(frame: pd.DataFrame, score: str, n: int) -> pd.DataFrame:
+    ordered = frame.sort_values(["subject_id", score, "item_id"], ascending=[True, False, True])
+    top = ordered.groupby("subject_id", sort=False).head(n)
+    return top.assign(rank=top.groupby("subject_id", sort=False).cumcount() + 1)[
+        ["subject_id", "item_id", "rank"]
+    ]
+
+
+def _anti_join(frame: pd.DataFrame, blocked: pd.DataFrame) -> pd.DataFrame:
+    if blocked.empty or frame.empty:
+        return frame
+    marked = frame.merge(blocked.assign(_blocked=True), on=["subject_id", "item_id"], how="left")
+    return marked[marked["_blocked"].isna()].drop(columns="_blocked")
+
+
+def _merge_sources(proposed: pd.DataFrame, quota: dict[str, int], budget: int) -> pd.DataFrame:
+    """One row per (subject, item): provenance, per-source ranks, best relative rank, budget."""
+    if "retrieval_score" not in proposed.columns:
+        proposed = proposed.assign(retrieval_score=np.float32(np.nan))
+    proposed = proposed.assign(
+        relative_rank=proposed["rank"] / proposed["source"].map(quota).clip(lower=1)
+    )
+    ranks = proposed.pivot_table(
+        index=["subject_id", "item_id"], columns="source", values="rank", aggfunc="min"
+    )
+    ranks = ranks.reindex(columns=list(SOURCES)).fillna(0).astype("int32")
+    ranks.columns = RANK_COLUMNS
+    grouped = proposed.groupby(["subject_id", "item_id"], sort=True)
+    merged = ranks.join(grouped["relative_rank"].min()).join(grouped["retrieval_score"].max())
+    merged = merged.reset_index()
+    merged["source_provenance"] = provenance_labels(merged[RANK_COLUMNS].to_numpy() > 0)
+    merged = merged.sort_values(["subject_id", "relative_rank", "item_id"])
+    merged = merged.groupby("subject_id", sort=False).head(budget)
+    merged["candidate_policy_version"] = CANDIDATE_POLICY_VERSION
+    columns = [
+        "subject_id",
+        "item_id",
+        "source_provenance",
+        *RANK_COLUMNS,
+        "retrieval_score",
+        "candidate_policy_version",
+    ]
+    return (
+        merged[columns]
+        .astype({"subject_id": "int64", "item_id": "int64", "retrieval_score": "float32"})
+        .sort_values(["subject_id", "item_id"])
+        .reset_index(drop=True)
+    )

@@ -1,0 +1,98 @@
+"""`recsys run` and `recsys demo`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from recsys_assets.config import load_settings
+from recsys_assets.pipeline.runner import (
+    PartitionOutcome,
+    local_instance,
+    run_pipeline,
+    select_partitions,
+)
+from recsys_assets.warehouse import Warehouse
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    run = subparsers.add_parser(
+        "run",
+        help="materialize the asset graph for chosen partitions on the local Dagster instance",
+        description="Train the model bundle (unless --reuse-model and one exists), then "
+        "materialize subjects → … → published lists for each chosen surface × region "
+        "partition, one Dagster run per partition, on the instance under $DAGSTER_HOME "
+        "(default ./.dagster_home). The warehouse is $RECSYS_WAREHOUSE_URL (default ./.warehouse).",
+    )
+    run.add_argument("--surface", action="append", help="surface to run (repeatable; default all)")
+    run.add_argument("--region", action="append", help="region to run (repeatable; default all)")
+    run.add_argument(
+        "--reuse-model",
+        action="store_true",
+        help="use the current model bundle instead of retraining (trains if there is none)",
+    )
+    run.set_defaults(handler=_run)
+
+    demo = subparsers.add_parser(
+        "demo",
+        help="seed tiny synthetic data into the warehouse and run everything",
+        description="Seed tiny synthetic data (deterministic), train the model bundle, "
+        "materialize every partition, and print a short summary.",
+    )
+    demo.add_argument("--seed", type=int, default=1, help="synthetic data seed (default 1)")
+    demo.set_defaults(handler=_demo)
+
+
+def _run(args: argparse.Namespace) -> int:
+    warehouse = Warehouse.from_env()
+    train = not (args.reuse_model and warehouse.exists("models/current.json"))
+    outcomes = _execute(args.surface, args.region, train_model=train)
+    return _report(outcomes)
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from recsys_assets.data.seed import seed_warehouse
+
+    warehouse = Warehouse.from_env()
+    started = time.monotonic()
+    report = seed_warehouse(warehouse, scale="tiny", seed=args.seed, settings=load_settings())
+    _say(
+        f"seeded tiny data into {warehouse.url} ({time.monotonic() - started:.1f}s): "
+        + ", ".join(f"{table}={rows}" for table, rows in report.row_counts.items())
+    )
+    outcomes = _execute(None, None, train_model=True)
+    return _report(outcomes)
+
+
+def _execute(
+    surfaces: list[str] | None, regions: list[str] | None, *, train_model: bool
+) -> list[PartitionOutcome]:
+    from recsys_assets.definitions import defs
+
+    partitions = select_partitions(load_settings(), surfaces, regions)
+    instance = local_instance()
+    _say(
+        f"running {len(partitions)} partition(s) on the Dagster instance in "
+        f"{instance.root_directory}"
+    )
+    return run_pipeline(defs, instance, partitions, train_model=train_model, progress=_say)
+
+
+def _report(outcomes: list[PartitionOutcome]) -> int:
+    failed = [outcome for outcome in outcomes if not outcome.success]
+    lists = sum(
+        int(outcome.metadata.get("slates", {}).get("lists", 0) or 0) for outcome in outcomes
+    )
+    seconds = sum(outcome.seconds for outcome in outcomes)
+    _say(
+        f"done: {len(outcomes) - len(failed)}/{len(outcomes)} partitions succeeded, "
+        f"{lists} lists, {seconds:.1f}s in partition runs"
+    )
+    for outcome in failed:
+        _say(f"failed: {outcome.partition.surface} × {outcome.partition.region}: {outcome.error}")
+    return 1 if failed else 0
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stdout, flush=True)

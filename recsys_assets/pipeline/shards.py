@@ -1,0 +1,91 @@
+"""Per-partition Parquet outputs written shard by shard, with their contract checked first.
+
+An asset streams its output as one Parquet part per subject shard, so memory is bounded by
+the shard size. Each part is validated against the stage's contract before it is written;
+on a violation the partition's folder is removed (never half-written data downstream) and
+the violation is returned for the blocking asset check to report.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from recsys_assets.contracts import ContractViolation
+from recsys_assets.warehouse import Warehouse
+
+PIPELINE_ROOT = "pipeline"
+
+
+def stage_path(asset: str, partition_path: str) -> str:
+    return f"{PIPELINE_ROOT}/{asset}/{partition_path}"
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def read_parts(
+    warehouse: Warehouse, asset: str, partition_path: str
+) -> Iterator[tuple[str, pd.DataFrame]]:
+    """(part name, frame) for each part of an upstream partition, in shard order."""
+    for part in warehouse.parquet_parts(stage_path(asset, partition_path)):
+        yield part.rsplit("/", 1)[-1], warehouse.read_parquet(part)
+
+
+@dataclass
+class ShardWriteResult:
+    rows: int = 0
+    parts: int = 0
+    violation: ContractViolation | None = None
+    per_part_rows: list[int] = field(default_factory=list)
+
+
+def write_shards(
+    warehouse: Warehouse,
+    asset: str,
+    partition_path: str,
+    shards: Iterable[pd.DataFrame],
+    validate: Callable[[pd.DataFrame], pd.DataFrame],
+) -> ShardWriteResult:
+    """Validate and write each shard as a part; replace the partition's previous parts."""
+    folder = stage_path(asset, partition_path)
+    result = ShardWriteResult()
+    written: set[str] = set()
+    for index, frame in enumerate(shards):
+        try:
+            checked = validate(frame)
+        except ContractViolation as violation:
+            warehouse.delete(folder, recursive=True)
+            result.violation = violation
+            return result
+        name = part_name(index)
+        warehouse.write_parquet(f"{folder}/{name}", checked)
+        written.add(f"{folder}/{name}")
+        result.rows += len(checked)
+        result.parts += 1
+        result.per_part_rows.append(len(checked))
+    for stale in set(warehouse.list(folder, suffix=".parquet")) - written:
+        warehouse.delete(stale)
+    return result
+
+
+def quantiles(
+    values: np.ndarray | pd.Series, points: tuple[float, ...] = (0.5, 0.95)
+) -> dict[str, float]:
+    """{'p50': …, 'p95': …} of `values`, 0.0 for an empty input."""
+    array = np.asarray(values, dtype=np.float64)
+    if array.size == 0:
+        return {f"p{round(point * 100)}": 0.0 for point in points}
+    return {
+        f"p{round(point * 100)}": round(float(np.quantile(array, point)), 4) for point in points
+    }
+
+
+def markdown_table(rows: dict[str, object], headers: tuple[str, str]) -> str:
+    lines = [f"| {headers[0]} | {headers[1]} |", "| --- | --- |"]
+    lines += [f"| {key} | {value} |" for key, value in rows.items()]
+    return "\n".join(lines)

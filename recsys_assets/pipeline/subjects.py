@@ -1,0 +1,87 @@
+"""Who may receive a surface's list: consent, subscriptions, activity, tenant actors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pandas as pd
+
+from recsys_assets.config import SurfaceConfig
+
+SUBJECT_COLUMNS = [
+    "subject_id",
+    "region",
+    "tenant_id",
+    "actor_role",
+    "timezone",
+    "quiet_hours_start",
+    "quiet_hours_end",
+    "last_active_at",
+]
+
+# Exclusion reasons, reported in the order they are applied (a user counts once, first reason).
+OTHER_REGION = "other_region"
+NO_CONSENT = "no_personalization_consent"
+NOT_SUBSCRIBED = "not_email_subscribed"
+PUSH_DISABLED = "push_disabled"
+NOT_TENANT_ACTOR = "not_tenant_actor"
+INACTIVE = "inactive"
+
+_REQUIREMENT_REASONS = {
+    "consent_personalization": NO_CONSENT,
+    "email_subscribed": NOT_SUBSCRIBED,
+    "push_enabled": PUSH_DISABLED,
+}
+
+
+@dataclass(frozen=True)
+class SubjectSelection:
+    subjects: pd.DataFrame
+    excluded: dict[str, int]
+    """Users of the region not selected, by first failing reason."""
+
+
+def select_subjects(
+    users: pd.DataFrame, surface: SurfaceConfig, *, region: str, now: pd.Timestamp
+) -> SubjectSelection:
+    """Users of `region` eligible for `surface` at `now`, with exclusion counts by reason.
+
+    A personalized surface never selects a user without consent_personalization: such
+    users are served non-personalized fallback lists by the serving layer instead.
+    """
+    in_region = users[users["region"] == region]
+    excluded: dict[str, int] = {OTHER_REGION: int(len(users) - len(in_region))}
+    keep = pd.Series(True, index=in_region.index)
+
+    def exclude(reason: str, failing: pd.Series) -> None:
+        nonlocal keep
+        newly = keep & failing
+        excluded[reason] = int(newly.sum())
+        keep = keep & ~failing
+
+    requirements = set(surface.eligibility.requires)
+    if surface.personalized:
+        requirements.add("consent_personalization")
+    for requirement, reason in _REQUIREMENT_REASONS.items():
+        if requirement in requirements:
+            exclude(reason, ~in_region[requirement].astype(bool))
+    if "tenant_actor" in requirements:
+        exclude(NOT_TENANT_ACTOR, in_region["tenant_id"].isna() | in_region["actor_role"].isna())
+    cutoff = now - pd.Timedelta(days=surface.eligibility.active_within_days)
+    exclude(INACTIVE, in_region["last_active_at"] < cutoff)
+
+    subjects = (
+        in_region.loc[keep]
+        .rename(columns={"user_id": "subject_id"})
+        .loc[:, SUBJECT_COLUMNS]
+        .sort_values("subject_id", kind="stable")
+        .reset_index(drop=True)
+    )
+    return SubjectSelection(subjects=subjects, excluded=excluded)
+
+
+def shard_bounds(n_subjects: int, shard_size: int) -> list[tuple[int, int]]:
+    """Half-open row ranges that split `n_subjects` into shards of at most `shard_size`."""
+    return [
+        (start, min(start + shard_size, n_subjects)) for start in range(0, n_subjects, shard_size)
+    ]

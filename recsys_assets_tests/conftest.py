@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import boto3
 import pytest
 from moto.server import ThreadedMotoServer
 
+from recsys_assets.config import load_settings
+from recsys_assets.config.settings import DEFAULT_CONFIG_PATH
+from recsys_assets.data.seed import seed_warehouse
 from recsys_assets.warehouse import WAREHOUSE_ENV_VAR, Warehouse
 
 _S3_ENV = {
@@ -71,3 +76,34 @@ def local_warehouse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Warehous
 def warehouse(request: pytest.FixtureRequest) -> Warehouse:
     """Both kinds of warehouse: a test using this runs against each."""
     return request.getfixturevalue(f"{request.param}_warehouse")
+
+
+TINY_AS_OF = datetime(2026, 11, 20)
+"""The fixed 'now' of the tiny seeded data: tests that score or serve use it as the clock."""
+TINY_SEED = 1
+
+
+@pytest.fixture(scope="session")
+def tiny_raw_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The `raw/` folder of tiny seeded data (seed 1, as of 2026-11-20), generated once."""
+    root = tmp_path_factory.mktemp("tiny_seed")
+    seed_warehouse(
+        Warehouse(root.as_uri()),
+        scale="tiny",
+        seed=TINY_SEED,
+        settings=load_settings(DEFAULT_CONFIG_PATH),
+        as_of=TINY_AS_OF,
+    )
+    return root / "raw"
+
+
+@pytest.fixture
+def tiny_warehouse(
+    tiny_raw_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Warehouse:
+    """A fresh local warehouse holding a copy of the tiny seeded raw tables (no reseeding)."""
+    root = tmp_path / "tiny_warehouse"
+    shutil.copytree(tiny_raw_root, root / "raw")
+    url = root.as_uri()
+    monkeypatch.setenv(WAREHOUSE_ENV_VAR, url)
+    return Warehouse(url)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 import pandera.pandas as pa
 
@@ -60,6 +61,12 @@ def violations_from_pandera(error: pa.errors.SchemaErrors, frame: pd.DataFrame) 
             Violation(name, "missing column", len(frame), (f"columns present: [{present}]",))
         )
     cases = cases[~missing]
+    row_checks = (cases["schema_context"] == "DataFrameSchema") & ~cases["check"].str.startswith(
+        "column_in_"
+    )
+    for check, group in cases[row_checks].groupby("check", sort=True):
+        found.append(_row_check_violation(check, group, frame))
+    cases = cases[~row_checks]
     unconvertible = set(cases.loc[cases["check"].str.startswith("coerce_dtype"), "column"])
     cases = cases[
         ~cases["column"].isin(unconvertible) | cases["check"].str.startswith("coerce_dtype")
@@ -71,6 +78,24 @@ def violations_from_pandera(error: pa.errors.SchemaErrors, frame: pd.DataFrame) 
             Violation(column=column, check=_readable_check(check), count=count, samples=samples)
         )
     return found
+
+
+def _row_check_violation(check: str, group: pd.DataFrame, frame: pd.DataFrame) -> Violation:
+    """A rule across columns fails once per row, not once per column of that row."""
+    rows = pd.unique(group["index"].dropna())
+    key = frame.columns[0]
+    samples = tuple(
+        f"row {int(row)}: {key}={_plain(frame.at[row, key])!r}"
+        if row in frame.index
+        else f"row {row}"
+        for row in rows[:SAMPLE_ROWS]
+    )
+    return Violation("(row)", check, len(rows), samples)
+
+
+def _plain(value: object) -> object:
+    """numpy scalars as Python values, so samples read `11`, not `np.int64(11)`."""
+    return value.item() if isinstance(value, np.generic) else value
 
 
 def _sample(group: pd.DataFrame, frame: pd.DataFrame, column: str) -> list[str]:

@@ -63,8 +63,17 @@ def read_raw(warehouse: Warehouse, table: str, columns: list[str] | None = None)
 def empty_table(table: str) -> pd.DataFrame:
     """A zero-row frame with every column of `table`'s contract in its contract type."""
     columns = RAW_CONTRACTS[table].to_schema().columns
-    frame = pd.DataFrame({name: pd.Series(dtype=str(column.dtype)) for name, column in columns.items()})
+    frame = pd.DataFrame(
+        {name: pd.Series(dtype=str(column.dtype)) for name, column in columns.items()}
+    )
     return RAW_CONTRACTS[table].validate(frame)
+
+
+def naive_utc(moment: datetime) -> datetime:
+    """Timestamps in the warehouse are naive UTC; convert an aware datetime to that."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment
 
 
 def new_snapshot_id(created_at: datetime) -> str:

@@ -2,12 +2,13 @@
 
 One code path builds training rows (score_time = the label's event time) and scoring rows
 (score_time = now), so the ranker never sees a feature at training time that it would not
-have at scoring time. Every value comes from a time-indexed table (cumulative counts per
-key, stamped with the time of the change) looked up with `ASOF JOIN … ON score_time > ts`:
-the newest snapshot *strictly before* score_time. Strict, because a training row at the
-label's event time must not count the label event itself. Window counts are differences of
-two snapshots (cumulative at score_time minus cumulative at score_time − window), exact
-without a range join. `feature_timestamp` is the newest timestamp of any value used
+have at scoring time. Every value comes from a time-indexed state table (one row per key
+and change point, with every count as of that point) looked up with
+`ASOF JOIN … ON score_time > changed_at`: the newest state *strictly before* score_time.
+Strict, because a training row at the label's event time must not count the label event
+itself. An event enters a window at its time and leaves it at time + window (a second
+change point), so one lookup per key yields the total and every window count exactly.
+`feature_timestamp` is the newest timestamp of any value used
 (1970-01-01 for a row that used none), so `feature_timestamp < score_time` holds by
 construction and `leakage_violations` proves it per partition.
 
@@ -16,6 +17,10 @@ Items carry no history: an item's static attributes (category, creator, stock,
 is_sponsored) are used only once the item exists (created_at < score_time) and are stamped
 with created_at; stock is the snapshot's value (exact at scoring time, an approximation for
 past training rows).
+
+There is deliberately no per-(subject, item) engagement count: training negatives are, by
+construction, items the subject never touched before, so such a count would separate the
+classes by the sampling rule rather than by preference.
 
 | column | group | meaning |
 | --- | --- | --- |
@@ -38,7 +43,6 @@ past training rows).
 | category_match | cross | 1 if the subject engaged with the item's category before |
 | user_creator_events | cross | subject's engagement events with the item's creator |
 | user_creator_affinity | cross | user_creator_events / user_events_total |
-| user_item_events | cross | subject's earlier engagement events with this very item |
 | from_<source> | source | 1 if the source proposed the item (rank_<source> > 0), per SOURCES |
 | rank_<source>_log1p | source | log1p(rank_<source>), 0 when not proposed, per SOURCES |
 | source_count | source | how many sources proposed the item |
@@ -86,7 +90,6 @@ CROSS_FEATURES = (
     "category_match",
     "user_creator_events",
     "user_creator_affinity",
-    "user_item_events",
 )
 SOURCE_FEATURES = (
     *(f"from_{source}" for source in SOURCES),
@@ -162,7 +165,7 @@ def compute_features(
         cur.register("_fs_controls", controls)
         for statement in _build_tables_sql(surface):
             cur.execute(statement)
-        computed = cur.execute(_FEATURES_SQL).to_arrow_table()
+        computed = cur.sql(_FEATURES_SQL).to_arrow_table()
     return _assemble(frame, computed)
 
 
@@ -237,20 +240,28 @@ def _cursor(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnectio
 
 
 def _build_tables_sql(surface: str) -> list[str]:
-    """Time-indexed feature tables: cumulative counts per key, one row per key and time.
+    """Time-indexed state tables: one row per key and change point, all values as of then.
 
-    Only keys and times the probe can reach are kept (subjects and items in the probe, events
-    before the latest score_time), so a subject shard builds only its own history.
+    An event at time e adds 1 to the totals and to each window from e on, and a second row
+    at e + window takes it out of that window again, so the running sums at the newest
+    change point before score_time are the exact window counts: one ASOF lookup per key
+    instead of one per window. Only keys the probe can reach are kept (subjects and items in
+    the probe, events before the latest score_time): a subject shard builds its own history.
+    Categories and creators are joined on integer codes, which sort far faster than text.
     """
     quoted_surface = surface.replace("'", "''")
     return [
         "CREATE OR REPLACE TEMP TABLE fs_bounds AS "
         "SELECT max(score_time) AS horizon FROM _fs_probe",
+        "CREATE OR REPLACE TEMP TABLE fs_probe_subjects AS SELECT DISTINCT subject_id FROM _fs_probe",
+        "CREATE OR REPLACE TEMP TABLE fs_probe_items AS SELECT DISTINCT item_id FROM _fs_probe",
         """
         CREATE OR REPLACE TEMP TABLE fs_item_attrs AS
         SELECT CAST(item_id AS BIGINT) AS item_id, CAST(category AS VARCHAR) AS category,
-               CAST(creator_id AS VARCHAR) AS creator_id, CAST(stock AS DOUBLE) AS stock,
-               CAST(is_sponsored AS DOUBLE) AS is_sponsored,
+               CAST(creator_id AS VARCHAR) AS creator_id,
+               dense_rank() OVER (ORDER BY CAST(category AS VARCHAR)) AS category_code,
+               dense_rank() OVER (ORDER BY CAST(creator_id AS VARCHAR)) AS creator_code,
+               CAST(stock AS DOUBLE) AS stock, CAST(is_sponsored AS DOUBLE) AS is_sponsored,
                CAST(created_at AS TIMESTAMP) AS created_at
         FROM _fs_items
         """,
@@ -261,181 +272,176 @@ def _build_tables_sql(surface: str) -> list[str]:
         FROM _fs_interactions e
         WHERE e.event_type <> 'hide'
           AND CAST(e.ts AS TIMESTAMP) < (SELECT horizon FROM fs_bounds)
-        """,
-        """
-        CREATE OR REPLACE TEMP TABLE fs_user_activity AS
-        WITH per_time AS (
-            SELECT user_id, ts, count(*) AS events,
-                   count(*) FILTER (WHERE event_type = 'click') AS clicks,
-                   count(*) FILTER (WHERE event_type = 'purchase') AS purchases
-            FROM fs_events
-            WHERE user_id IN (SELECT DISTINCT subject_id FROM _fs_probe)
-            GROUP BY user_id, ts
-        )
-        SELECT user_id, ts,
-               sum(events) OVER w AS events_cum,
-               sum(clicks) OVER w AS clicks_cum,
-               sum(purchases) OVER w AS purchases_cum
-        FROM per_time
-        WINDOW w AS (PARTITION BY user_id ORDER BY ts ROWS UNBOUNDED PRECEDING)
-        """,
-        """
-        CREATE OR REPLACE TEMP TABLE fs_item_activity AS
-        WITH per_time AS (
-            SELECT item_id, ts, count(*) AS events
-            FROM fs_events
-            WHERE item_id IN (SELECT DISTINCT item_id FROM _fs_probe)
-            GROUP BY item_id, ts
-        )
-        SELECT item_id, ts, sum(events) OVER w AS events_cum
-        FROM per_time
-        WINDOW w AS (PARTITION BY item_id ORDER BY ts ROWS UNBOUNDED PRECEDING)
-        """,
-        """
-        CREATE OR REPLACE TEMP TABLE fs_user_category AS
-        WITH per_time AS (
-            SELECT e.user_id, a.category, e.ts, count(*) AS events
-            FROM fs_events e JOIN fs_item_attrs a USING (item_id)
-            WHERE e.user_id IN (SELECT DISTINCT subject_id FROM _fs_probe)
-            GROUP BY e.user_id, a.category, e.ts
-        )
-        SELECT user_id, category, ts, sum(events) OVER w AS events_cum
-        FROM per_time
-        WINDOW w AS (PARTITION BY user_id, category ORDER BY ts ROWS UNBOUNDED PRECEDING)
-        """,
-        """
-        CREATE OR REPLACE TEMP TABLE fs_user_creator AS
-        WITH per_time AS (
-            SELECT e.user_id, a.creator_id, e.ts, count(*) AS events
-            FROM fs_events e JOIN fs_item_attrs a USING (item_id)
-            WHERE e.user_id IN (SELECT DISTINCT subject_id FROM _fs_probe)
-            GROUP BY e.user_id, a.creator_id, e.ts
-        )
-        SELECT user_id, creator_id, ts, sum(events) OVER w AS events_cum
-        FROM per_time
-        WINDOW w AS (PARTITION BY user_id, creator_id ORDER BY ts ROWS UNBOUNDED PRECEDING)
+          AND (CAST(e.user_id AS BIGINT) IN (SELECT subject_id FROM fs_probe_subjects)
+               OR CAST(e.item_id AS BIGINT) IN (SELECT item_id FROM fs_probe_items))
         """,
         f"""
-        CREATE OR REPLACE TEMP TABLE fs_pair_activity AS
-        WITH stream AS (
-            SELECT user_id, item_id, ts, 1 AS engaged, 0 AS shown FROM fs_events
-            UNION ALL
-            SELECT CAST(user_id AS BIGINT), CAST(item_id AS BIGINT), CAST(ts AS TIMESTAMP), 0, 1
-            FROM _fs_exposures
-            WHERE surface = '{quoted_surface}'
-              AND CAST(ts AS TIMESTAMP) < (SELECT horizon FROM fs_bounds)
-        ),
-        per_time AS (
-            SELECT user_id, item_id, ts, sum(engaged) AS engaged, sum(shown) AS shown
-            FROM stream
-            WHERE user_id IN (SELECT DISTINCT subject_id FROM _fs_probe)
-            GROUP BY user_id, item_id, ts
+        CREATE OR REPLACE TEMP TABLE fs_user_state AS
+        WITH per_time AS (
+            SELECT e.user_id, e.ts + k.shift AS changed_at,
+                   sum(k.total) AS total, sum(k.total * (e.event_type = 'click')::INT) AS clicks,
+                   sum(k.total * (e.event_type = 'purchase')::INT) AS purchases,
+                   sum(k.d7) AS d7, max(CASE WHEN k.total = 1 THEN e.ts END) AS event_ts
+            FROM fs_events e
+            CROSS JOIN (VALUES (INTERVAL 0 DAY, 1, 1), (7 * {_DAY}, 0, -1)) k(shift, total, d7)
+            WHERE e.user_id IN (SELECT subject_id FROM fs_probe_subjects)
+            GROUP BY ALL
         )
-        SELECT user_id, item_id, ts,
-               sum(engaged) OVER w AS engaged_cum, sum(shown) OVER w AS shown_cum
+        SELECT user_id, changed_at, sum(total) OVER w AS events_total,
+               sum(d7) OVER w AS events_7d, sum(clicks) OVER w AS clicks_total,
+               sum(purchases) OVER w AS purchases_total, max(event_ts) OVER w AS last_event_ts
         FROM per_time
-        WINDOW w AS (PARTITION BY user_id, item_id ORDER BY ts ROWS UNBOUNDED PRECEDING)
+        WINDOW w AS (PARTITION BY user_id ORDER BY changed_at ROWS UNBOUNDED PRECEDING)
+        """,
+        f"""
+        CREATE OR REPLACE TEMP TABLE fs_item_state AS
+        WITH per_time AS (
+            SELECT e.item_id, e.ts + k.shift AS changed_at, sum(k.total) AS total,
+                   sum(k.d1) AS d1, sum(k.d7) AS d7, sum(k.d28) AS d28,
+                   max(CASE WHEN k.total = 1 THEN e.ts END) AS event_ts
+            FROM fs_events e
+            CROSS JOIN (VALUES (INTERVAL 0 DAY, 1, 1, 1, 1), ({_DAY}, 0, -1, 0, 0),
+                               (7 * {_DAY}, 0, 0, -1, 0), (28 * {_DAY}, 0, 0, 0, -1))
+                k(shift, total, d1, d7, d28)
+            WHERE e.item_id IN (SELECT item_id FROM fs_probe_items)
+            GROUP BY ALL
+        )
+        SELECT item_id, changed_at, sum(total) OVER w AS events_total,
+               sum(d1) OVER w AS events_1d, sum(d7) OVER w AS events_7d,
+               sum(d28) OVER w AS events_28d, max(event_ts) OVER w AS last_event_ts
+        FROM per_time
+        WINDOW w AS (PARTITION BY item_id ORDER BY changed_at ROWS UNBOUNDED PRECEDING)
         """,
         """
         CREATE OR REPLACE TEMP TABLE fs_controls AS
-        SELECT CAST(user_id AS BIGINT) AS user_id, target_type, CAST(target_id AS VARCHAR)
-                   AS target_id, CAST(ts AS TIMESTAMP) AS ts, bool_or(action = 'hide') AS hidden
+        SELECT CAST(user_id AS BIGINT) AS user_id, target_type,
+               CAST(target_id AS VARCHAR) AS target_id, CAST(ts AS TIMESTAMP) AS ts,
+               bool_or(action = 'hide') AS hidden
         FROM _fs_controls
         WHERE target_type IN ('creator', 'category')
-          AND user_id IN (SELECT DISTINCT subject_id FROM _fs_probe)
+          AND CAST(ts AS TIMESTAMP) < (SELECT horizon FROM fs_bounds)
+          AND CAST(user_id AS BIGINT) IN (SELECT subject_id FROM fs_probe_subjects)
         GROUP BY ALL
+        """,
+        *(_affinity_state_sql(target_type) for target_type in ("category", "creator")),
+        f"""
+        CREATE OR REPLACE TEMP TABLE fs_pair_state AS
+        WITH per_time AS (
+            SELECT CAST(x.user_id AS BIGINT) AS user_id, CAST(x.item_id AS BIGINT) AS item_id,
+                   CAST(x.ts AS TIMESTAMP) + k.shift AS changed_at,
+                   sum(k.h24) AS h24, sum(k.d7) AS d7,
+                   max(CASE WHEN k.shift = INTERVAL 0 DAY THEN CAST(x.ts AS TIMESTAMP) END)
+                       AS shown_ts
+            FROM _fs_exposures x
+            CROSS JOIN (VALUES (INTERVAL 0 DAY, 1, 1), ({_DAY}, -1, 0), (7 * {_DAY}, 0, -1))
+                k(shift, h24, d7)
+            WHERE x.surface = '{quoted_surface}'
+              AND CAST(x.ts AS TIMESTAMP) < (SELECT horizon FROM fs_bounds)
+              AND CAST(x.user_id AS BIGINT) IN (SELECT subject_id FROM fs_probe_subjects)
+            GROUP BY ALL
+        )
+        SELECT user_id, item_id, changed_at, sum(h24) OVER w AS shown_24h,
+               sum(d7) OVER w AS shown_7d, max(shown_ts) OVER w AS last_shown_ts
+        FROM per_time
+        WINDOW w AS (PARTITION BY user_id, item_id ORDER BY changed_at ROWS UNBOUNDED PRECEDING)
         """,
     ]
 
 
+def _affinity_state_sql(target_type: str) -> str:
+    """Per (subject, category or creator code): engagement count and latest hide/unhide."""
+    return f"""
+        CREATE OR REPLACE TEMP TABLE fs_{target_type}_state AS
+        WITH codes AS (SELECT DISTINCT {target_type}_code AS code, {_ATTRIBUTE[target_type]} AS name
+                       FROM fs_item_attrs),
+        changes AS (
+            SELECT e.user_id, a.{target_type}_code AS target, e.ts AS changed_at, 1 AS events,
+                   e.ts AS event_ts, NULL::BOOLEAN AS hidden, NULL::TIMESTAMP AS control_ts
+            FROM fs_events e JOIN fs_item_attrs a USING (item_id)
+            WHERE e.user_id IN (SELECT subject_id FROM fs_probe_subjects)
+            UNION ALL
+            SELECT c.user_id, codes.code, c.ts, 0, NULL, c.hidden, c.ts
+            FROM fs_controls c JOIN codes ON c.target_id = codes.name
+            WHERE c.target_type = '{target_type}'
+        ),
+        per_time AS (
+            SELECT user_id, target, changed_at, sum(events) AS events, max(event_ts) AS event_ts,
+                   bool_or(hidden) AS hidden, max(control_ts) AS control_ts
+            FROM changes GROUP BY user_id, target, changed_at
+        )
+        SELECT user_id, target, changed_at, sum(events) OVER w AS events_total,
+               max(event_ts) OVER w AS last_event_ts,
+               last_value(hidden IGNORE NULLS) OVER w AS hidden,
+               max(control_ts) OVER w AS last_control_ts
+        FROM per_time
+        WINDOW w AS (PARTITION BY user_id, target ORDER BY changed_at ROWS UNBOUNDED PRECEDING)
+        """
+
+
+_ATTRIBUTE = {"category": "category", "creator": "creator_id"}
 _DAY = "INTERVAL 1 DAY"
 
 _FEATURES_SQL = f"""
 WITH probe AS (
     SELECT p._row, p.subject_id, p.item_id, p.score_time,
-           a.category, a.creator_id,
+           a.category_code, a.creator_code,
            CASE WHEN a.created_at < p.score_time THEN a.created_at END AS item_known_at,
            CASE WHEN a.created_at < p.score_time THEN a.stock ELSE 0 END AS item_stock,
            CASE WHEN a.created_at < p.score_time THEN a.is_sponsored ELSE 0 END
                AS item_is_sponsored
     FROM _fs_probe p LEFT JOIN fs_item_attrs a USING (item_id)
 ),
-user_probe AS (SELECT DISTINCT subject_id, score_time FROM probe),
 user_features AS (
-    SELECT u.subject_id, u.score_time, now_.ts AS user_ts,
-           coalesce(now_.events_cum, 0) AS user_events_total,
-           coalesce(now_.events_cum, 0) - coalesce(week.events_cum, 0) AS user_events_7d,
-           coalesce(now_.clicks_cum, 0) AS user_clicks_total,
-           coalesce(now_.purchases_cum, 0) AS user_purchases_total
-    FROM user_probe u
-    ASOF LEFT JOIN fs_user_activity now_
-        ON u.subject_id = now_.user_id AND u.score_time > now_.ts
-    ASOF LEFT JOIN fs_user_activity week
-        ON u.subject_id = week.user_id AND u.score_time - 7 * {_DAY} > week.ts
+    SELECT u.subject_id, u.score_time, s.last_event_ts AS user_ts,
+           coalesce(s.events_total, 0) AS user_events_total,
+           coalesce(s.events_7d, 0) AS user_events_7d,
+           coalesce(s.clicks_total, 0) AS user_clicks_total,
+           coalesce(s.purchases_total, 0) AS user_purchases_total
+    FROM (SELECT DISTINCT subject_id, score_time FROM _fs_probe) u
+    ASOF LEFT JOIN fs_user_state s ON u.subject_id = s.user_id AND u.score_time > s.changed_at
 ),
-item_probe AS (SELECT DISTINCT item_id, score_time FROM probe),
 item_features AS (
-    SELECT i.item_id, i.score_time, now_.ts AS item_ts,
-           coalesce(now_.events_cum, 0) AS item_events_total,
-           coalesce(now_.events_cum, 0) - coalesce(d1.events_cum, 0) AS item_events_1d,
-           coalesce(now_.events_cum, 0) - coalesce(d7.events_cum, 0) AS item_events_7d,
-           coalesce(now_.events_cum, 0) - coalesce(d28.events_cum, 0) AS item_events_28d
-    FROM item_probe i
-    ASOF LEFT JOIN fs_item_activity now_
-        ON i.item_id = now_.item_id AND i.score_time > now_.ts
-    ASOF LEFT JOIN fs_item_activity d1
-        ON i.item_id = d1.item_id AND i.score_time - {_DAY} > d1.ts
-    ASOF LEFT JOIN fs_item_activity d7
-        ON i.item_id = d7.item_id AND i.score_time - 7 * {_DAY} > d7.ts
-    ASOF LEFT JOIN fs_item_activity d28
-        ON i.item_id = d28.item_id AND i.score_time - 28 * {_DAY} > d28.ts
-),
-category_probe AS (
-    SELECT DISTINCT subject_id, category, score_time FROM probe WHERE category IS NOT NULL
+    SELECT i.item_id, i.score_time, s.last_event_ts AS item_ts,
+           coalesce(s.events_total, 0) AS item_events_total,
+           coalesce(s.events_1d, 0) AS item_events_1d,
+           coalesce(s.events_7d, 0) AS item_events_7d,
+           coalesce(s.events_28d, 0) AS item_events_28d
+    FROM (SELECT DISTINCT item_id, score_time FROM _fs_probe) i
+    ASOF LEFT JOIN fs_item_state s ON i.item_id = s.item_id AND i.score_time > s.changed_at
 ),
 category_features AS (
-    SELECT c.subject_id, c.category, c.score_time,
-           coalesce(aff.events_cum, 0) AS user_category_events, aff.ts AS category_ts,
-           coalesce(ctl.hidden, false) AS category_hidden, ctl.ts AS category_control_ts
-    FROM category_probe c
-    ASOF LEFT JOIN fs_user_category aff
-        ON c.subject_id = aff.user_id AND c.category = aff.category AND c.score_time > aff.ts
-    ASOF LEFT JOIN (SELECT * FROM fs_controls WHERE target_type = 'category') ctl
-        ON c.subject_id = ctl.user_id AND c.category = ctl.target_id AND c.score_time > ctl.ts
-),
-creator_probe AS (
-    SELECT DISTINCT subject_id, creator_id, score_time FROM probe WHERE creator_id IS NOT NULL
+    SELECT c.subject_id, c.category_code, c.score_time,
+           coalesce(s.events_total, 0) AS user_category_events,
+           coalesce(s.hidden, false) AS category_hidden,
+           greatest(s.last_event_ts, s.last_control_ts) AS category_ts
+    FROM (SELECT DISTINCT subject_id, category_code, score_time FROM probe
+          WHERE category_code IS NOT NULL) c
+    ASOF LEFT JOIN fs_category_state s
+        ON c.subject_id = s.user_id AND c.category_code = s.target AND c.score_time > s.changed_at
 ),
 creator_features AS (
-    SELECT c.subject_id, c.creator_id, c.score_time,
-           coalesce(aff.events_cum, 0) AS user_creator_events, aff.ts AS creator_ts,
-           coalesce(ctl.hidden, false) AS creator_hidden, ctl.ts AS creator_control_ts
-    FROM creator_probe c
-    ASOF LEFT JOIN fs_user_creator aff
-        ON c.subject_id = aff.user_id AND c.creator_id = aff.creator_id AND c.score_time > aff.ts
-    ASOF LEFT JOIN (SELECT * FROM fs_controls WHERE target_type = 'creator') ctl
-        ON c.subject_id = ctl.user_id AND c.creator_id = ctl.target_id AND c.score_time > ctl.ts
+    SELECT c.subject_id, c.creator_code, c.score_time,
+           coalesce(s.events_total, 0) AS user_creator_events,
+           coalesce(s.hidden, false) AS creator_hidden,
+           greatest(s.last_event_ts, s.last_control_ts) AS creator_ts
+    FROM (SELECT DISTINCT subject_id, creator_code, score_time FROM probe
+          WHERE creator_code IS NOT NULL) c
+    ASOF LEFT JOIN fs_creator_state s
+        ON c.subject_id = s.user_id AND c.creator_code = s.target AND c.score_time > s.changed_at
 ),
 pair_features AS (
-    SELECT p._row, now_.ts AS pair_ts,
-           coalesce(now_.engaged_cum, 0) AS user_item_events,
-           coalesce(now_.shown_cum, 0) - coalesce(d1.shown_cum, 0) AS shown_24h,
-           coalesce(now_.shown_cum, 0) - coalesce(d7.shown_cum, 0) AS shown_7d
+    SELECT p._row, s.last_shown_ts AS pair_ts,
+           coalesce(s.shown_24h, 0) AS shown_24h, coalesce(s.shown_7d, 0) AS shown_7d
     FROM _fs_probe p
-    ASOF LEFT JOIN fs_pair_activity now_
-        ON p.subject_id = now_.user_id AND p.item_id = now_.item_id AND p.score_time > now_.ts
-    ASOF LEFT JOIN fs_pair_activity d1
-        ON p.subject_id = d1.user_id AND p.item_id = d1.item_id
-       AND p.score_time - {_DAY} > d1.ts
-    ASOF LEFT JOIN fs_pair_activity d7
-        ON p.subject_id = d7.user_id AND p.item_id = d7.item_id
-       AND p.score_time - 7 * {_DAY} > d7.ts
+    ASOF LEFT JOIN fs_pair_state s
+        ON p.subject_id = s.user_id AND p.item_id = s.item_id AND p.score_time > s.changed_at
 )
 SELECT
+    p._row,
     p.score_time,
     coalesce(
-        greatest(u.user_ts, i.item_ts, p.item_known_at, cat.category_ts,
-                 cat.category_control_ts, cr.creator_ts, cr.creator_control_ts, pf.pair_ts),
+        greatest(u.user_ts, i.item_ts, p.item_known_at, cat.category_ts, cr.creator_ts,
+                 pf.pair_ts),
         TIMESTAMP '{NO_HISTORY.isoformat(sep=" ")}'
     ) AS feature_timestamp,
     CAST(u.user_events_total AS FLOAT) AS user_events_total,
@@ -460,7 +466,6 @@ SELECT
     CAST(coalesce(cr.user_creator_events, 0) AS FLOAT) AS user_creator_events,
     CAST(coalesce(cr.user_creator_events / nullif(u.user_events_total, 0), 0) AS FLOAT)
         AS user_creator_affinity,
-    CAST(pf.user_item_events AS FLOAT) AS user_item_events,
     CAST(pf.shown_24h AS FLOAT) AS shown_24h,
     CAST(pf.shown_7d AS FLOAT) AS shown_7d,
     CAST(coalesce(cr.creator_hidden, false) AS FLOAT) AS creator_hidden,
@@ -469,9 +474,8 @@ FROM probe p
 JOIN pair_features pf USING (_row)
 LEFT JOIN user_features u USING (subject_id, score_time)
 LEFT JOIN item_features i USING (item_id, score_time)
-LEFT JOIN category_features cat USING (subject_id, category, score_time)
-LEFT JOIN creator_features cr USING (subject_id, creator_id, score_time)
-ORDER BY p._row
+LEFT JOIN category_features cat USING (subject_id, category_code, score_time)
+LEFT JOIN creator_features cr USING (subject_id, creator_code, score_time)
 """
 
 
@@ -480,7 +484,8 @@ ORDER BY p._row
 
 def _assemble(frame: pd.DataFrame, computed: pa.Table) -> pd.DataFrame:
     """The pairs' own columns, then score_time, feature_timestamp, features, version."""
-    out = computed.to_pandas()
+    order = np.argsort(computed.column("_row").to_numpy(), kind="stable")
+    out = computed.drop_columns(["_row"]).take(order).to_pandas()
     out.index = frame.index
     features = {name: out[name].to_numpy(dtype=np.float32) for name in _SQL_FEATURES}
     features.update(_cross_and_source_features(frame))

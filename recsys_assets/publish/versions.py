@@ -80,7 +80,9 @@ def new_version_id(
     still get distinct, creation-ordered versions.
     """
     created_at = utc_now()
-    while warehouse.exists(version_path(surface, region, format_version(created_at), fallback=fallback)):
+    while warehouse.exists(
+        version_path(surface, region, format_version(created_at), fallback=fallback)
+    ):
         created_at += timedelta(microseconds=1)
     return format_version(created_at)
 

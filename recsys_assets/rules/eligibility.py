@@ -120,3 +120,187 @@ def _aligned(value: pd.Series | str, index: pd.Index) -> pd.Series:
 def eligible_items(items: pd.DataFrame, *, region: str, now: datetime) -> pd.DataFrame:
     """The items any subject in `region` may be shown at `now` (tenant rules not applied)."""
     return items[item_rejection_reasons(items, region=region, now=now).isna().to_numpy()]
+
+
+# Array-based variant of the rules above, for serving's per-request final check.
+
+REASON_BY_CODE: tuple[str | None, ...] = (None, *REJECTION_REASONS)
+"""Small-integer codes for the array-based checks; 0 = eligible. Codes follow the order of
+REJECTION_REASONS, so the first failing reason is the smallest non-zero code that applies."""
+CODE_BY_REASON: dict[str, int] = {
+    reason: code for code, reason in enumerate(REASON_BY_CODE) if reason is not None
+}
+_CAMPAIGN_ENDED_CODE = CODE_BY_REASON[CAMPAIGN_ENDED]
+_NO_CAMPAIGN_END = np.iinfo(np.int64).max
+
+
+def apply_reason(codes: np.ndarray, failed: np.ndarray, code: int) -> None:
+    """Record `code` where `failed`, unless an earlier check (a smaller code) already failed."""
+    codes[failed & ((codes == 0) | (codes > code))] = code
+
+
+def _codes_from_reasons(reasons: pd.Series) -> np.ndarray:
+    return np.fromiter(
+        (0 if pd.isna(reason) else CODE_BY_REASON[reason] for reason in reasons),
+        dtype=np.int8,
+        count=len(reasons),
+    )
+
+
+class ItemStateArrays:
+    """The item-state rules precomputed as arrays indexed by item position.
+
+    Serving's final check runs per request on ~100 items; pandas costs milliseconds there,
+    numpy on precomputed codes microseconds. The codes come from `item_rejection_reasons`
+    itself (evaluated with a `now` before every campaign end, so only the time-independent
+    checks fire); the campaign end is kept as nanoseconds and compared at request time.
+    Same rules, same order, therefore the same first reason as publish validation sees.
+    Instances are immutable: a change of item state or tombstones builds a new one.
+    """
+
+    __slots__ = (
+        "actor_codes",
+        "campaign_end_ns",
+        "consumer_codes",
+        "item_ids",
+        "required_role_codes",
+        "role_index",
+        "tenant_codes",
+        "tenant_index",
+    )
+
+    def __init__(
+        self,
+        *,
+        item_ids: np.ndarray,
+        actor_codes: dict[str, np.ndarray],
+        consumer_codes: dict[str, np.ndarray],
+        campaign_end_ns: np.ndarray,
+        tenant_codes: np.ndarray,
+        tenant_index: dict[str, int],
+        required_role_codes: np.ndarray,
+        role_index: dict[str, int],
+    ) -> None:
+        self.item_ids = item_ids
+        self.actor_codes = actor_codes
+        self.consumer_codes = consumer_codes
+        self.campaign_end_ns = campaign_end_ns
+        self.tenant_codes = tenant_codes
+        self.tenant_index = tenant_index
+        self.required_role_codes = required_role_codes
+        self.role_index = role_index
+
+    @classmethod
+    def from_items(cls, items: pd.DataFrame, regions: tuple[str, ...]) -> ItemStateArrays:
+        """Arrays for every item of the raw items table, per configured region."""
+        items = items.sort_values("item_id", kind="stable").reset_index(drop=True)
+        tenants = items["tenant_id"].astype(object).where(items["tenant_id"].notna(), None)
+        tenant_names = sorted({t for t in tenants if t is not None})
+        tenant_index = {name: code for code, name in enumerate(tenant_names, start=1)}
+        tenant_codes = np.array([tenant_index.get(t, 0) for t in tenants], dtype=np.int32)
+        roles = items["required_role"].astype(object).where(items["required_role"].notna(), None)
+        role_names = sorted({r for r in roles if r is not None})
+        role_index = {name: code for code, name in enumerate(role_names, start=1)}
+        required_role_codes = np.array([role_index.get(r, 0) for r in roles], dtype=np.int16)
+        campaign_end = pd.to_datetime(items["campaign_end"]).astype("datetime64[ns]")
+        sponsored = items["is_sponsored"].astype(bool).to_numpy() & campaign_end.notna().to_numpy()
+        campaign_end_ns = np.where(
+            sponsored, campaign_end.to_numpy().view(np.int64), _NO_CAMPAIGN_END
+        ).astype(np.int64)
+        before_every_campaign = pd.Timestamp.min
+        consumer = pd.Series([None] * len(items), index=items.index, dtype=object)
+        actor_codes: dict[str, np.ndarray] = {}
+        consumer_codes: dict[str, np.ndarray] = {}
+        for region in regions:
+            actor_codes[region] = _codes_from_reasons(
+                item_rejection_reasons(items, region=region, now=before_every_campaign)
+            )
+            consumer_codes[region] = _codes_from_reasons(
+                item_rejection_reasons(
+                    items,
+                    region=region,
+                    now=before_every_campaign,
+                    subject_tenant=consumer,
+                    subject_role=consumer,
+                )
+            )
+        return cls(
+            item_ids=np.ascontiguousarray(items["item_id"].to_numpy(dtype=np.int64)),
+            actor_codes=actor_codes,
+            consumer_codes=consumer_codes,
+            campaign_end_ns=campaign_end_ns,
+            tenant_codes=tenant_codes,
+            tenant_index=tenant_index,
+            required_role_codes=required_role_codes,
+            role_index=role_index,
+        )
+
+    def with_reason(self, reason: str, failed_by_region: dict[str, np.ndarray]) -> ItemStateArrays:
+        """A copy where `reason` also applies to the items marked in `failed_by_region`."""
+        code = CODE_BY_REASON[reason]
+        merged: list[dict[str, np.ndarray]] = []
+        for by_region in (self.actor_codes, self.consumer_codes):
+            updated = {}
+            for region, codes in by_region.items():
+                copy = codes.copy()
+                if region in failed_by_region:
+                    apply_reason(copy, failed_by_region[region], code)
+                updated[region] = copy
+            merged.append(updated)
+        return ItemStateArrays(
+            item_ids=self.item_ids,
+            actor_codes=merged[0],
+            consumer_codes=merged[1],
+            campaign_end_ns=self.campaign_end_ns,
+            tenant_codes=self.tenant_codes,
+            tenant_index=self.tenant_index,
+            required_role_codes=self.required_role_codes,
+            role_index=self.role_index,
+        )
+
+    def positions(self, item_ids: np.ndarray) -> np.ndarray:
+        """Position of each item id in these arrays, -1 for an item the catalog lacks."""
+        if len(self.item_ids) == 0:
+            return np.full(len(item_ids), -1, dtype=np.int64)
+        found = self.item_ids.searchsorted(item_ids)
+        np.minimum(found, len(self.item_ids) - 1, out=found)
+        return np.where(self.item_ids[found] == item_ids, found, -1)
+
+    def reason_codes(
+        self,
+        positions: np.ndarray,
+        *,
+        region: str,
+        now_ns: int,
+        actor_tenant: str | None = None,
+        actor_role: str | None = None,
+    ) -> np.ndarray:
+        """First failing reason code per position (0 = eligible), one batch.
+
+        Without an actor tenant or role the subject is a consumer: tenant-owned items and
+        items needing a role are refused. Otherwise the tenant and role rules are evaluated
+        for the actor, exactly as `item_rejection_reasons` does with subject_tenant/role.
+        """
+        known = positions >= 0
+        safe = np.where(known, positions, 0)
+        if actor_tenant is None and actor_role is None:
+            codes = self.consumer_codes[region][safe]
+        else:
+            codes = self.actor_codes[region][safe]
+            owner = self.tenant_codes[safe]
+            actor_code = self.tenant_index.get(actor_tenant, -1) if actor_tenant else -1
+            apply_reason(
+                codes,
+                (owner != 0) & (owner != actor_code),
+                CODE_BY_REASON[TENANT_NOT_ALLOWED],
+            )
+            required = self.required_role_codes[safe]
+            actor_role_code = self.role_index.get(actor_role, -1) if actor_role else -1
+            apply_reason(
+                codes,
+                (required != 0) & (required != actor_role_code),
+                CODE_BY_REASON[ROLE_NOT_ALLOWED],
+            )
+        apply_reason(codes, self.campaign_end_ns[safe] <= now_ns, _CAMPAIGN_ENDED_CODE)
+        codes[~known] = CODE_BY_REASON[UNKNOWN_ITEM]
+        return codes

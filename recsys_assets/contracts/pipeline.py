@@ -1,0 +1,303 @@
+"""Contracts of the intermediate tables, one per pipeline stage (docs/DATA_MODEL.md).
+
+The asset checks run `validate_stage` on every partition; a violation names the stage, the
+column, the rule and sample rows, so a blocking check tells the operator what broke. Tables
+whose documented columns are the whole table (subjects, candidate_pools) are strict; the
+later stages carry pass-through and lineage columns and accept extra ones.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pandera.pandas as pa
+from pandera.typing import Series
+
+from recsys_assets.config.settings import SOURCES
+from recsys_assets.contracts.errors import ContractViolation, violations_from_pandera
+from recsys_assets.pipeline.features import FEATURE_COLUMNS
+
+RANK_COLUMNS = tuple(f"rank_{source}" for source in SOURCES)
+LINEAGE_COLUMNS = (
+    "model_version",
+    "feature_set_version",
+    "utility_policy_version",
+    "score_time",
+    "pipeline_run_id",
+)
+UTILITY_COMPONENTS = (
+    "utility_relevance",
+    "utility_novelty",
+    "utility_sponsored",
+    "utility_exploration",
+)
+
+
+PROVENANCE_MATCHES_RANKS = "source_provenance must list exactly the sources with rank > 0"
+NO_FUTURE_VALUES = "feature_timestamp must be <= score_time (no future values)"
+POSITIONS_DENSE = "positions must be dense per subject: 1, 2, …, n"
+ITEM_ONCE_PER_SUBJECT = "an item appears twice in one subject's slate"
+_FRAME_CHECK_COLUMN = {
+    PROVENANCE_MATCHES_RANKS: "source_provenance",
+    NO_FUTURE_VALUES: "feature_timestamp",
+    POSITIONS_DENSE: "position",
+    ITEM_ONCE_PER_SUBJECT: "item_id",
+}
+"""Table-level rules and the column each is reported under (Pandera names every column)."""
+
+
+def _has(frame: pd.DataFrame, *columns: str) -> bool:
+    """Table-level rules skip when a column is missing: that is reported on its own."""
+    return all(column in frame.columns for column in columns)
+
+
+def _finite(series: pd.Series) -> pd.Series:
+    return pd.Series(np.isfinite(series.to_numpy(dtype=np.float64)), index=series.index)
+
+
+def _provenance_tokens_valid(provenance: pd.Series) -> pd.Series:
+    """Non-empty, known sources, sorted, no repeats: 'content|two_tower'."""
+    known = set(SOURCES)
+
+    def valid(text: str) -> bool:
+        tokens = text.split("|")
+        return bool(text) and set(tokens) <= known and tokens == sorted(set(tokens))
+
+    distinct = provenance.drop_duplicates()
+    verdict = dict(zip(distinct, distinct.map(valid), strict=True))
+    return provenance.map(verdict).astype(bool)
+
+
+def _with_fields(name: str, base: type[pa.DataFrameModel], fields: dict[str, tuple]) -> type:
+    """A contract with generated columns (one per source or per feature), named explicitly."""
+    annotations = {column: Series[dtype] for column, (dtype, _) in fields.items()}
+    namespace: dict = {"__annotations__": annotations, "__module__": __name__}
+    namespace.update({column: field for column, (_, field) in fields.items()})
+    return type(name, (base,), namespace)
+
+
+class _Stage(pa.DataFrameModel):
+    class Config:
+        coerce = True
+        strict = False
+
+
+class Subjects(_Stage):
+    """Who may receive this surface in this region (one row per subject)."""
+
+    subject_id: Series[np.int64] = pa.Field(ge=0, unique=True, description="Recipient user_id")
+    region: Series[str] = pa.Field(description="The partition's region")
+    tenant_id: Series[str] = pa.Field(nullable=True, description="Enterprise tenant")
+    actor_role: Series[str] = pa.Field(nullable=True, description="Role within the tenant")
+    timezone: Series[str] = pa.Field(description="IANA timezone")
+    quiet_hours_start: Series[np.int64] = pa.Field(ge=0, le=23, description="Local hour")
+    quiet_hours_end: Series[np.int64] = pa.Field(ge=0, le=23, description="Local hour")
+    last_active_at: Series[pd.Timestamp] = pa.Field(description="Last activity (UTC)")
+
+    class Config:
+        strict = True
+
+
+_RankedCandidates = _with_fields(
+    "_RankedCandidates",
+    _Stage,
+    {
+        column: (np.int32, pa.Field(ge=0, description="1-based rank; 0 = not proposed"))
+        for column in RANK_COLUMNS
+    },
+)
+
+
+class CandidatePools(_RankedCandidates):  # type: ignore[misc, valid-type]
+    """Merged multi-source candidates, one row per (subject, item)."""
+
+    subject_id: Series[np.int64] = pa.Field(ge=0)
+    item_id: Series[np.int64] = pa.Field(ge=0)
+    source_provenance: Series[str] = pa.Field(description="Sorted '|'-joined sources")
+    retrieval_score: Series[np.float32] = pa.Field(nullable=True, description="Two-tower dot")
+    candidate_policy_version: Series[str]
+
+    class Config:
+        strict = True
+        unique = ("subject_id", "item_id")
+
+    @pa.check("source_provenance", error="sorted '|'-joined known sources, no repeats")
+    def provenance_tokens(cls, provenance: Series[str]) -> Series[bool]:
+        return _provenance_tokens_valid(provenance)
+
+    @pa.check("retrieval_score", error="must be finite or NaN (not ±inf)")
+    def retrieval_score_not_infinite(cls, score: Series[np.float32]) -> Series[bool]:
+        return _finite(score) | score.isna()
+
+    @pa.dataframe_check(error=PROVENANCE_MATCHES_RANKS)
+    def provenance_matches_ranks(cls, frame: pd.DataFrame) -> Series[bool]:
+        if not _has(frame, "source_provenance", *RANK_COLUMNS):
+            return pd.Series(True, index=frame.index)
+        padded = "|" + frame["source_provenance"].astype(str) + "|"
+        agrees = pd.Series(True, index=frame.index)
+        for source, column in zip(SOURCES, RANK_COLUMNS, strict=True):
+            listed = padded.str.contains(f"|{source}|", regex=False)
+            agrees &= listed == (frame[column] > 0)
+        return agrees
+
+
+_FeatureColumns = _with_fields(
+    "_FeatureColumns",
+    _RankedCandidates,
+    {
+        column: (np.float32, pa.Field(description="See pipeline/features.py"))
+        for column in FEATURE_COLUMNS
+    },
+)
+
+
+class FeaturesAsof(_FeatureColumns):  # type: ignore[misc, valid-type]
+    """Point-in-time features; every value older than score_time."""
+
+    subject_id: Series[np.int64] = pa.Field(ge=0)
+    item_id: Series[np.int64] = pa.Field(ge=0)
+    score_time: Series[pd.Timestamp]
+    feature_timestamp: Series[pd.Timestamp] = pa.Field(description="Newest value used")
+    source_provenance: Series[str]
+    feature_set_version: Series[str]
+
+    class Config:
+        unique = ("subject_id", "item_id")
+
+    @pa.check(*FEATURE_COLUMNS, error="must be finite (no NaN or ±inf)")
+    def features_finite(cls, values: Series[np.float32]) -> Series[bool]:
+        return _finite(values)
+
+    @pa.dataframe_check(error=NO_FUTURE_VALUES)
+    def no_future_values(cls, frame: pd.DataFrame) -> Series[bool]:
+        if not _has(frame, "feature_timestamp", "score_time"):
+            return pd.Series(True, index=frame.index)
+        return frame["feature_timestamp"] <= frame["score_time"]
+
+
+class ScoredCandidates(_Stage):
+    """Ranked candidates with calibrated predictions, utility and its components."""
+
+    subject_id: Series[np.int64] = pa.Field(ge=0)
+    item_id: Series[np.int64] = pa.Field(ge=0)
+    prediction: Series[float] = pa.Field(ge=0, le=1, description="Raw ranker probability")
+    calibrated: Series[float] = pa.Field(ge=0, le=1, description="Calibrated probability")
+    utility: Series[float] = pa.Field(description="Documented function of the components")
+    utility_relevance: Series[float]
+    utility_novelty: Series[float]
+    utility_sponsored: Series[float]
+    utility_exploration: Series[float]
+    item_type: Series[str]
+    category: Series[str]
+    creator_id: Series[str]
+    is_sponsored: Series[bool]
+    is_exploration_candidate: Series[bool]
+    source_provenance: Series[str]
+    model_version: Series[str]
+    feature_set_version: Series[str]
+    utility_policy_version: Series[str]
+    score_time: Series[pd.Timestamp]
+    pipeline_run_id: Series[str]
+
+    class Config:
+        unique = ("subject_id", "item_id")
+
+    @pa.check("prediction", "calibrated", "utility", *UTILITY_COMPONENTS, error="must be finite")
+    def scores_finite(cls, values: Series[float]) -> Series[bool]:
+        return _finite(values)
+
+
+class Slates(_Stage):
+    """Per-subject slates of store_depth items, positions dense from 1."""
+
+    subject_id: Series[np.int64] = pa.Field(ge=0)
+    position: Series[np.int64] = pa.Field(ge=1, description="1-based, dense per subject")
+    item_id: Series[np.int64] = pa.Field(ge=0)
+    item_type: Series[str]
+    category: Series[str]
+    creator_id: Series[str]
+    is_sponsored: Series[bool]
+    score: Series[float] = pa.Field(description="The utility")
+    calibrated: Series[float] = pa.Field(ge=0, le=1)
+    reason_codes: Series[str]
+    source_provenance: Series[str]
+    exploration: Series[bool]
+    propensity: Series[float] = pa.Field(gt=0, le=1, description="1.0 when deterministic")
+    exploration_seed: Series[np.int64]
+    slate_policy_version: Series[str]
+    model_version: Series[str]
+    feature_set_version: Series[str]
+    utility_policy_version: Series[str]
+    score_time: Series[pd.Timestamp]
+    pipeline_run_id: Series[str]
+
+    class Config:
+        unique = ("subject_id", "position")
+
+    @pa.check("score", "calibrated", "propensity", error="must be finite")
+    def scores_finite(cls, values: Series[float]) -> Series[bool]:
+        return _finite(values)
+
+    @pa.dataframe_check(error=POSITIONS_DENSE)
+    def positions_dense(cls, frame: pd.DataFrame) -> Series[bool]:
+        if not _has(frame, "subject_id", "position"):
+            return pd.Series(True, index=frame.index)
+        ordered = frame.sort_values(["subject_id", "position"], kind="stable")
+        expected = ordered.groupby("subject_id", sort=False).cumcount() + 1
+        return (ordered["position"] == expected).reindex(frame.index)
+
+    @pa.dataframe_check(error=ITEM_ONCE_PER_SUBJECT)
+    def items_unique_per_subject(cls, frame: pd.DataFrame) -> Series[bool]:
+        if not _has(frame, "subject_id", "item_id"):
+            return pd.Series(True, index=frame.index)
+        return ~frame.duplicated(subset=["subject_id", "item_id"], keep=False)
+
+
+PIPELINE_CONTRACTS: dict[str, type[pa.DataFrameModel]] = {
+    "subjects": Subjects,
+    "candidate_pools": CandidatePools,
+    "features_asof": FeaturesAsof,
+    "scored_candidates": ScoredCandidates,
+    "slates": Slates,
+}
+"""Every intermediate table and its contract, in pipeline order."""
+
+
+def validate_stage(stage: str, frame: pd.DataFrame, *, source: str = "") -> pd.DataFrame:
+    """Validate and coerce one stage's output; raise ContractViolation naming every problem.
+
+    An empty frame is valid (a partition may have no eligible subjects) once its columns
+    are right. `source` (e.g. the partition path) appears in the message.
+    """
+    try:
+        contract = PIPELINE_CONTRACTS[stage]
+    except KeyError:
+        raise ValueError(
+            f"unknown pipeline stage {stage!r}; stages with contracts: {list(PIPELINE_CONTRACTS)}"
+        ) from None
+    try:
+        return contract.validate(frame, lazy=True)
+    except pa.errors.SchemaErrors as error:
+        error.failure_cases = _one_row_per_finding(error.failure_cases, contract)
+        raise ContractViolation(stage, violations_from_pandera(error, frame), source) from None
+
+
+def _one_row_per_finding(cases: pd.DataFrame, contract: type[pa.DataFrameModel]) -> pd.DataFrame:
+    """Report each failure under the column it is about, not under every column of the row.
+
+    Pandera lists a table-level failure once per column of each failing row, a composite-key
+    duplicate once per key column, and a missing or unexpected column under the table name.
+    """
+    cases = cases.copy()
+    check = cases["check"].astype(str)
+    named_in_case = check.isin(["column_in_schema", "column_in_dataframe"])
+    cases.loc[named_in_case, "column"] = cases.loc[named_in_case, "failure_case"].astype(str)
+    keep = pd.Series(True, index=cases.index)
+    for message, column in _FRAME_CHECK_COLUMN.items():
+        keep &= ~((check == message) & (cases["column"] != column))
+    composite = check == "multiple_fields_uniqueness"
+    if composite.any():
+        key = tuple(contract.to_schema().unique or ())
+        keep &= ~composite | (cases["column"] == key[0])
+        cases.loc[composite, "check"] = f"duplicate key ({', '.join(key)})"
+    return cases[keep]

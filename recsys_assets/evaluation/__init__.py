@@ -1,0 +1,1 @@
+"""Offline evaluation: temporal holdout, ranking metrics, baselines, and `recsys evaluate`."""

@@ -1,0 +1,253 @@
+"""HTTP API: FastAPI over RecommendationService (`recsys serve` runs it under uvicorn).
+
+The recommendation endpoint is `async` and answers with JSON it serializes itself: the
+fill is CPU-only microseconds, so a thread hop or response-model re-validation would cost
+more than the work. The pydantic models still document the response in OpenAPI. Events
+do storage I/O, so that endpoint runs in the thread pool. Every client mistake is a 4xx
+with a message saying what to change; a body over `max_body_bytes` is refused before
+it is parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any, Literal
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from recsys_assets.serving.service import SERVED_FROM, RecommendationService, ServingRequestError
+from recsys_assets.serving.state import EVENT_TYPES, InvalidEvent, ServingEvent
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 16 * 1024
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class ItemOut(BaseModel):
+    item_id: int
+    position: int = Field(description="1-based position in this response")
+    score: float
+    reason_codes: list[str]
+    source_provenance: list[str]
+
+
+class RecommendationOut(BaseModel):
+    request_id: str
+    subject_id: int
+    surface: str
+    region: str
+    list_id: str | None
+    version: str | None
+    served_from: Literal[SERVED_FROM]  # type: ignore[valid-type]
+    generated_at: str | None
+    expires_at: str | None
+    model_version: str | None
+    items: list[ItemOut]
+    rejections: dict[str, int] = Field(description="Items refused by the final check, by reason")
+
+
+class EventIn(BaseModel):
+    """A user action: effective on the next request and persisted under serving/events/."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal[EVENT_TYPES]  # type: ignore[valid-type]
+    user_id: int = Field(ge=0)
+    item_id: int | None = Field(None, ge=0)
+    creator_id: str | None = Field(None, min_length=1, max_length=200)
+    category: str | None = Field(None, min_length=1, max_length=200)
+    surface: str | None = Field(None, max_length=100)
+    region: str | None = Field(None, max_length=100)
+    ts: datetime | None = Field(None, description="When it happened (UTC); default: now")
+
+
+class EventAccepted(BaseModel):
+    accepted: int
+    path: str
+
+
+class ErrorOut(BaseModel):
+    error: str
+    detail: list[dict[str, Any]] | None = None
+
+
+class BodySizeLimit:
+    """Refuse request bodies over `max_bytes` with 413, before anything parses them."""
+
+    def __init__(self, app: Any, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            await self._refuse(send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        delivered = False
+
+        async def replay() -> Message:
+            nonlocal delivered
+            if not delivered:
+                delivered = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, send: Send) -> None:
+        payload = json.dumps(
+            {"error": f"request body too large: the limit is {self.max_bytes} bytes"}
+        ).encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 413,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(payload)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+
+def _describe(errors: list[dict[str, Any]]) -> str:
+    parts = []
+    for error in errors:
+        where = ".".join(str(part) for part in error.get("loc", ()) if part != "body") or "body"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}")
+    return "invalid request: " + "; ".join(parts)
+
+
+def create_app(
+    service: RecommendationService | None = None,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+) -> FastAPI:
+    """The serving app. Without `service`, one is built from the environment and the app
+    owns it: started with the app, closed (decision log flushed) at shutdown."""
+    owned = service is None
+    serving = service or RecommendationService()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        serving.start()
+        try:
+            yield
+        finally:
+            if owned:
+                serving.close()
+
+    app = FastAPI(
+        title="recsys serving",
+        description="Precomputed recommendations with a final online check, fallback lists "
+        "and a serving decision log.",
+        version="1",
+        lifespan=lifespan,
+    )
+    app.state.service = serving
+    app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        details = [
+            {key: value for key, value in item.items() if key in ("loc", "msg", "type")}
+            for item in error.errors()
+        ]
+        return JSONResponse({"error": _describe(details), "detail": details}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code)
+
+    @app.exception_handler(ServingRequestError)
+    async def bad_request(request: Request, error: ServingRequestError) -> JSONResponse:
+        return JSONResponse({"error": str(error)}, status_code=error.status_code)
+
+    @app.exception_handler(InvalidEvent)
+    async def bad_event(request: Request, error: InvalidEvent) -> JSONResponse:
+        return JSONResponse({"error": f"invalid event: {error}"}, status_code=422)
+
+    errors: dict[int | str, dict[str, Any]] = {
+        code: {"model": ErrorOut} for code in (404, 413, 422)
+    }
+
+    @app.get(
+        "/v1/recommendations/{surface}",
+        response_model=RecommendationOut,
+        responses=errors,
+        summary="Recommendations for one subject on one surface",
+    )
+    async def recommendations(
+        surface: str,
+        subject_id: int = Query(..., ge=0, description="user_id of the recipient"),
+        region: str = Query(..., min_length=1, max_length=100),
+        limit: int | None = Query(None, ge=1, description="at most the surface's display_count"),
+    ) -> Response:
+        recommendation = serving.recommend(subject_id, surface, region, limit=limit)
+        return Response(
+            json.dumps(recommendation.to_dict(), separators=(",", ":")),
+            media_type="application/json",
+        )
+
+    @app.post(
+        "/v1/events",
+        response_model=EventAccepted,
+        status_code=202,
+        responses={**errors, 503: {"model": ErrorOut}},
+        summary="Report a hide, exposure, purchase or consent change",
+    )
+    def events(event: EventIn) -> Any:
+        try:
+            path = serving.record_events([ServingEvent(**event.model_dump())])
+        except InvalidEvent:
+            raise
+        except Exception as error:
+            log.exception("cannot persist serving event")
+            return JSONResponse(
+                {"error": f"event not recorded, storage unavailable ({error}); retry later"},
+                status_code=503,
+            )
+        return EventAccepted(accepted=1, path=path)
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(serving.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> Response:
+        return Response(b'{"status":"ok"}', media_type="application/json")
+
+    return app

@@ -1,0 +1,98 @@
+"""Fill: walk a checked list in order, skip the rejected, stop at the number wanted.
+
+Several lists feed one response (the subject's list, then fallback lists for the top-up);
+`Fill` carries what is taken so far across them, so no item appears twice and positions
+stay dense. Item dicts are built straight from the version's arrays: no pandas here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypedDict
+
+import numpy as np
+
+from recsys_assets.rules.eligibility import REASON_BY_CODE
+from recsys_assets.serving.store import PublishedVersion
+
+_REASON_COUNT = len(REASON_BY_CODE)
+
+
+class RecommendedItem(TypedDict):
+    item_id: int
+    position: int
+    score: float
+    reason_codes: tuple[str, ...]
+    source_provenance: tuple[str, ...]
+
+
+class Fill:
+    """Items chosen for one response, and every rejection met on the way, by reason code."""
+
+    __slots__ = ("checked", "items", "rejections", "taken", "want")
+
+    def __init__(self, want: int) -> None:
+        self.want = want
+        self.items: list[RecommendedItem] = []
+        self.taken: set[int] = set()
+        self.rejections: dict[int, int] = {}
+        self.checked = 0
+
+    @property
+    def full(self) -> bool:
+        return len(self.items) >= self.want
+
+    def take(
+        self,
+        version: PublishedVersion,
+        list_index: int,
+        check: Callable[[np.ndarray, np.ndarray], np.ndarray],
+        positions: np.ndarray,
+    ) -> int:
+        """Check list `list_index` of `version` in one batch and take what passes; returns
+        how many items it contributed. Every item is checked, so each rejection is counted.
+
+        `positions` are the version's rows mapped to catalog positions (one array per
+        version and catalog, so no per-request lookup of item ids).
+        """
+        start = int(version.starts[list_index])
+        end = int(version.starts[list_index + 1])
+        item_ids = version.item_ids[start:end]
+        codes = check(item_ids, positions[start:end])
+        self.checked += end - start
+        counts = np.bincount(codes, minlength=_REASON_COUNT)
+        if counts[0] != end - start:
+            rejections = self.rejections
+            for code in np.flatnonzero(counts[1:]).tolist():
+                rejections[code + 1] = rejections.get(code + 1, 0) + int(counts[code + 1])
+        items = self.items
+        taken = self.taken
+        added = 0
+        for offset in np.flatnonzero(codes == 0).tolist():
+            if len(items) >= self.want:
+                break
+            item_id = int(item_ids[offset])
+            if item_id in taken:
+                continue
+            taken.add(item_id)
+            row = start + offset
+            items.append(
+                {
+                    "item_id": item_id,
+                    "position": len(items) + 1,
+                    "score": float(version.scores[row]),
+                    "reason_codes": version.reason_values[version.reason_codes[row]],
+                    "source_provenance": version.provenance_values[version.provenance_codes[row]],
+                }
+            )
+            added += 1
+        return added
+
+    def reject_all(self, version: PublishedVersion, list_index: int, code: int) -> None:
+        """Count a whole list as rejected for one reason (consent revoked: none may be used)."""
+        size = int(version.starts[list_index + 1] - version.starts[list_index])
+        self.rejections[code] = self.rejections.get(code, 0) + size
+        self.checked += size
+
+    def rejections_by_reason(self) -> dict[str, int]:
+        return {str(REASON_BY_CODE[code]): count for code, count in self.rejections.items()}

@@ -1,0 +1,73 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recsys_assets.config import ConfigError, load_settings
+from recsys_assets.config.settings import DEFAULT_CONFIG_PATH, settings_from_mapping
+
+
+def _default() -> dict:
+    return yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+
+
+def test_packaged_configuration_loads() -> None:
+    settings = load_settings()
+    assert set(settings.surfaces) >= {
+        "home_feed",
+        "email_daily",
+        "push",
+        "digest_weekly",
+        "enterprise_action_queue",
+    }
+    home = settings.surface("home_feed")
+    assert home.store_depth > home.display_count
+    assert home.ttl.total_seconds() == 6 * 3600
+    assert settings.fallback.ttl.total_seconds() == 30 * 60
+
+
+def test_unknown_key_is_named_with_its_path() -> None:
+    data = _default()
+    data["surfaces"]["push"]["display_cuont"] = 3
+    with pytest.raises(ConfigError, match=r"surfaces\.push\.display_cuont: unknown key"):
+        settings_from_mapping(data, "test.yaml")
+
+
+def test_store_depth_must_exceed_display_count() -> None:
+    data = _default()
+    data["surfaces"]["email_daily"]["store_depth"] = data["surfaces"]["email_daily"][
+        "display_count"
+    ]
+    with pytest.raises(
+        ConfigError, match=r"surfaces\.email_daily.*store_depth \(6\) must be greater"
+    ):
+        settings_from_mapping(data, "test.yaml")
+
+
+def test_unknown_region_is_refused_with_the_known_ones() -> None:
+    settings = load_settings()
+    with pytest.raises(ConfigError, match=r"unknown region 'mars'.*configured regions"):
+        settings.check_region("mars")
+    with pytest.raises(ConfigError, match=r"unknown surface 'fax'"):
+        settings.surface("fax")
+
+
+def test_partition_key_characters_are_refused() -> None:
+    data = _default()
+    data["regions"] = ["na", "eu|west"]
+    with pytest.raises(ConfigError, match="cannot be a partition key"):
+        settings_from_mapping(data, "test.yaml")
+
+
+def test_bad_duration_and_unknown_source(tmp_path: Path) -> None:
+    data = _default()
+    data["surfaces"]["push"]["ttl"] = "two hours"
+    data["surfaces"]["push"]["sources"]["carrier_pigeon"] = 3
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as caught:
+        load_settings(path)
+    message = str(caught.value)
+    assert str(path) in message
+    assert "surfaces.push.ttl" in message and "not a duration" in message
+    assert "carrier_pigeon" in message

@@ -1,0 +1,130 @@
+"""Small synthetic inputs for publish tests: raw items/users and slates that pass the gate."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+import numpy as np
+import pandas as pd
+
+from recsys_assets.config import Settings, load_settings
+from recsys_assets.publish.lists import lists_from_slates
+
+NOW = datetime(2026, 11, 20, 12, 0, 0)
+SURFACE = "push"
+REGION = "na"
+
+
+def settings() -> Settings:
+    return load_settings()
+
+
+def make_items(n_items: int = 60, *, n_categories: int = 12) -> pd.DataFrame:
+    """Active, approved, in-stock public items; one creator each, categories cycling."""
+    ids = np.arange(1, n_items + 1, dtype=np.int64)
+    return pd.DataFrame(
+        {
+            "item_id": ids,
+            "item_type": "product",
+            "title": [f"item {i}" for i in ids],
+            "category": [f"cat{i % n_categories}" for i in ids],
+            "creator_id": [f"creator{i}" for i in ids],
+            "regions": "*",
+            "status": "active",
+            "policy_state": "approved",
+            "stock": -1,
+            "is_sponsored": False,
+            "campaign_id": pd.Series([None] * n_items, dtype=object),
+            "campaign_end": pd.Series([pd.NaT] * n_items, dtype="datetime64[ns]"),
+            "risk_level": "low",
+            "tenant_id": pd.Series([None] * n_items, dtype=object),
+            "required_role": pd.Series([None] * n_items, dtype=object),
+            "case_state": pd.Series([None] * n_items, dtype=object),
+            "created_at": pd.Timestamp(NOW) - pd.to_timedelta(ids, unit="h"),
+        }
+    )
+
+
+def make_subjects(n_subjects: int = 5, *, region: str = REGION) -> pd.DataFrame:
+    ids = np.arange(100, 100 + n_subjects, dtype=np.int64)
+    zones = ["America/New_York", "Europe/Berlin", "Asia/Tokyo", "UTC"]
+    return pd.DataFrame(
+        {
+            "subject_id": ids,
+            "region": region,
+            "tenant_id": pd.Series([None] * n_subjects, dtype=object),
+            "actor_role": pd.Series([None] * n_subjects, dtype=object),
+            "timezone": [zones[i % len(zones)] for i in range(n_subjects)],
+            "quiet_hours_start": 22,
+            "quiet_hours_end": 7,
+            "last_active_at": pd.Timestamp(NOW) - pd.Timedelta(days=1),
+        }
+    )
+
+
+def make_slates(
+    subjects: pd.DataFrame,
+    items: pd.DataFrame,
+    *,
+    depth: int,
+    score_time: datetime = NOW,
+) -> pd.DataFrame:
+    """`depth` distinct items per subject, each list a different rotation of the catalog."""
+    rows = []
+    item_ids = items["item_id"].to_numpy()
+    by_id = items.set_index("item_id")
+    for offset, subject_id in enumerate(subjects["subject_id"]):
+        chosen = np.roll(item_ids, -offset * 3)[:depth]
+        for position, item_id in enumerate(chosen, start=1):
+            rows.append(
+                {
+                    "subject_id": int(subject_id),
+                    "position": position,
+                    "item_id": int(item_id),
+                    "item_type": by_id.at[item_id, "item_type"],
+                    "category": by_id.at[item_id, "category"],
+                    "creator_id": by_id.at[item_id, "creator_id"],
+                    "is_sponsored": False,
+                    "score": 1.0 / position + 0.001 * offset,
+                    "calibrated": 0.5,
+                    "reason_codes": "two_tower",
+                    "source_provenance": "two_tower",
+                    "exploration": False,
+                    "propensity": 1.0,
+                    "exploration_seed": 7,
+                    "slate_policy_version": "slate_v1",
+                    "model_version": "model_test",
+                    "feature_set_version": "features_test",
+                    "utility_policy_version": "utility_test",
+                    "score_time": pd.Timestamp(score_time),
+                    "pipeline_run_id": "run_test",
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def make_lists(
+    surface: str = SURFACE,
+    *,
+    n_subjects: int = 5,
+    n_items: int = 60,
+    score_time: datetime = NOW,
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(list records, items, subjects) for a publish that passes validation at NOW."""
+    config = settings().surface(surface)
+    items = make_items(n_items)
+    subjects = make_subjects(n_subjects)
+    slates = make_slates(subjects, items, depth=config.store_depth, score_time=score_time)
+    lists = lists_from_slates(
+        slates,
+        surface=config,
+        region=REGION,
+        ttl=config.ttl,
+        source_data_snapshot="snap_test",
+        candidate_policy_version="candidates_test",
+    )
+    return lists, items, subjects
+
+
+def later(minutes: float) -> datetime:
+    return NOW + timedelta(minutes=minutes)

@@ -16,7 +16,13 @@ from recsys_assets.config import ConfigError
 from recsys_assets.contracts import ContractViolation
 from recsys_assets.warehouse import WarehouseError
 
-COMMAND_MODULES = ("recsys_assets.data.commands",)
+COMMAND_MODULES = (
+    "recsys_assets.data.commands",
+    "recsys_assets.pipeline.commands",
+    "recsys_assets.publish.commands",
+    "recsys_assets.serving.commands",
+    "recsys_assets.evaluation.commands",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -100,7 +100,14 @@ class PolicyChangeCursor:
     def from_json(cls, text: str | None) -> PolicyChangeCursor:
         if not text:
             return cls()
-        data = json.loads(text)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"policy_change_sensor cursor is not JSON ({error}); reset it in the UI "
+                "(Automation → policy_change_sensor → Cursor): files still in "
+                "policy_changes/incoming/ are then applied again, which is safe"
+            ) from None
         deferred = [
             DeferredRefresh(
                 partition=SurfaceRegion(entry["surface"], entry["region"]),
@@ -264,12 +271,17 @@ def scan_inbox(
 ) -> InboxTick:
     """One sensor tick's work, in plain Python: archive, apply, plan refreshes, next cursor."""
     incoming = list_incoming(warehouse)
-    applied = dict(cursor.applied)
-    archived = [
-        file.path
-        for file in incoming
-        if file.identity in applied and _finish_move(warehouse, file, applied)
-    ]
+    applied = {identity: dict(entry) for identity, entry in cursor.applied.items()}
+    failures: dict[str, str] = {}
+    archived = []
+    for file in incoming:
+        if file.identity not in applied:
+            continue
+        try:
+            if _finish_move(warehouse, file, applied):
+                archived.append(file.path)
+        except (OSError, WarehouseError) as error:  # stays in incoming/: retried next tick
+            failures[file.path] = f"{type(error).__name__}: {error}"
     listed = {file.identity for file in incoming}
     applied = {
         identity: entry
@@ -282,14 +294,11 @@ def scan_inbox(
         key=lambda file: (file.name, file.identity),
     )
     outcomes: list[FileOutcome] = []
-    failures: dict[str, str] = {}
     for file in new[:max_files]:
         try:
             outcome = apply_file(warehouse, settings, file, now=now)
-        except (
-            OSError,
-            WarehouseError,
-        ) as error:  # storage trouble: not recorded, so the next tick retries
+        except (OSError, WarehouseError) as error:
+            # Storage trouble: not recorded in the cursor, so the next tick retries it.
             failures[file.path] = f"{type(error).__name__}: {error}"
             continue
         outcomes.append(outcome)

@@ -283,21 +283,28 @@ def validate_stage(stage: str, frame: pd.DataFrame, *, source: str = "") -> pd.D
 
 
 def _one_row_per_finding(cases: pd.DataFrame, contract: type[pa.DataFrameModel]) -> pd.DataFrame:
-    """Report each failure under the column it is about, not under every column of the row.
+    """Report each table-level rule of these contracts under the column it is about.
 
-    Pandera lists a table-level failure once per column of each failing row, a composite-key
-    duplicate once per key column, and a missing or unexpected column under the table name.
+    Pandera lists a table-level failure once per column of each failing row and a
+    composite-key duplicate once per key column; the rules here each concern one column
+    (position, item_id, feature_timestamp, source_provenance, the key's first column), so
+    they are filed as that column's findings, with its failing values as samples.
     """
     cases = cases.copy()
     check = cases["check"].astype(str)
-    named_in_case = check.isin(["column_in_schema", "column_in_dataframe"])
-    cases.loc[named_in_case, "column"] = cases.loc[named_in_case, "failure_case"].astype(str)
+    unexpected = check == "column_in_schema"
+    cases.loc[unexpected, "column"] = cases.loc[unexpected, "failure_case"].astype(str)
     keep = pd.Series(True, index=cases.index)
+    about_one_column = pd.Series(False, index=cases.index)
     for message, column in _FRAME_CHECK_COLUMN.items():
-        keep &= ~((check == message) & (cases["column"] != column))
+        rule = check == message
+        keep &= ~(rule & (cases["column"] != column))
+        about_one_column |= rule
     composite = check == "multiple_fields_uniqueness"
     if composite.any():
         key = tuple(contract.to_schema().unique or ())
         keep &= ~composite | (cases["column"] == key[0])
         cases.loc[composite, "check"] = f"duplicate key ({', '.join(key)})"
+        about_one_column |= composite
+    cases.loc[about_one_column, "schema_context"] = "Column"
     return cases[keep]

@@ -285,12 +285,14 @@ def train_ranker(
     user_controls: pd.DataFrame | None = None,
     retrieval_scorer: RetrievalScorer | None = None,
     surface: str = TRAINING_SURFACE,
+    window_start: pd.Timestamp | None = None,
     device: torch.device | None = None,
 ) -> RankerResult:
     """Train on rows before the validation start, validate on the rest of the window.
 
     `retrieval_scorer` fills retrieval_score (the embedding-dot feature) as the two-tower
     model would at scoring time; without it that feature is constant and unused.
+    `window_start` (default: the first positive) anchors the time-based split.
     """
     config = config or RankerConfig()
     seed_everything(config.seed)
@@ -317,7 +319,8 @@ def train_ranker(
         surface=surface,
         user_controls=user_controls,
     )
-    window_start = pd.Timestamp(pairs["score_time"].min())
+    if window_start is None:
+        window_start = pd.Timestamp(pairs["score_time"].min())
     split_at = validation_start(window_start, cutoff, validation_fraction)
     is_validation = (features["score_time"] >= split_at).to_numpy()
     labels = features["label"].to_numpy(dtype=np.float32)

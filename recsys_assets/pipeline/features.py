@@ -54,6 +54,7 @@ classes by the sampling rule rather than by preference.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -132,6 +133,7 @@ def compute_features(
     surface: str,
     score_time: pd.Timestamp | None = None,
     user_controls: Frame | None = None,
+    step_seconds: dict[str, float] | None = None,
 ) -> pd.DataFrame:
     """Point-in-time features for each row of `pairs`, in the same order.
 
@@ -140,7 +142,9 @@ def compute_features(
     (source_provenance, rank_<source>, retrieval_score, labels). `con` is the caller's
     connection: work happens on a cursor of it (own temp tables), so parallel steps with
     their own database files never share state. `user_controls` (hide/unhide of creators
-    and categories) drives the suppression flags; without it they are 0.
+    and categories) drives the suppression flags; without it they are 0. `step_seconds`,
+    if given, receives the wall time of build_state, asof_join and assemble (for metadata
+    and benchmarks).
     """
     frame = _pairs_frame(pairs)
     probe = _probe_table(frame, score_time)
@@ -163,10 +167,15 @@ def compute_features(
             )
         )
         cur.register("_fs_controls", controls)
-        for statement in _build_tables_sql(surface):
-            cur.execute(statement)
-        computed = cur.sql(_FEATURES_SQL).to_arrow_table()
-    return _assemble(frame, computed)
+        with _timed(step_seconds, "build_state"):
+            for statement in _build_tables_sql(surface):
+                cur.execute(statement)
+        with _timed(step_seconds, "asof_join"):
+            for _, statement in _lookup_sql():
+                cur.execute(statement)
+            computed = cur.sql(_ASSEMBLE_SQL).to_arrow_table()
+    with _timed(step_seconds, "assemble"):
+        return _assemble(frame, computed)
 
 
 def leakage_violations(features: pd.DataFrame) -> pd.DataFrame:
@@ -227,6 +236,16 @@ def _naive(moment: pd.Timestamp | str) -> pd.Timestamp:
 
 
 @contextmanager
+def _timed(into: dict[str, float] | None, step: str) -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        if into is not None:
+            into[step] = into.get(step, 0.0) + time.perf_counter() - started
+
+
+@contextmanager
 def _cursor(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
     """A cursor of `con`: its own temp tables and registrations, dropped on exit."""
     cur = con.cursor()
@@ -246,8 +265,9 @@ def _build_tables_sql(surface: str) -> list[str]:
     at e + window takes it out of that window again, so the running sums at the newest
     change point before score_time are the exact window counts: one ASOF lookup per key
     instead of one per window. Only keys the probe can reach are kept (subjects and items in
-    the probe, events before the latest score_time): a subject shard builds its own history.
-    Categories and creators are joined on integer codes, which sort far faster than text.
+    the probe, changes before the latest score_time): a subject shard builds its own history.
+    The window frame includes peers, so rows sharing a change time carry identical values
+    and the ASOF join may pick any of them. Categories and creators are joined on integer codes, which sort far faster than text.
     """
     quoted_surface = surface.replace("'", "''")
     return [
@@ -277,40 +297,30 @@ def _build_tables_sql(surface: str) -> list[str]:
         """,
         f"""
         CREATE OR REPLACE TEMP TABLE fs_user_state AS
-        WITH per_time AS (
-            SELECT e.user_id, e.ts + k.shift AS changed_at,
-                   sum(k.total) AS total, sum(k.total * (e.event_type = 'click')::INT) AS clicks,
-                   sum(k.total * (e.event_type = 'purchase')::INT) AS purchases,
-                   sum(k.d7) AS d7, max(CASE WHEN k.total = 1 THEN e.ts END) AS event_ts
-            FROM fs_events e
-            CROSS JOIN (VALUES (INTERVAL 0 DAY, 1, 1), (7 * {_DAY}, 0, -1)) k(shift, total, d7)
-            WHERE e.user_id IN (SELECT subject_id FROM fs_probe_subjects)
-            GROUP BY ALL
-        )
-        SELECT user_id, changed_at, sum(total) OVER w AS events_total,
-               sum(d7) OVER w AS events_7d, sum(clicks) OVER w AS clicks_total,
-               sum(purchases) OVER w AS purchases_total, max(event_ts) OVER w AS last_event_ts
-        FROM per_time
-        WINDOW w AS (PARTITION BY user_id ORDER BY changed_at ROWS UNBOUNDED PRECEDING)
+        SELECT e.user_id, e.ts + k.shift AS changed_at,
+               sum(k.total) OVER w AS events_total, sum(k.d7) OVER w AS events_7d,
+               sum(k.total * (e.event_type = 'click')::INT) OVER w AS clicks_total,
+               sum(k.total * (e.event_type = 'purchase')::INT) OVER w AS purchases_total,
+               max(CASE WHEN k.total = 1 THEN e.ts END) OVER w AS last_event_ts
+        FROM fs_events e
+        CROSS JOIN (VALUES (INTERVAL 0 DAY, 1, 1), (7 * {_DAY}, 0, -1)) k(shift, total, d7)
+        WHERE e.user_id IN (SELECT subject_id FROM fs_probe_subjects)
+          AND e.ts + k.shift < (SELECT horizon FROM fs_bounds)
+        WINDOW w AS (PARTITION BY e.user_id ORDER BY e.ts + k.shift)
         """,
         f"""
         CREATE OR REPLACE TEMP TABLE fs_item_state AS
-        WITH per_time AS (
-            SELECT e.item_id, e.ts + k.shift AS changed_at, sum(k.total) AS total,
-                   sum(k.d1) AS d1, sum(k.d7) AS d7, sum(k.d28) AS d28,
-                   max(CASE WHEN k.total = 1 THEN e.ts END) AS event_ts
-            FROM fs_events e
-            CROSS JOIN (VALUES (INTERVAL 0 DAY, 1, 1, 1, 1), ({_DAY}, 0, -1, 0, 0),
-                               (7 * {_DAY}, 0, 0, -1, 0), (28 * {_DAY}, 0, 0, 0, -1))
-                k(shift, total, d1, d7, d28)
-            WHERE e.item_id IN (SELECT item_id FROM fs_probe_items)
-            GROUP BY ALL
-        )
-        SELECT item_id, changed_at, sum(total) OVER w AS events_total,
-               sum(d1) OVER w AS events_1d, sum(d7) OVER w AS events_7d,
-               sum(d28) OVER w AS events_28d, max(event_ts) OVER w AS last_event_ts
-        FROM per_time
-        WINDOW w AS (PARTITION BY item_id ORDER BY changed_at ROWS UNBOUNDED PRECEDING)
+        SELECT e.item_id, e.ts + k.shift AS changed_at,
+               sum(k.total) OVER w AS events_total, sum(k.d1) OVER w AS events_1d,
+               sum(k.d7) OVER w AS events_7d, sum(k.d28) OVER w AS events_28d,
+               max(CASE WHEN k.total = 1 THEN e.ts END) OVER w AS last_event_ts
+        FROM fs_events e
+        CROSS JOIN (VALUES (INTERVAL 0 DAY, 1, 1, 1, 1), ({_DAY}, 0, -1, 0, 0),
+                           (7 * {_DAY}, 0, 0, -1, 0), (28 * {_DAY}, 0, 0, 0, -1))
+            k(shift, total, d1, d7, d28)
+        WHERE e.item_id IN (SELECT item_id FROM fs_probe_items)
+          AND e.ts + k.shift < (SELECT horizon FROM fs_bounds)
+        WINDOW w AS (PARTITION BY e.item_id ORDER BY e.ts + k.shift)
         """,
         """
         CREATE OR REPLACE TEMP TABLE fs_controls AS
@@ -326,24 +336,21 @@ def _build_tables_sql(surface: str) -> list[str]:
         *(_affinity_state_sql(target_type) for target_type in ("category", "creator")),
         f"""
         CREATE OR REPLACE TEMP TABLE fs_pair_state AS
-        WITH per_time AS (
-            SELECT CAST(x.user_id AS BIGINT) AS user_id, CAST(x.item_id AS BIGINT) AS item_id,
-                   CAST(x.ts AS TIMESTAMP) + k.shift AS changed_at,
-                   sum(k.h24) AS h24, sum(k.d7) AS d7,
-                   max(CASE WHEN k.shift = INTERVAL 0 DAY THEN CAST(x.ts AS TIMESTAMP) END)
-                       AS shown_ts
-            FROM _fs_exposures x
-            CROSS JOIN (VALUES (INTERVAL 0 DAY, 1, 1), ({_DAY}, -1, 0), (7 * {_DAY}, 0, -1))
-                k(shift, h24, d7)
-            WHERE x.surface = '{quoted_surface}'
-              AND CAST(x.ts AS TIMESTAMP) < (SELECT horizon FROM fs_bounds)
-              AND CAST(x.user_id AS BIGINT) IN (SELECT subject_id FROM fs_probe_subjects)
-            GROUP BY ALL
+        WITH shown AS (
+            SELECT CAST(user_id AS BIGINT) AS user_id, CAST(item_id AS BIGINT) AS item_id,
+                   CAST(ts AS TIMESTAMP) AS ts
+            FROM _fs_exposures
+            WHERE surface = '{quoted_surface}'
+              AND CAST(user_id AS BIGINT) IN (SELECT subject_id FROM fs_probe_subjects)
         )
-        SELECT user_id, item_id, changed_at, sum(h24) OVER w AS shown_24h,
-               sum(d7) OVER w AS shown_7d, max(shown_ts) OVER w AS last_shown_ts
-        FROM per_time
-        WINDOW w AS (PARTITION BY user_id, item_id ORDER BY changed_at ROWS UNBOUNDED PRECEDING)
+        SELECT x.user_id, x.item_id, x.ts + k.shift AS changed_at,
+               sum(k.h24) OVER w AS shown_24h, sum(k.d7) OVER w AS shown_7d,
+               max(CASE WHEN k.h24 = 1 THEN x.ts END) OVER w AS last_shown_ts
+        FROM shown x
+        CROSS JOIN (VALUES (INTERVAL 0 DAY, 1, 1), ({_DAY}, -1, 0), (7 * {_DAY}, 0, -1))
+            k(shift, h24, d7)
+        WHERE x.ts + k.shift < (SELECT horizon FROM fs_bounds)
+        WINDOW w AS (PARTITION BY x.user_id, x.item_id ORDER BY x.ts + k.shift)
         """,
     ]
 
@@ -381,61 +388,114 @@ def _affinity_state_sql(target_type: str) -> str:
 _ATTRIBUTE = {"category": "category", "creator": "creator_id"}
 _DAY = "INTERVAL 1 DAY"
 
-_FEATURES_SQL = f"""
-WITH probe AS (
-    SELECT p._row, p.subject_id, p.item_id, p.score_time,
-           a.category_code, a.creator_code,
-           CASE WHEN a.created_at < p.score_time THEN a.created_at END AS item_known_at,
-           CASE WHEN a.created_at < p.score_time THEN a.stock ELSE 0 END AS item_stock,
-           CASE WHEN a.created_at < p.score_time THEN a.is_sponsored ELSE 0 END
-               AS item_is_sponsored
-    FROM _fs_probe p LEFT JOIN fs_item_attrs a USING (item_id)
-),
-user_features AS (
-    SELECT u.subject_id, u.score_time, s.last_event_ts AS user_ts,
-           coalesce(s.events_total, 0) AS user_events_total,
-           coalesce(s.events_7d, 0) AS user_events_7d,
-           coalesce(s.clicks_total, 0) AS user_clicks_total,
-           coalesce(s.purchases_total, 0) AS user_purchases_total
-    FROM (SELECT DISTINCT subject_id, score_time FROM _fs_probe) u
-    ASOF LEFT JOIN fs_user_state s ON u.subject_id = s.user_id AND u.score_time > s.changed_at
-),
-item_features AS (
-    SELECT i.item_id, i.score_time, s.last_event_ts AS item_ts,
-           coalesce(s.events_total, 0) AS item_events_total,
-           coalesce(s.events_1d, 0) AS item_events_1d,
-           coalesce(s.events_7d, 0) AS item_events_7d,
-           coalesce(s.events_28d, 0) AS item_events_28d
-    FROM (SELECT DISTINCT item_id, score_time FROM _fs_probe) i
-    ASOF LEFT JOIN fs_item_state s ON i.item_id = s.item_id AND i.score_time > s.changed_at
-),
-category_features AS (
-    SELECT c.subject_id, c.category_code, c.score_time,
-           coalesce(s.events_total, 0) AS user_category_events,
-           coalesce(s.hidden, false) AS category_hidden,
-           greatest(s.last_event_ts, s.last_control_ts) AS category_ts
-    FROM (SELECT DISTINCT subject_id, category_code, score_time FROM probe
-          WHERE category_code IS NOT NULL) c
-    ASOF LEFT JOIN fs_category_state s
-        ON c.subject_id = s.user_id AND c.category_code = s.target AND c.score_time > s.changed_at
-),
-creator_features AS (
-    SELECT c.subject_id, c.creator_code, c.score_time,
-           coalesce(s.events_total, 0) AS user_creator_events,
-           coalesce(s.hidden, false) AS creator_hidden,
-           greatest(s.last_event_ts, s.last_control_ts) AS creator_ts
-    FROM (SELECT DISTINCT subject_id, creator_code, score_time FROM probe
-          WHERE creator_code IS NOT NULL) c
-    ASOF LEFT JOIN fs_creator_state s
-        ON c.subject_id = s.user_id AND c.creator_code = s.target AND c.score_time > s.changed_at
-),
-pair_features AS (
-    SELECT p._row, s.last_shown_ts AS pair_ts,
-           coalesce(s.shown_24h, 0) AS shown_24h, coalesce(s.shown_7d, 0) AS shown_7d
-    FROM _fs_probe p
-    ASOF LEFT JOIN fs_pair_state s
-        ON p.subject_id = s.user_id AND p.item_id = s.item_id AND p.score_time > s.changed_at
-)
+
+def _lookup_sql() -> list[tuple[str, str]]:
+    """The ASOF lookups, one per key, each over distinct probe keys that have any history.
+
+    Keys without history (most candidate pairs were never shown) skip the sort-merge and
+    get zeros from the final left join; subject and item lookups run once per distinct
+    (key, score_time), not once per candidate.
+    """
+
+    def with_history(probe: str, state: str, on: str) -> str:
+        return f"({probe}) q SEMI JOIN (SELECT DISTINCT {state}) k ON {on}"
+
+    return [
+        (
+            "probe",
+            """
+            CREATE OR REPLACE TEMP TABLE fs_probe_rows AS
+            SELECT p._row, p.subject_id, p.item_id, p.score_time,
+                   a.category_code, a.creator_code,
+                   CASE WHEN a.created_at < p.score_time THEN a.created_at END AS item_known_at,
+                   CASE WHEN a.created_at < p.score_time THEN a.stock ELSE 0 END AS item_stock,
+                   CASE WHEN a.created_at < p.score_time THEN a.is_sponsored ELSE 0 END
+                       AS item_is_sponsored
+            FROM _fs_probe p LEFT JOIN fs_item_attrs a USING (item_id)
+            """,
+        ),
+        (
+            "user",
+            f"""
+            CREATE OR REPLACE TEMP TABLE fs_user_features AS
+            SELECT q.subject_id, q.score_time, s.last_event_ts AS user_ts,
+                   s.events_total AS user_events_total, s.events_7d AS user_events_7d,
+                   s.clicks_total AS user_clicks_total,
+                   s.purchases_total AS user_purchases_total
+            FROM {
+                with_history(
+                    "SELECT DISTINCT subject_id, score_time FROM fs_probe_rows",
+                    "user_id FROM fs_user_state",
+                    "q.subject_id = k.user_id",
+                )
+            }
+            ASOF JOIN fs_user_state s
+                ON q.subject_id = s.user_id AND q.score_time > s.changed_at
+            """,
+        ),
+        (
+            "item",
+            f"""
+            CREATE OR REPLACE TEMP TABLE fs_item_features AS
+            SELECT q.item_id, q.score_time, s.last_event_ts AS item_ts,
+                   s.events_total AS item_events_total, s.events_1d AS item_events_1d,
+                   s.events_7d AS item_events_7d, s.events_28d AS item_events_28d
+            FROM {
+                with_history(
+                    "SELECT DISTINCT item_id, score_time FROM fs_probe_rows",
+                    "item_id FROM fs_item_state",
+                    "q.item_id = k.item_id",
+                )
+            }
+            ASOF JOIN fs_item_state s ON q.item_id = s.item_id AND q.score_time > s.changed_at
+            """,
+        ),
+        *(
+            (
+                target_type,
+                f"""
+                CREATE OR REPLACE TEMP TABLE fs_{target_type}_features AS
+                SELECT q.subject_id, q.{target_type}_code, q.score_time,
+                       s.events_total AS user_{target_type}_events,
+                       coalesce(s.hidden, false) AS {target_type}_hidden,
+                       greatest(s.last_event_ts, s.last_control_ts) AS {target_type}_ts
+                FROM {
+                    with_history(
+                        f"SELECT DISTINCT subject_id, {target_type}_code, score_time "
+                        "FROM fs_probe_rows",
+                        f"user_id, target FROM fs_{target_type}_state",
+                        f"q.subject_id = k.user_id AND q.{target_type}_code = k.target",
+                    )
+                }
+                ASOF JOIN fs_{target_type}_state s
+                    ON q.subject_id = s.user_id AND q.{target_type}_code = s.target
+                   AND q.score_time > s.changed_at
+                """,
+            )
+            for target_type in ("category", "creator")
+        ),
+        (
+            "pair",
+            f"""
+            CREATE OR REPLACE TEMP TABLE fs_pair_features AS
+            SELECT q.subject_id, q.item_id, q.score_time, s.last_shown_ts AS pair_ts,
+                   s.shown_24h, s.shown_7d
+            FROM {
+                with_history(
+                    "SELECT DISTINCT subject_id, item_id, score_time FROM fs_probe_rows",
+                    "user_id, item_id FROM fs_pair_state",
+                    "q.subject_id = k.user_id AND q.item_id = k.item_id",
+                )
+            }
+            ASOF JOIN fs_pair_state s
+                ON q.subject_id = s.user_id AND q.item_id = s.item_id
+               AND q.score_time > s.changed_at
+            """,
+        ),
+    ]
+
+
+_ASSEMBLE_SQL = f"""
 SELECT
     p._row,
     p.score_time,
@@ -444,17 +504,17 @@ SELECT
                  pf.pair_ts),
         TIMESTAMP '{NO_HISTORY.isoformat(sep=" ")}'
     ) AS feature_timestamp,
-    CAST(u.user_events_total AS FLOAT) AS user_events_total,
-    CAST(u.user_events_7d AS FLOAT) AS user_events_7d,
-    CAST(u.user_clicks_total AS FLOAT) AS user_clicks_total,
-    CAST(u.user_purchases_total AS FLOAT) AS user_purchases_total,
+    CAST(coalesce(u.user_events_total, 0) AS FLOAT) AS user_events_total,
+    CAST(coalesce(u.user_events_7d, 0) AS FLOAT) AS user_events_7d,
+    CAST(coalesce(u.user_clicks_total, 0) AS FLOAT) AS user_clicks_total,
+    CAST(coalesce(u.user_purchases_total, 0) AS FLOAT) AS user_purchases_total,
     CAST(coalesce(least(date_diff('second', u.user_ts, p.score_time) / 86400.0,
                         {MAX_DAYS_SINCE_ACTIVITY}), {MAX_DAYS_SINCE_ACTIVITY}) AS FLOAT)
         AS user_days_since_last_activity,
-    CAST(i.item_events_1d AS FLOAT) AS item_events_1d,
-    CAST(i.item_events_7d AS FLOAT) AS item_events_7d,
-    CAST(i.item_events_28d AS FLOAT) AS item_events_28d,
-    CAST(i.item_events_total AS FLOAT) AS item_events_total,
+    CAST(coalesce(i.item_events_1d, 0) AS FLOAT) AS item_events_1d,
+    CAST(coalesce(i.item_events_7d, 0) AS FLOAT) AS item_events_7d,
+    CAST(coalesce(i.item_events_28d, 0) AS FLOAT) AS item_events_28d,
+    CAST(coalesce(i.item_events_total, 0) AS FLOAT) AS item_events_total,
     CAST(coalesce(date_diff('second', p.item_known_at, p.score_time) / 86400.0, 0) AS FLOAT)
         AS item_age_days,
     CAST(coalesce(p.item_stock, 0) AS FLOAT) AS item_stock,
@@ -466,16 +526,16 @@ SELECT
     CAST(coalesce(cr.user_creator_events, 0) AS FLOAT) AS user_creator_events,
     CAST(coalesce(cr.user_creator_events / nullif(u.user_events_total, 0), 0) AS FLOAT)
         AS user_creator_affinity,
-    CAST(pf.shown_24h AS FLOAT) AS shown_24h,
-    CAST(pf.shown_7d AS FLOAT) AS shown_7d,
+    CAST(coalesce(pf.shown_24h, 0) AS FLOAT) AS shown_24h,
+    CAST(coalesce(pf.shown_7d, 0) AS FLOAT) AS shown_7d,
     CAST(coalesce(cr.creator_hidden, false) AS FLOAT) AS creator_hidden,
     CAST(coalesce(cat.category_hidden, false) AS FLOAT) AS category_hidden
-FROM probe p
-JOIN pair_features pf USING (_row)
-LEFT JOIN user_features u USING (subject_id, score_time)
-LEFT JOIN item_features i USING (item_id, score_time)
-LEFT JOIN category_features cat USING (subject_id, category_code, score_time)
-LEFT JOIN creator_features cr USING (subject_id, creator_code, score_time)
+FROM fs_probe_rows p
+LEFT JOIN fs_pair_features pf USING (subject_id, item_id, score_time)
+LEFT JOIN fs_user_features u USING (subject_id, score_time)
+LEFT JOIN fs_item_features i USING (item_id, score_time)
+LEFT JOIN fs_category_features cat USING (subject_id, category_code, score_time)
+LEFT JOIN fs_creator_features cr USING (subject_id, creator_code, score_time)
 """
 
 

@@ -68,21 +68,29 @@ class Fill:
         items = self.items
         taken = self.taken
         added = 0
-        for offset in np.flatnonzero(codes == 0).tolist():
+        valid = np.flatnonzero(codes == 0).tolist()
+        if not valid:
+            return 0
+        ids = item_ids.tolist()
+        scores = version.scores[start:end].tolist()
+        reasons = version.reason_codes[start:end].tolist()
+        provenance = version.provenance_codes[start:end].tolist()
+        reason_values = version.reason_values
+        provenance_values = version.provenance_values
+        for offset in valid:
             if len(items) >= self.want:
                 break
-            item_id = int(item_ids[offset])
+            item_id = ids[offset]
             if item_id in taken:
                 continue
             taken.add(item_id)
-            row = start + offset
             items.append(
                 {
                     "item_id": item_id,
                     "position": len(items) + 1,
-                    "score": float(version.scores[row]),
-                    "reason_codes": version.reason_values[version.reason_codes[row]],
-                    "source_provenance": version.provenance_values[version.provenance_codes[row]],
+                    "score": scores[offset],
+                    "reason_codes": reason_values[reasons[offset]],
+                    "source_provenance": provenance_values[provenance[offset]],
                 }
             )
             added += 1

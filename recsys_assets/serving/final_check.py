@@ -38,7 +38,17 @@ def _attributes(values: list[str], places: list[int]) -> list[str]:
 
 
 def _indexes_of(values: list, wanted: set) -> list[int]:
-    return [index for index, value in enumerate(values) if value in wanted]
+    """Every index of every wanted value; `list.index` scans in C, `wanted` is tiny."""
+    found = []
+    for value in wanted:
+        index = values.index(value)
+        while True:
+            found.append(index)
+            try:
+                index = values.index(value, index + 1)
+            except ValueError:
+                break
+    return found
 
 
 def final_reason_codes(

@@ -162,9 +162,10 @@ class UserDirectory:
     def __init__(self, users: pd.DataFrame) -> None:
         users = users.sort_values("user_id", kind="stable")
         self.user_ids = np.ascontiguousarray(users["user_id"].to_numpy(dtype=np.int64))
-        self.consent = users["consent_personalization"].to_numpy(dtype=bool)
-        self.email = users["email_subscribed"].to_numpy(dtype=bool)
-        self.push = users["push_enabled"].to_numpy(dtype=bool)
+        # Python lists: indexing one is ~10x cheaper than a numpy scalar on the hot path.
+        self.consent: list[bool] = users["consent_personalization"].astype(bool).tolist()
+        self.email: list[bool] = users["email_subscribed"].astype(bool).tolist()
+        self.push: list[bool] = users["push_enabled"].astype(bool).tolist()
         self.tenant_id = users["tenant_id"].astype(object).where(users["tenant_id"].notna(), None)
         self.tenant_id = self.tenant_id.tolist()
         roles = users["actor_role"].astype(object).where(users["actor_role"].notna(), None)
@@ -280,9 +281,9 @@ class OnlineState:
             subject = Subject(
                 user_id,
                 True,
-                bool(users.consent[index]),
-                bool(users.email[index]),
-                bool(users.push[index]),
+                users.consent[index],
+                users.email[index],
+                users.push[index],
                 users.tenant_id[index],
                 users.actor_role[index],
             )

@@ -217,10 +217,14 @@ class Warehouse:
         os.makedirs(os.path.dirname(lock), exist_ok=True)
         deadline = time.monotonic() + _LOCK_TIMEOUT_S
         while True:
+            # The lock appears with its owner's pid already inside (written to a temp file,
+            # then hard-linked into place), so a holder killed at any point leaves a lock
+            # whose owner can be checked, never an empty one.
+            temp = os.path.join(os.path.dirname(lock), f".tmp-lock-{uuid.uuid4().hex}")
+            with open(temp, "w") as handle:
+                handle.write(str(os.getpid()))
             try:
-                descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(descriptor, str(os.getpid()).encode())
-                os.close(descriptor)
+                os.link(temp, lock)
                 break
             except FileExistsError:
                 if self._lock_is_orphaned(lock):
@@ -230,6 +234,8 @@ class Warehouse:
                 if time.monotonic() > deadline:
                     raise WarehouseError(f"timed out waiting for lock {lock}") from None
                 time.sleep(0.005)
+            finally:
+                os.unlink(temp)
         try:
             yield
         finally:

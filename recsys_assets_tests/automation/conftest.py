@@ -13,6 +13,7 @@ from recsys_assets.automation.sensors import SENSORS
 from recsys_assets.pipeline.assets import PIPELINE_ASSETS
 from recsys_assets.pipeline.jobs import refresh_lists_job
 from recsys_assets.pipeline.resources import RecsysResource
+from recsys_assets.publish.assets import PUBLISH_ASSETS
 from recsys_assets.warehouse import Warehouse
 from recsys_assets_tests.automation.helpers import NOW
 
@@ -32,7 +33,7 @@ def recsys_for(warehouse: Warehouse) -> RecsysResource:
 def automation_definitions(warehouse: Warehouse) -> dg.Definitions:
     """The pipeline assets, refresh_lists, and this package's sensors and schedules."""
     return dg.Definitions(
-        assets=PIPELINE_ASSETS,
+        assets=[*PIPELINE_ASSETS, *PUBLISH_ASSETS],
         jobs=[refresh_lists_job],
         sensors=SENSORS,
         schedules=SCHEDULES,

@@ -63,7 +63,7 @@ def test_policy_change_sensor_requests_exactly_the_affected_partitions(
     assert requests[0].tags[TRIGGER_TAG] == "policy_change"
     assert requests[0].tags[POLICY_FILES_TAG] == "bans.jsonl"
     assert requests[0].tags[CHANGE_TYPES_TAG] == "item_banned"
-    job = automation_definitions(warehouse).get_job_def(REFRESH_JOB)
+    job = automation_definitions(warehouse).resolve_job_def(REFRESH_JOB)
     assert all(job.partitions_def.has_partition_key(r.partition_key) for r in requests)
 
     assert list(load_tombstones(warehouse)["item_id"]) == [7]
@@ -127,7 +127,9 @@ def test_list_expiry_sensor_leaves_partitions_with_a_refresh_in_flight(
         local_warehouse, "push", "eu", generated_at=NOW, expires_at=NOW + timedelta(minutes=5)
     )
     with dg.instance_for_test() as fresh_instance:
-        job = automation_definitions(local_warehouse).get_job_def(REFRESH_JOB)
+        before = tick(list_expiry_sensor, fresh_instance, local_warehouse)
+        assert [request.partition_key for request in before.run_requests or []] == ["eu|push"]
+        job = automation_definitions(local_warehouse).resolve_job_def(REFRESH_JOB)
         fresh_instance.create_run_for_job(
             job,
             status=dg.DagsterRunStatus.STARTED,

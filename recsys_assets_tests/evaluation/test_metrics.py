@@ -71,10 +71,16 @@ def test_k_cuts_the_list_and_ideal_dcg_uses_min_k_relevant() -> None:
 
 def test_planted_perfect_lists_score_one() -> None:
     rng = np.random.default_rng(3)
-    relevant = {user: list(rng.choice(1000, size=rng.integers(1, 11), replace=False)) for user in range(50)}
+    relevant = {
+        user: list(rng.choice(1000, size=rng.integers(1, 11), replace=False)) for user in range(50)
+    }
     perfect = lists_of({user: [*items, *range(2000, 2030)] for user, items in relevant.items()})
     metrics = evaluate_lists(
-        perfect, truth_of(relevant), k=20, catalog_size=3000, item_categories=pd.Series(dtype=object)
+        perfect,
+        truth_of(relevant),
+        k=20,
+        catalog_size=3000,
+        item_categories=pd.Series(dtype=object),
     )
     assert (metrics.recall, metrics.ndcg, metrics.hit_rate) == (1.0, 1.0, 1.0)
 
@@ -83,7 +89,9 @@ def test_random_lists_score_near_their_expectation() -> None:
     # Random K of N items, r relevant: E[recall] = K / N, E[hit] = 1 - C(N-r, K) / C(N, K).
     rng = np.random.default_rng(11)
     catalog, k, relevant_per_user, users = 500, 20, 5, 2000
-    relevant = {u: list(rng.choice(catalog, relevant_per_user, replace=False)) for u in range(users)}
+    relevant = {
+        u: list(rng.choice(catalog, relevant_per_user, replace=False)) for u in range(users)
+    }
     random_lists = lists_of({u: list(rng.choice(catalog, k, replace=False)) for u in range(users)})
     metrics = evaluate_lists(
         random_lists,

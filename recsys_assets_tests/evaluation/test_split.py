@@ -34,7 +34,10 @@ def random_interactions(seed: int, users: int = 200, items: int = 80) -> pd.Data
 
 
 def test_each_user_holds_out_their_latest_interactions() -> None:
-    rows = [(1, item, "click", 1.0, minute) for item, minute in zip(range(10), range(10, 0, -1))]
+    rows = [
+        (1, item, "click", 1.0, minute)
+        for item, minute in zip(range(10), range(10, 0, -1), strict=True)
+    ]
     rows += [(2, 100 + i, "view", 1.0, i) for i in range(3)]
     rows += [(3, 200, "click", 1.0, 0)]
     split = temporal_holdout(events(rows), holdout=0.2, seed=0)

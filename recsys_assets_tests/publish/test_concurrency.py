@@ -81,7 +81,7 @@ def test_a_polling_reader_never_sees_a_missing_or_partial_version(
                 seen.append(_assert_serves_a_complete_version(reader))
             except Exception as error:  # collected, so the assertion shows every one
                 problems.append(repr(error))
-            time.sleep(0.002)
+            time.sleep(0.02)
 
     thread = threading.Thread(target=poll)
     thread.start()

@@ -1,0 +1,1 @@
+"""Torch models: two-tower retrieval, the ranker, its calibration, the versioned bundle."""

@@ -1,0 +1,136 @@
+"""The whole graph on tiny data, for every partition, through real Dagster runs."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from recsys_assets.config import load_settings
+from recsys_assets.contracts.pipeline import validate_stage
+from recsys_assets.definitions import build_definitions
+from recsys_assets.pipeline import assets as pipeline_assets
+from recsys_assets.pipeline.jobs import MODEL_JOB, REFRESH_JOB
+from recsys_assets.pipeline.partitions import SurfaceRegion
+from recsys_assets.pipeline.resources import RecsysResource
+from recsys_assets.pipeline.runner import run_pipeline, select_partitions
+from recsys_assets.warehouse import Warehouse
+from recsys_assets_tests.conftest import TINY_AS_OF
+
+SCORE_TIME = pd.Timestamp(TINY_AS_OF).isoformat()
+
+
+@dataclass
+class PipelineRun:
+    warehouse: Warehouse
+    definitions: dg.Definitions
+    instance: dg.DagsterInstance
+    outcomes: list
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tiny_raw_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipelineRun]:
+    root = tmp_path_factory.mktemp("pipeline")
+    shutil.copytree(tiny_raw_root, root / "raw")
+    warehouse = Warehouse(root.as_uri())
+    definitions = build_definitions(RecsysResource(warehouse_url=warehouse.url, score_time=SCORE_TIME))
+    with dg.instance_for_test() as instance:
+        outcomes = run_pipeline(
+            definitions, instance, select_partitions(load_settings(), None, None),
+            train_model=True, progress=lambda message: None,
+        )
+        yield PipelineRun(warehouse, definitions, instance, outcomes)
+
+
+def test_every_partition_materializes(pipeline_run: PipelineRun) -> None:
+    settings = load_settings()
+    assert len(pipeline_run.outcomes) == len(settings.surfaces) * len(settings.regions)
+    failed = [(o.partition, o.error) for o in pipeline_run.outcomes if not o.success]
+    assert not failed
+    for outcome in pipeline_run.outcomes:
+        assert {"subjects", "candidate_pools", "features_asof", "scored_candidates", "slates",
+                "published_lists", "fallback_lists"} <= set(outcome.metadata)
+
+
+def test_slates_satisfy_contract_and_surface_depth(pipeline_run: PipelineRun) -> None:
+    settings = load_settings()
+    lists = 0
+    for outcome in pipeline_run.outcomes:
+        partition = outcome.partition
+        folder = f"pipeline/slates/{partition.path}"
+        if not pipeline_run.warehouse.parquet_parts(folder):
+            continue
+        slate = pipeline_run.warehouse.read_parquet(folder)
+        validate_stage("slates", slate)
+        depth = settings.surface(partition.surface).store_depth
+        assert slate.groupby("subject_id").size().max() <= depth
+        lists += slate["subject_id"].nunique()
+    assert lists > 100
+
+
+def test_home_feed_lists_are_full_and_diverse(pipeline_run: PipelineRun) -> None:
+    slate = pipeline_run.warehouse.read_parquet("pipeline/slates/surface=home_feed/region=na")
+    sizes = slate.groupby("subject_id").size()
+    assert sizes.median() >= load_settings().surface("home_feed").display_count
+    sources = set("|".join(slate["source_provenance"]).split("|"))
+    assert {"two_tower", "item_to_item", "content"} <= sources
+
+
+def test_refresh_is_deterministic_for_a_fixed_clock(pipeline_run: PipelineRun) -> None:
+    partition = SurfaceRegion("email_daily", "eu")
+    folder = f"pipeline/slates/{partition.path}"
+    before = pipeline_run.warehouse.read_parquet(folder).drop(columns=["pipeline_run_id"])
+    result = pipeline_run.definitions.get_job_def(REFRESH_JOB).execute_in_process(
+        instance=pipeline_run.instance, partition_key=partition.to_key()
+    )
+    assert result.success
+    after = pipeline_run.warehouse.read_parquet(folder).drop(columns=["pipeline_run_id"])
+    pd.testing.assert_frame_equal(before, after)
+
+
+def test_planted_future_feature_value_fails_the_leakage_check(
+    pipeline_run: PipelineRun, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = pipeline_assets.compute_features
+
+    def leaky(*args: object, **kwargs: object) -> pd.DataFrame:
+        features = real(*args, **kwargs)
+        features.loc[features.index[:3], "feature_timestamp"] = (
+            features["score_time"].iloc[0] + pd.Timedelta(hours=1)
+        )
+        return features
+
+    monkeypatch.setattr(pipeline_assets, "compute_features", leaky)
+    partition = SurfaceRegion("push", "apac")
+    result = pipeline_run.definitions.get_job_def(REFRESH_JOB).execute_in_process(
+        instance=pipeline_run.instance, partition_key=partition.to_key(), raise_on_error=False
+    )
+    evaluations = {
+        evaluation.check_name: evaluation
+        for evaluation in result.get_asset_check_evaluations()
+    }
+    assert not evaluations["no_future_feature_values"].passed
+    assert evaluations["no_future_feature_values"].metadata["rows_with_future_values"].value == 3
+    assert not result.success
+    assert "scored_candidates" not in {
+        event.asset_key.to_user_string() for event in result.get_asset_materialization_events()
+    }
+
+
+def test_model_bundle_records_versions_and_metrics(pipeline_run: PipelineRun) -> None:
+    current = pipeline_run.warehouse.read_json("models/current.json")
+    bundle = pipeline_run.warehouse.read_json(f"models/{current['model_version']}/bundle.json")
+    assert bundle["feature_set_version"]
+    assert 0.5 < bundle["metrics"]["ranker_auc"] <= 1.0
+
+
+def test_definitions_load_with_every_part() -> None:
+    definitions = build_definitions()
+    assert definitions.get_job_def(MODEL_JOB)
+    assert definitions.get_job_def(REFRESH_JOB)
+    assert definitions.get_sensor_def("policy_change_sensor")

@@ -67,16 +67,15 @@ def expiring_lists(
     Never-published partitions are not listed: the schedules build them.
     """
     due = []
+    fallback_lead = refresh_lead(settings.fallback.ttl)
     for partition in every_partition(settings):
         lead = refresh_lead(settings.surface(partition.surface).ttl)
         lists = read_manifest(warehouse, partition.surface, partition.region)
-        if (expires := _expires_at(lists)) is not None and expires - lead <= now:
-            due.append(ExpiringList(partition, "lists", lists.active_version, expires))  # type: ignore[union-attr]
-            continue
-        fallback = read_manifest(warehouse, partition.surface, partition.region, fallback=True)
-        fallback_lead = refresh_lead(settings.fallback.ttl)
-        if (expires := _expires_at(fallback)) is not None and expires - fallback_lead <= now:
-            due.append(ExpiringList(partition, "fallback", fallback.active_version, expires))  # type: ignore[union-attr]
+        if (entry := _due(partition, "lists", lists, lead, now)) is None:
+            fallback = read_manifest(warehouse, partition.surface, partition.region, fallback=True)
+            entry = _due(partition, "fallback", fallback, fallback_lead, now)
+        if entry is not None:
+            due.append(entry)
     return due
 
 
@@ -135,6 +134,19 @@ def incremental_refresh_plan(
         if reasons:
             plan.append(PlannedRefresh(partition, tuple(reasons), since, count, expires))
     return plan
+
+
+def _due(
+    partition: SurfaceRegion,
+    scope: RefreshScope,
+    manifest: Manifest | None,
+    lead: timedelta,
+    now: datetime,
+) -> ExpiringList | None:
+    expires = _expires_at(manifest)
+    if manifest is None or expires is None or expires - lead > now:
+        return None
+    return ExpiringList(partition, scope, manifest.active_version, expires)
 
 
 def _expires_at(manifest: Manifest | None) -> datetime | None:

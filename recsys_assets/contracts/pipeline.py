@@ -18,13 +18,6 @@ from recsys_assets.contracts.errors import ContractViolation, violations_from_pa
 from recsys_assets.pipeline.features import FEATURE_COLUMNS
 
 RANK_COLUMNS = tuple(f"rank_{source}" for source in SOURCES)
-LINEAGE_COLUMNS = (
-    "model_version",
-    "feature_set_version",
-    "utility_policy_version",
-    "score_time",
-    "pipeline_run_id",
-)
 UTILITY_COMPONENTS = (
     "utility_relevance",
     "utility_novelty",
@@ -56,12 +49,16 @@ def _finite(series: pd.Series) -> pd.Series:
 
 
 def _provenance_tokens_valid(provenance: pd.Series) -> pd.Series:
-    """Non-empty, known sources, sorted, no repeats: 'content|two_tower'."""
-    known = set(SOURCES)
+    """Non-empty, known sources in SOURCES order (the first is the primary), no repeats."""
+    order = {source: position for position, source in enumerate(SOURCES)}
 
     def valid(text: str) -> bool:
         tokens = text.split("|")
-        return bool(text) and set(tokens) <= known and tokens == sorted(set(tokens))
+        return (
+            bool(text)
+            and set(tokens) <= order.keys()
+            and tokens == sorted(set(tokens), key=order.__getitem__)
+        )
 
     distinct = provenance.drop_duplicates()
     verdict = dict(zip(distinct, distinct.map(valid), strict=True))
@@ -121,7 +118,7 @@ class CandidatePools(_RankedCandidates):  # type: ignore[misc, valid-type]
         strict = True
         unique = ("subject_id", "item_id")
 
-    @pa.check("source_provenance", error="sorted '|'-joined known sources, no repeats")
+    @pa.check("source_provenance", error="'|'-joined known sources in SOURCES order, no repeats")
     def provenance_tokens(cls, provenance: Series[str]) -> Series[bool]:
         return _provenance_tokens_valid(provenance)
 

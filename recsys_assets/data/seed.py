@@ -83,7 +83,7 @@ class SeedScale:
 
 
 SCALES = {
-    "tiny": SeedScale("tiny", 500, 300, 20, 30.0, 8, 10),
+    "tiny": SeedScale("tiny", 500, 300, 20, 30.0, 8, 40),
     "small": SeedScale("small", 10_000, 3_000, 30, 30.0, 40, 60),
     "medium": SeedScale("medium", 100_000, 20_000, 40, 30.0, 200, 300),
     "large": SeedScale("large", 1_000_000, 100_000, 40, 30.0, 1_000, 1_000),
@@ -609,7 +609,7 @@ class _Seeder:
 def seed_warehouse(
     warehouse: Warehouse,
     *,
-    scale: str,
+    scale: str | SeedScale,
     seed: int,
     settings: Settings,
     as_of: datetime | None = None,
@@ -619,11 +619,13 @@ def seed_warehouse(
     The same (scale, seed, as_of) gives the same tables. Every chunk is validated against
     the contracts (types, values, foreign keys) before it is written.
     """
-    if scale not in SCALES:
-        raise ValueError(f"unknown scale {scale!r}; choose one of {list(SCALES)}")
+    if isinstance(scale, str):
+        if scale not in SCALES:
+            raise ValueError(f"unknown scale {scale!r}; choose one of {list(SCALES)}")
+        scale = SCALES[scale]
     started = time.perf_counter()
     moment = naive_utc(as_of) if as_of is not None else default_as_of()
-    seeder = _Seeder(SCALES[scale], seed, moment, settings)
+    seeder = _Seeder(scale, seed, moment, settings)
     regions = seeder.regions
 
     catalog = seeder.items()
@@ -637,8 +639,8 @@ def seed_warehouse(
     writer.begin()
     writer.write_part("items", items)
     writer.write_part("editorial", editorial)
-    size = SCALES[scale].users
-    step = SCALES[scale].user_chunk
+    size = scale.users
+    step = scale.user_chunk
     for chunk, start in enumerate(range(1, size + 1, step)):
         stop = min(start + step, size + 1)
         tables = seeder.users_chunk(chunk, start, stop, catalog)
@@ -651,10 +653,10 @@ def seed_warehouse(
             writer.write_part(table, frame)
         log.info("seeded users %d..%d of %d", start, stop - 1, size)
     snapshot = writer.finish(
-        {"source": "seed", "scale": scale, "seed": seed, "as_of": moment.isoformat()}
+        {"source": "seed", "scale": scale.name, "seed": seed, "as_of": moment.isoformat()}
     )
     return SeedReport(
-        scale=scale,
+        scale=scale.name,
         seed=seed,
         as_of=moment,
         snapshot_id=snapshot["snapshot_id"],

@@ -308,8 +308,8 @@ def surface_lists(
         slate = _stage(scratch, "slates", surface, region, ["subject_id", "position", "item_id"])
         if slate is None:
             raise EvaluationError(
-                f"the pipeline left no slates for surface={surface} region={region} in "
-                f"{scratch.url}: see the partition's error above"
+                f"the pipeline left no slates for surface={surface} region={region} in the "
+                "scratch warehouse"
             )
         frames.append(slate)
     lists = pd.concat(frames, ignore_index=True)
@@ -489,7 +489,11 @@ def _evaluate_surface(
     notes = [
         f"{where}: {error}" for where, error in failures.items() if where.startswith(f"{surface}/")
     ]
-    lists, lists_source = surface_lists(scratch, surface, regions)
+    try:
+        lists, lists_source = surface_lists(scratch, surface, regions)
+    except EvaluationError as error:
+        reported = "; ".join(notes) or "none reported"
+        raise EvaluationError(f"{error}. Pipeline errors: {reported}") from None
     subjects = surface_subjects(scratch, surface, regions)
     users = np.intersect1d(split.evaluated_users, subjects)
     if len(users) == 0:

@@ -145,8 +145,6 @@ def train_bundle(
         validation_fraction=training.validation_fraction,
         config=RankerConfig(epochs=training.epochs, seed=training.seed),
         user_controls=tables["user_controls"],
-        retrieval_scorer=_embedding_dot(two_tower.model),
-        window_start=window_start,
         device=device,
     )
     calibrator, calibration = fit_calibrator(
@@ -242,19 +240,6 @@ def load_bundle(
 
 def _before(frame: pd.DataFrame, cutoff: pd.Timestamp) -> pd.DataFrame:
     return frame.loc[(pd.to_datetime(frame["ts"]) < cutoff).to_numpy()].reset_index(drop=True)
-
-
-def _embedding_dot(model: TwoTowerModel) -> Any:
-    """(subject_ids, item_ids) -> dot products, embedding each distinct id once."""
-
-    def score(subject_ids: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
-        users, user_row = np.unique(subject_ids, return_inverse=True)
-        items, item_row = np.unique(item_ids, return_inverse=True)
-        user_vectors = np.asarray(model.user_embeddings(users), dtype=np.float32)
-        item_vectors = np.asarray(model.item_embeddings(items), dtype=np.float32)
-        return np.einsum("ij,ij->i", user_vectors[user_row], item_vectors[item_row])
-
-    return score
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -26,7 +26,7 @@ def _logit(probability: np.ndarray) -> np.ndarray:
 
 
 def _sigmoid(value: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-value))
+    return 0.5 * (1.0 + np.tanh(0.5 * value))  # no overflow for large |value|
 
 
 def log_loss(labels: np.ndarray, probability: np.ndarray) -> float:

@@ -6,10 +6,9 @@ each part against the stage's Pandera contract, writes it, and reports metadata.
 contract checks are blocking: a violation stops the downstream steps of the run.
 """
 
-from __future__ import annotations
-
 from collections import Counter
 from collections.abc import Iterator
+from typing import Any
 
 import dagster as dg
 import numpy as np
@@ -54,7 +53,7 @@ def _contract_check(asset: str) -> dg.AssetCheckSpec:
 
 
 def _outcome(
-    asset: str, result: ShardWriteResult, metadata: dict[str, dg.RawMetadataValue]
+    asset: str, result: ShardWriteResult, metadata: dict[str, Any]
 ) -> dg.MaterializeResult:
     """Metadata plus the contract check's verdict for one partition."""
     passed = result.violation is None
@@ -81,19 +80,18 @@ def model_bundle(context: dg.AssetExecutionContext, recsys: RecsysResource) -> d
     """
     info = train_bundle(recsys.warehouse(), recsys.settings())
     context.log.info("trained model bundle %s", info.model_version)
+    metrics = {
+        name: round(float(value), 4) for name, value in info.metrics.items() if value is not None
+    }
     return dg.MaterializeResult(
         metadata={
             "model_version": info.model_version,
             "feature_set_version": info.feature_set_version,
-            "training_window": f"{info.window_start} → {info.cutoff}",
+            "training_window": dg.MetadataValue.json(info.training_window),
             "data_snapshot": info.data_snapshot,
             "device": info.device,
-            "offline_metrics": dg.MetadataValue.md(
-                markdown_table(
-                    {k: round(v, 4) for k, v in info.metrics.items()}, ("metric", "value")
-                )
-            ),
-            **{key: float(value) for key, value in info.metrics.items()},
+            "offline_metrics": dg.MetadataValue.md(markdown_table(metrics, ("metric", "value"))),
+            **metrics,
         }
     )
 
@@ -308,7 +306,7 @@ def scored_candidates(
     def shards() -> Iterator[pd.DataFrame]:
         for _, features in read_parts(warehouse, "features_asof", partition.path):
             scored = score_candidates(
-                features, items, bundle.scorer, popularity_percentile=popularity, lineage=lineage
+                features, items, bundle.score, popularity_percentile=popularity, lineage=lineage
             )
             utilities.append(scored["utility"].to_numpy())
             yield scored
@@ -365,7 +363,7 @@ def slates(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.Mate
         warehouse, "slates", partition.path, shards(), lambda part: validate_stage("slates", part)
     )
     sizes = np.concatenate(lengths) if lengths else np.array([])
-    subjects_total = len(read_parts_count(warehouse, partition.path))
+    subjects_total = sum(len(part) for _, part in read_parts(warehouse, "subjects", partition.path))
     return _outcome(
         "slates",
         result,
@@ -378,12 +376,6 @@ def slates(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.Mate
             "exploration_items": explored,
         },
     )
-
-
-def read_parts_count(warehouse, partition_path: str) -> pd.Series:
-    """Subject ids of the partition (empty lists are subjects without any slate row)."""
-    frames = [frame["subject_id"] for _, frame in read_parts(warehouse, "subjects", partition_path)]
-    return pd.concat(frames) if frames else pd.Series(dtype="int64")
 
 
 def _popularity_percentile(interactions: pd.DataFrame) -> pd.Series:

@@ -50,7 +50,8 @@ class CandidateContext:
     """Everything about the region's items and its users' history, built once per partition."""
 
     items: pd.DataFrame
-    """Eligible items: item_id, category, creator_id, tenant_id, popularity, created_at."""
+    """Eligible items: item_id, category, creator_id, tenant_id, required_role, popularity,
+    created_at; most popular first."""
     history: pd.DataFrame
     """Positive engagement before score_time: user_id, item_id, ts, weight."""
     blocked: pd.DataFrame
@@ -95,7 +96,17 @@ def build_context(
     popularity = history.groupby("item_id")["weight"].sum()
     eligible = eligible.assign(
         popularity=eligible["item_id"].map(popularity).fillna(0.0).astype("float32")
-    )[["item_id", "category", "creator_id", "tenant_id", "popularity", "created_at"]]
+    )[
+        [
+            "item_id",
+            "category",
+            "creator_id",
+            "tenant_id",
+            "required_role",
+            "popularity",
+            "created_at",
+        ]
+    ]
     eligible = eligible.sort_values(["popularity", "item_id"], ascending=[False, True])
 
     return CandidateContext(
@@ -240,9 +251,14 @@ def generate_candidates(
     eligible_items = context.items
     if context.tenant_items:
         # Cases belong to one tenant: each actor only sees their own tenant's items.
-        tenant_pairs = subjects[["subject_id", "tenant_id"]].merge(
-            eligible_items[["item_id", "tenant_id"]], on="tenant_id"
-        )[["subject_id", "item_id"]]
+        # and only the cases their role may act on.
+        tenant_pairs = subjects[["subject_id", "tenant_id", "actor_role"]].merge(
+            eligible_items[["item_id", "tenant_id", "required_role"]], on="tenant_id"
+        )
+        allowed = tenant_pairs["required_role"].isna() | (
+            tenant_pairs["required_role"] == tenant_pairs["actor_role"]
+        )
+        tenant_pairs = tenant_pairs.loc[allowed, ["subject_id", "item_id"]]
     else:
         tenant_pairs = None
 
@@ -394,11 +410,12 @@ def _anti_join(frame: pd.DataFrame, blocked: pd.DataFrame) -> pd.DataFrame:
 
 def _merge_sources(proposed: pd.DataFrame, quota: dict[str, int], budget: int) -> pd.DataFrame:
     """One row per (subject, item): provenance, per-source ranks, best relative rank, budget."""
+    if proposed.empty:
+        proposed = _empty_proposals()
     if "retrieval_score" not in proposed.columns:
         proposed = proposed.assign(retrieval_score=np.float32(np.nan))
-    proposed = proposed.assign(
-        relative_rank=proposed["rank"] / proposed["source"].map(quota).clip(lower=1)
-    )
+    quota_of_source = proposed["source"].map(quota).astype("float64").clip(lower=1)
+    proposed = proposed.assign(relative_rank=proposed["rank"].astype("float64") / quota_of_source)
     ranks = proposed.pivot_table(
         index=["subject_id", "item_id"], columns="source", values="rank", aggfunc="min"
     )

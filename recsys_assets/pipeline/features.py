@@ -8,6 +8,8 @@ and change point, with every count as of that point) looked up with
 Strict, because a training row at the label's event time must not count the label event
 itself. An event enters a window at its time and leaves it at time + window (a second
 change point), so one lookup per key yields the total and every window count exactly.
+Exposures per (subject, item) are few, so their state row instead carries the exposure
+times of the 7 days up to it; the window counts at score_time filter that short list.
 `feature_timestamp` is the newest timestamp of any value used
 (1970-01-01 for a row that used none), so `feature_timestamp < score_time` holds by
 construction and `leakage_violations` proves it per partition.
@@ -28,7 +30,7 @@ classes by the sampling rule rather than by preference.
 | user_events_7d | user | engagement events in the 7 days before score_time |
 | user_clicks_total | user | clicks before score_time |
 | user_purchases_total | user | purchases before score_time |
-| user_days_since_last_activity | user | days since the last engagement event (365 if none, capped) |
+| user_days_since_last_activity | user | days since the last engagement (capped; 365 if none) |
 | item_events_1d | item | engagement events on the item in the last day |
 | item_events_7d | item | … in the last 7 days |
 | item_events_28d | item | … in the last 28 days |
@@ -114,7 +116,6 @@ RANK_COLUMNS = tuple(f"rank_{source}" for source in SOURCES)
 NO_HISTORY = pd.Timestamp("1970-01-01")
 """feature_timestamp of a row that used no time-stamped value (a cold subject and item)."""
 MAX_DAYS_SINCE_ACTIVITY = 365.0
-_KEY_COLUMNS = ("subject_id", "item_id", "score_time")
 
 Frame = pd.DataFrame | pa.Table
 
@@ -143,8 +144,8 @@ def compute_features(
     connection: work happens on a cursor of it (own temp tables), so parallel steps with
     their own database files never share state. `user_controls` (hide/unhide of creators
     and categories) drives the suppression flags; without it they are 0. `step_seconds`,
-    if given, receives the wall time of build_state, asof_join and assemble (for metadata
-    and benchmarks).
+    if given, receives wall times: build_state, asof_join (all lookups and the join back;
+    per lookup as lookup_<key>) and assemble, for metadata and benchmarks.
     """
     frame = _pairs_frame(pairs)
     probe = _probe_table(frame, score_time)
@@ -171,9 +172,11 @@ def compute_features(
             for statement in _build_tables_sql(surface):
                 cur.execute(statement)
         with _timed(step_seconds, "asof_join"):
-            for _, statement in _lookup_sql():
-                cur.execute(statement)
-            computed = cur.sql(_ASSEMBLE_SQL).to_arrow_table()
+            for key, statement in _lookup_sql():
+                with _timed(step_seconds, f"lookup_{key}"):
+                    cur.execute(statement)
+            with _timed(step_seconds, "join_back"):
+                computed = cur.sql(_ASSEMBLE_SQL).to_arrow_table()
     with _timed(step_seconds, "assemble"):
         return _assemble(frame, computed)
 
@@ -267,13 +270,15 @@ def _build_tables_sql(surface: str) -> list[str]:
     instead of one per window. Only keys the probe can reach are kept (subjects and items in
     the probe, changes before the latest score_time): a subject shard builds its own history.
     The window frame includes peers, so rows sharing a change time carry identical values
-    and the ASOF join may pick any of them. Categories and creators are joined on integer codes, which sort far faster than text.
+    and the ASOF join may pick any of them. Categories and creators are joined on integer
+    codes, which sort far faster than text.
     """
     quoted_surface = surface.replace("'", "''")
     return [
         "CREATE OR REPLACE TEMP TABLE fs_bounds AS "
         "SELECT max(score_time) AS horizon FROM _fs_probe",
-        "CREATE OR REPLACE TEMP TABLE fs_probe_subjects AS SELECT DISTINCT subject_id FROM _fs_probe",
+        "CREATE OR REPLACE TEMP TABLE fs_probe_subjects AS "
+        "SELECT DISTINCT subject_id FROM _fs_probe",
         "CREATE OR REPLACE TEMP TABLE fs_probe_items AS SELECT DISTINCT item_id FROM _fs_probe",
         """
         CREATE OR REPLACE TEMP TABLE fs_item_attrs AS
@@ -298,9 +303,12 @@ def _build_tables_sql(surface: str) -> list[str]:
         f"""
         CREATE OR REPLACE TEMP TABLE fs_user_state AS
         SELECT e.user_id, e.ts + k.shift AS changed_at,
-               sum(k.total) OVER w AS events_total, sum(k.d7) OVER w AS events_7d,
-               sum(k.total * (e.event_type = 'click')::INT) OVER w AS clicks_total,
-               sum(k.total * (e.event_type = 'purchase')::INT) OVER w AS purchases_total,
+               CAST(sum(k.total) OVER w AS FLOAT) AS events_total,
+               CAST(sum(k.d7) OVER w AS FLOAT) AS events_7d,
+               CAST(sum(k.total * (e.event_type = 'click')::INT) OVER w AS FLOAT)
+                   AS clicks_total,
+               CAST(sum(k.total * (e.event_type = 'purchase')::INT) OVER w AS FLOAT)
+                   AS purchases_total,
                max(CASE WHEN k.total = 1 THEN e.ts END) OVER w AS last_event_ts
         FROM fs_events e
         CROSS JOIN (VALUES (INTERVAL 0 DAY, 1, 1), (7 * {_DAY}, 0, -1)) k(shift, total, d7)
@@ -311,8 +319,10 @@ def _build_tables_sql(surface: str) -> list[str]:
         f"""
         CREATE OR REPLACE TEMP TABLE fs_item_state AS
         SELECT e.item_id, e.ts + k.shift AS changed_at,
-               sum(k.total) OVER w AS events_total, sum(k.d1) OVER w AS events_1d,
-               sum(k.d7) OVER w AS events_7d, sum(k.d28) OVER w AS events_28d,
+               CAST(sum(k.total) OVER w AS FLOAT) AS events_total,
+               CAST(sum(k.d1) OVER w AS FLOAT) AS events_1d,
+               CAST(sum(k.d7) OVER w AS FLOAT) AS events_7d,
+               CAST(sum(k.d28) OVER w AS FLOAT) AS events_28d,
                max(CASE WHEN k.total = 1 THEN e.ts END) OVER w AS last_event_ts
         FROM fs_events e
         CROSS JOIN (VALUES (INTERVAL 0 DAY, 1, 1, 1, 1), ({_DAY}, 0, -1, 0, 0),
@@ -341,16 +351,13 @@ def _build_tables_sql(surface: str) -> list[str]:
                    CAST(ts AS TIMESTAMP) AS ts
             FROM _fs_exposures
             WHERE surface = '{quoted_surface}'
+              AND CAST(ts AS TIMESTAMP) < (SELECT horizon FROM fs_bounds)
               AND CAST(user_id AS BIGINT) IN (SELECT subject_id FROM fs_probe_subjects)
         )
-        SELECT x.user_id, x.item_id, x.ts + k.shift AS changed_at,
-               sum(k.h24) OVER w AS shown_24h, sum(k.d7) OVER w AS shown_7d,
-               max(CASE WHEN k.h24 = 1 THEN x.ts END) OVER w AS last_shown_ts
-        FROM shown x
-        CROSS JOIN (VALUES (INTERVAL 0 DAY, 1, 1), ({_DAY}, -1, 0), (7 * {_DAY}, 0, -1))
-            k(shift, h24, d7)
-        WHERE x.ts + k.shift < (SELECT horizon FROM fs_bounds)
-        WINDOW w AS (PARTITION BY x.user_id, x.item_id ORDER BY x.ts + k.shift)
+        SELECT user_id, item_id, ts AS changed_at, list(ts) OVER recent AS shown_last_7d
+        FROM shown
+        WINDOW recent AS (PARTITION BY user_id, item_id ORDER BY ts
+                          RANGE BETWEEN 7 * {_DAY} PRECEDING AND CURRENT ROW)
         """,
     ]
 
@@ -376,7 +383,8 @@ def _affinity_state_sql(target_type: str) -> str:
                    bool_or(hidden) AS hidden, max(control_ts) AS control_ts
             FROM changes GROUP BY user_id, target, changed_at
         )
-        SELECT user_id, target, changed_at, sum(events) OVER w AS events_total,
+        SELECT user_id, target, changed_at,
+               CAST(sum(events) OVER w AS FLOAT) AS events_total,
                max(event_ts) OVER w AS last_event_ts,
                last_value(hidden IGNORE NULLS) OVER w AS hidden,
                max(control_ts) OVER w AS last_control_ts
@@ -390,15 +398,22 @@ _DAY = "INTERVAL 1 DAY"
 
 
 def _lookup_sql() -> list[tuple[str, str]]:
-    """The ASOF lookups, one per key, each over distinct probe keys that have any history.
+    """(name, statement): the probe rows, then one ASOF lookup per key.
 
-    Keys without history (most candidate pairs were never shown) skip the sort-merge and
-    get zeros from the final left join; subject and item lookups run once per distinct
-    (key, score_time), not once per candidate.
+    Each runs over distinct probe keys that have any history: keys without it skip the
+    sort-merge and get zeros from the final left join, and subject and item lookups run
+    once per distinct (key, score_time), not once per candidate. The (subject, item)
+    exposure lookup runs on the probe rows themselves, keyed by row, and keeps
+    only matches.
     """
 
-    def with_history(probe: str, state: str, on: str) -> str:
-        return f"({probe}) q SEMI JOIN (SELECT DISTINCT {state}) k ON {on}"
+    def with_history(columns: str, state: str, on: str) -> str:
+        """Distinct probe keys that have state rows; the semi-join runs before the DISTINCT."""
+        selected = ", ".join(f"q.{column.strip()}" for column in columns.split(","))
+        return (
+            f"(SELECT DISTINCT {selected} FROM fs_probe_rows q "
+            f"SEMI JOIN (SELECT DISTINCT {state}) k ON {on}) q"
+        )
 
     return [
         (
@@ -424,7 +439,7 @@ def _lookup_sql() -> list[tuple[str, str]]:
                    s.purchases_total AS user_purchases_total
             FROM {
                 with_history(
-                    "SELECT DISTINCT subject_id, score_time FROM fs_probe_rows",
+                    "subject_id, score_time",
                     "user_id FROM fs_user_state",
                     "q.subject_id = k.user_id",
                 )
@@ -442,7 +457,7 @@ def _lookup_sql() -> list[tuple[str, str]]:
                    s.events_7d AS item_events_7d, s.events_28d AS item_events_28d
             FROM {
                 with_history(
-                    "SELECT DISTINCT item_id, score_time FROM fs_probe_rows",
+                    "item_id, score_time",
                     "item_id FROM fs_item_state",
                     "q.item_id = k.item_id",
                 )
@@ -461,8 +476,7 @@ def _lookup_sql() -> list[tuple[str, str]]:
                        greatest(s.last_event_ts, s.last_control_ts) AS {target_type}_ts
                 FROM {
                     with_history(
-                        f"SELECT DISTINCT subject_id, {target_type}_code, score_time "
-                        "FROM fs_probe_rows",
+                        f"subject_id, {target_type}_code, score_time",
                         f"user_id, target FROM fs_{target_type}_state",
                         f"q.subject_id = k.user_id AND q.{target_type}_code = k.target",
                     )
@@ -478,15 +492,12 @@ def _lookup_sql() -> list[tuple[str, str]]:
             "pair",
             f"""
             CREATE OR REPLACE TEMP TABLE fs_pair_features AS
-            SELECT q.subject_id, q.item_id, q.score_time, s.last_shown_ts AS pair_ts,
-                   s.shown_24h, s.shown_7d
-            FROM {
-                with_history(
-                    "SELECT DISTINCT subject_id, item_id, score_time FROM fs_probe_rows",
-                    "user_id, item_id FROM fs_pair_state",
-                    "q.subject_id = k.user_id AND q.item_id = k.item_id",
-                )
-            }
+            SELECT q._row, s.changed_at AS pair_ts,
+                   len(list_filter(s.shown_last_7d,
+                                   lambda shown: shown >= q.score_time - {_DAY})) AS shown_24h,
+                   len(list_filter(s.shown_last_7d,
+                                   lambda shown: shown >= q.score_time - 7 * {_DAY})) AS shown_7d
+            FROM _fs_probe q
             ASOF JOIN fs_pair_state s
                 ON q.subject_id = s.user_id AND q.item_id = s.item_id
                AND q.score_time > s.changed_at
@@ -531,11 +542,15 @@ SELECT
     CAST(coalesce(cr.creator_hidden, false) AS FLOAT) AS creator_hidden,
     CAST(coalesce(cat.category_hidden, false) AS FLOAT) AS category_hidden
 FROM fs_probe_rows p
-LEFT JOIN fs_pair_features pf USING (subject_id, item_id, score_time)
-LEFT JOIN fs_user_features u USING (subject_id, score_time)
-LEFT JOIN fs_item_features i USING (item_id, score_time)
-LEFT JOIN fs_category_features cat USING (subject_id, category_code, score_time)
-LEFT JOIN fs_creator_features cr USING (subject_id, creator_code, score_time)
+LEFT JOIN fs_pair_features pf ON p._row = pf._row
+LEFT JOIN fs_user_features u ON p.subject_id = u.subject_id AND p.score_time = u.score_time
+LEFT JOIN fs_item_features i ON p.item_id = i.item_id AND p.score_time = i.score_time
+LEFT JOIN fs_category_features cat
+    ON p.subject_id = cat.subject_id AND p.category_code = cat.category_code
+   AND p.score_time = cat.score_time
+LEFT JOIN fs_creator_features cr
+    ON p.subject_id = cr.subject_id AND p.creator_code = cr.creator_code
+   AND p.score_time = cr.score_time
 """
 
 

@@ -5,13 +5,19 @@ approximate index to build, tune or let drift), in user batches × item chunks s
 bounded by `user_batch × item_chunk` scores whatever the catalog and subject counts.
 
 On the CPU the expensive part of exact top-K is not the matrix product but the selection
-(`topk` over 100k scores per user). The kernel therefore selects in two steps that give the
-same answer: it splits a chunk's items into `g` interleaved groups ("blocks"), takes each
-block's maximum (one vectorised pass), keeps the K blocks with the largest maxima and runs
-the final `topk` only over those K × g scores. This is exact: a block holding one of the
-true top K has a maximum at least the K-th best score, and at most K blocks hold one, so
-they are all among the K best blocks (ties aside). On CUDA `topk` is fast, so the kernel
-uses it directly.
+(`topk` over 100k scores per user). The kernel therefore selects in stages that give the
+same answer (ties aside). A chunk's items are split into interleaved blocks of g1 items
+and each block's maximum is taken (one vectorised pass over the scores); blocks are grouped
+again, g2 blocks to a group, and the group maxima taken. The K best groups must hold every
+block that holds one of the true top K (such a block's maximum is at least the K-th best
+score, and at most K groups have a maximum that high), so the K best blocks are picked among
+those K × g2 block maxima, and the final `topk` runs over the K × g1 scores of those blocks.
+Each `topk` thus sees a few thousand values instead of the whole chunk. On CUDA `topk` is
+fast, so the kernel uses it directly.
+
+Memory is bounded by `user_batch × item_chunk` scores. When the whole catalog fits in that
+budget with at least `_MIN_SINGLE_CHUNK_USERS` users per batch, it is scored as one chunk
+(fewer users per batch, same memory): every extra chunk repeats the selection stages.
 """
 
 from __future__ import annotations
@@ -31,8 +37,13 @@ ExcludedPositions = tuple[np.ndarray, np.ndarray]
 """CSR-like exclusions: (indptr [n_users + 1], indices = item positions), per user row."""
 
 _MISSING_POSITION = -1
+_BLOCK_ITEMS = 8
+"""g1: items per block. Small enough that K blocks hold few scores, large enough that the
+block maxima are an 8× smaller array."""
 _BLOCK_MIN_SPEEDUP = 4
-"""Block selection pays off once a chunk has this many times more items than K × g."""
+"""Block selection pays off once a chunk has this many times more items than K × g1."""
+_MIN_SINGLE_CHUNK_USERS = 256
+"""Fewest users per batch worth trading for scoring the whole catalog as one chunk."""
 
 
 def exact_top_k(
@@ -69,12 +80,15 @@ def exact_top_k(
     if users.shape[0] == 0:
         return positions, scores
 
+    budget = user_batch * item_chunk
+    if n_items > item_chunk and budget // n_items >= _MIN_SINGLE_CHUNK_USERS:
+        item_chunk, user_batch = n_items, budget // n_items
     chunks = [
         _ItemChunk.build(items, start, min(start + item_chunk, n_items), k, target)
         for start in range(0, n_items, item_chunk)
     ]
     widest = max(chunk.padded_width for chunk in chunks)
-    buffer = torch.empty((min(user_batch, users.shape[0]), widest), device=target)
+    buffer = torch.empty(min(user_batch, users.shape[0]) * widest, device=target)
     for start in range(0, users.shape[0], user_batch):
         stop = min(start + user_batch, users.shape[0])
         batch = torch.from_numpy(users[start:stop]).to(target)
@@ -88,7 +102,8 @@ def exact_top_k(
                 continue
             merged_scores = torch.cat((best_scores, chunk_scores), dim=1)
             merged_positions = torch.cat((best_positions, chunk_positions), dim=1)
-            best_scores, order = torch.topk(merged_scores, k, dim=1)
+            keep = min(k, merged_scores.shape[1])
+            best_scores, order = torch.topk(merged_scores, keep, dim=1)
             best_positions = torch.gather(merged_positions, 1, order)
         assert best_scores is not None and best_positions is not None
         found_scores = best_scores.cpu().numpy()
@@ -100,15 +115,20 @@ def exact_top_k(
 
 
 class _ItemChunk:
-    """One slice of the catalog, padded to a whole number of interleaved blocks."""
+    """One slice of the catalog, padded to a whole number of block groups."""
 
     def __init__(
-        self, vectors: torch.Tensor, start: int, stop: int, block_size: int, padded: int
+        self,
+        vectors: torch.Tensor,
+        start: int,
+        stop: int,
+        levels: tuple[int, int],
+        padded: int,
     ) -> None:
         self.vectors = vectors
         self.start = start
         self.stop = stop
-        self.block_size = block_size
+        self.block_items, self.group_blocks = levels
         self.padded_width = padded
 
     @classmethod
@@ -116,11 +136,12 @@ class _ItemChunk:
         cls, items: np.ndarray, start: int, stop: int, k: int, device: torch.device
     ) -> _ItemChunk:
         width = stop - start
-        block_size = _block_size(width, k) if device.type == "cpu" else 1
-        padded = -(-width // block_size) * block_size
+        levels = _levels(width, k) if device.type == "cpu" else (1, 1)
+        step = levels[0] * levels[1]
+        padded = -(-width // step) * step
         vectors = torch.zeros((padded, items.shape[1]), dtype=torch.float32, device=device)
         vectors[:width] = torch.from_numpy(items[start:stop]).to(device)
-        return cls(vectors, start, stop, block_size, padded)
+        return cls(vectors, start, stop, levels, padded)
 
     def top_k(
         self,
@@ -132,7 +153,7 @@ class _ItemChunk:
         """Best min(k, chunk size) (scores, global item positions) of this chunk per user."""
         rows = users.shape[0]
         width = self.stop - self.start
-        scores = buffer[:rows, : self.padded_width]
+        scores = buffer[: rows * self.padded_width].view(rows, self.padded_width)
         torch.mm(users, self.vectors.T, out=scores)
         if self.padded_width > width:
             scores[:, width:] = -torch.inf
@@ -141,17 +162,18 @@ class _ItemChunk:
             inside = (item_positions >= self.start) & (item_positions < self.stop)
             scores[user_rows[inside], item_positions[inside] - self.start] = -torch.inf
         keep = min(k, width)
-        if self.block_size == 1:
+        if self.block_items == 1:
             values, local = torch.topk(scores, keep, dim=1)
             return values, local + self.start
         # Block j holds items j, j + n_blocks, j + 2 n_blocks, ...: its max is a strided
-        # reduction over g contiguous rows of length n_blocks, which vectorises fully.
-        n_blocks = self.padded_width // self.block_size
-        grouped = scores.view(rows, self.block_size, n_blocks)
-        block_max = grouped.amax(dim=1)
-        _, best_blocks = torch.topk(block_max, keep, dim=1, sorted=False)
+        # reduction over g1 contiguous rows of length n_blocks, which vectorises fully.
+        # Groups interleave blocks the same way.
+        n_blocks = self.padded_width // self.block_items
+        blocks = scores.view(rows, self.block_items, n_blocks)
+        block_max = blocks.amax(dim=1)
+        best_blocks = _best_members(block_max, self.group_blocks, keep)
         gathered = torch.gather(
-            grouped, 2, best_blocks.unsqueeze(1).expand(rows, self.block_size, keep)
+            blocks, 2, best_blocks.unsqueeze(1).expand(rows, self.block_items, keep)
         )
         values, flat = torch.topk(gathered.reshape(rows, -1), keep, dim=1)
         member = torch.div(flat, keep, rounding_mode="floor")
@@ -159,12 +181,31 @@ class _ItemChunk:
         return values, member * n_blocks + block + self.start
 
 
-def _block_size(width: int, k: int) -> int:
-    """g minimising the selection work n/g + K·g; 1 (plain topk) when blocks do not pay."""
-    size = int(round((width / k) ** 0.5))
-    if size < 2 or width < _BLOCK_MIN_SPEEDUP * k * size:
-        return 1
-    return size
+def _best_members(maxima: torch.Tensor, group_size: int, keep: int) -> torch.Tensor:
+    """Columns of the `keep` largest values per row of `maxima` (unordered), found by taking
+    the `keep` best groups of `group_size` interleaved columns first, then the best among
+    their members."""
+    rows, width = maxima.shape
+    if group_size == 1:
+        return torch.topk(maxima, keep, dim=1, sorted=False).indices
+    n_groups = width // group_size
+    members = maxima.view(rows, group_size, n_groups)
+    _, best_groups = torch.topk(members.amax(dim=1), keep, dim=1, sorted=False)
+    gathered = torch.gather(members, 2, best_groups.unsqueeze(1).expand(rows, group_size, keep))
+    _, flat = torch.topk(gathered.reshape(rows, -1), keep, dim=1, sorted=False)
+    member = torch.div(flat, keep, rounding_mode="floor")
+    return torch.gather(best_groups, 1, flat - member * keep) + member * n_groups
+
+
+def _levels(width: int, k: int) -> tuple[int, int]:
+    """(g1 items per block, g2 blocks per group); (1, 1) = plain topk.
+
+    g2 minimises the values the two block-picking `topk`s see, n_blocks / g2 + K · g2.
+    """
+    if width < _BLOCK_MIN_SPEEDUP * k * _BLOCK_ITEMS:
+        return 1, 1
+    group_blocks = max(1, round((width / _BLOCK_ITEMS / k) ** 0.5))
+    return _BLOCK_ITEMS, group_blocks
 
 
 def _batch_exclusions(

@@ -14,7 +14,7 @@ The components are stored next to the total so a decision can be explained after
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
@@ -26,16 +26,14 @@ EXPLORATION_WEIGHT = 0.03
 ITEM_COLUMNS = ["item_type", "category", "creator_id", "is_sponsored"]
 
 
-class CalibratedRanker(Protocol):
-    def predict(self, features: pd.DataFrame) -> np.ndarray: ...
-
-    def calibrate(self, predictions: np.ndarray) -> np.ndarray: ...
+Scorer = Callable[[pd.DataFrame], tuple[np.ndarray, np.ndarray]]
+"""features → (raw prediction, calibrated probability), e.g. ModelBundle.score."""
 
 
 def score_candidates(
     features: pd.DataFrame,
     items: pd.DataFrame,
-    ranker: CalibratedRanker,
+    scorer: Scorer,
     *,
     popularity_percentile: pd.Series,
     lineage: dict[str, object],
@@ -45,8 +43,9 @@ def score_candidates(
     `items` is indexed by item_id with ITEM_COLUMNS; `popularity_percentile` maps item_id to
     [0, 1] (1 = most popular); `lineage` adds constant columns (model_version, ...).
     """
-    prediction = np.asarray(ranker.predict(features), dtype=np.float32)
-    calibrated = np.clip(np.asarray(ranker.calibrate(prediction), dtype=np.float32), 0.0, 1.0)
+    raw, calibrated_raw = scorer(features)
+    prediction = np.asarray(raw, dtype=np.float32)
+    calibrated = np.clip(np.asarray(calibrated_raw, dtype=np.float32), 0.0, 1.0)
     item_ids = features["item_id"]
     attributes = items.reindex(item_ids.to_numpy())[ITEM_COLUMNS].reset_index(drop=True)
     percentile = item_ids.map(popularity_percentile).fillna(0.0).to_numpy(dtype=np.float32)

@@ -81,7 +81,13 @@ def select_subjects(
 
 
 def shard_bounds(n_subjects: int, shard_size: int) -> list[tuple[int, int]]:
-    """Half-open row ranges that split `n_subjects` into shards of at most `shard_size`."""
+    """Half-open row ranges that split `n_subjects` into shards of at most `shard_size`.
+
+    No subjects still gives one (empty) shard, so every stage writes a part with its schema
+    and downstream stages and publish read an empty partition rather than a missing one.
+    """
+    if n_subjects == 0:
+        return [(0, 0)]
     return [
         (start, min(start + shard_size, n_subjects)) for start in range(0, n_subjects, shard_size)
     ]

@@ -241,24 +241,38 @@ def publish_fallback_partition(
     """Compute and publish a partition's fallback lists (what `fallback_lists` runs)."""
     at = naive_utc(now) if now is not None else utc_now()
     items = read_raw(warehouse, "items")
+    surface_config = settings.surface(surface)
+    users = read_raw(warehouse, "users", columns=["user_id", "region", "tenant_id"])
+    audience = users[users["region"] == settings.check_region(region)]
+    if "tenant_actor" in surface_config.eligibility.requires:
+        audience = audience[audience["tenant_id"].notna()]
     lists = compute_fallback_lists(
-        surface=settings.surface(surface),
-        region=settings.check_region(region),
+        surface=surface_config,
+        region=region,
         items=items,
         interactions=read_raw(
             warehouse, "interactions", columns=["user_id", "item_id", "event_type", "ts"]
         ),
-        users=read_raw(warehouse, "users", columns=["user_id", "region", "tenant_id"]),
+        users=users,
         editorial=read_raw(warehouse, "editorial"),
         now=at,
-        list_length=settings.fallback.list_length,
+        # A fallback list never holds more than the surface stores per list.
+        list_length=min(settings.fallback.list_length, surface_config.store_depth),
         ttl=settings.fallback.ttl,
         trending_window=timedelta(days=settings.pipeline.trending_window_days),
         source_data_snapshot=_snapshot_id(warehouse),
         pipeline_run_id=pipeline_run_id,
     )
     return publish_version(
-        warehouse, settings, surface, region, lists, items=items, now=at, fallback=True
+        warehouse,
+        settings,
+        surface,
+        region,
+        lists,
+        items=items,
+        now=at,
+        fallback=True,
+        subjects=audience.rename(columns={"user_id": "subject_id"}),
     )
 
 

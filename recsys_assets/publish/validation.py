@@ -136,7 +136,8 @@ def validate_lists(
     """Measure a version's lists (lists.parquet rows) against `limits`.
 
     `items` is the current raw items table; `subjects` (subject_id, tenant_id, actor_role)
-    are the partition's eligible subjects, the denominator of coverage. Fallback lists
+    are the partition's eligible subjects, the denominator of coverage (for fallback lists:
+    the users they could be served to). An empty version passes only for an empty audience. Fallback lists
     (`kind="fallback"`) skip coverage, slate policy and score spread.
     """
     now_ts = pd.Timestamp(now)
@@ -149,11 +150,13 @@ def validate_lists(
     def gate(name: str, value: float, limit: float, ok: bool, message: str) -> None:
         checks.append(Check(name, float(value), float(limit), bool(ok), message))
 
+    # An empty version is valid only for an empty audience (e.g. no tenant actors in a region).
+    no_audience = subjects is not None and len(subjects) == 0
     gate(
         "non_empty",
         len(lists),
-        1,
-        len(lists) > 0,
+        0 if no_audience else 1,
+        len(lists) > 0 or no_audience,
         "the version has no list rows at all: the upstream slates are empty",
     )
 
@@ -185,7 +188,7 @@ def validate_lists(
         "list_length_max": int(lengths.max()) if len(lengths) else 0,
         "mean_list_length_ratio": round(length_ratio, 6),
     }
-    if kind == "personalized":
+    if kind == "personalized" and len(lengths):
         gate(
             "mean_list_length_ratio",
             length_ratio,

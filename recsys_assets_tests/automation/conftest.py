@@ -18,9 +18,12 @@ from recsys_assets.warehouse import Warehouse
 from recsys_assets_tests.automation.helpers import NOW
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def instance() -> Iterator[dg.DagsterInstance]:
-    """A real (temporary) Dagster instance: run storage, sensor and run-key bookkeeping."""
+    """A real (temporary) Dagster instance: run storage, sensor and run-key bookkeeping.
+
+    Shared by the automation tests; a test that adds a run deletes it again.
+    """
     with dg.instance_for_test() as test_instance:
         yield test_instance
 

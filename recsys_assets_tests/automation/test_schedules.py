@@ -16,20 +16,25 @@ from recsys_assets_tests.automation.helpers import NOW, write_manifest, write_us
 SETTINGS = load_settings()
 
 
-def context_at(
-    when: datetime, warehouse: Warehouse, instance: dg.DagsterInstance
-) -> dg.ScheduleEvaluationContext:
-    return dg.build_schedule_context(
+def evaluate(
+    schedule: dg.ScheduleDefinition,
+    when: datetime,
+    warehouse: Warehouse,
+    instance: dg.DagsterInstance,
+) -> list[dg.RunRequest] | dg.SkipReason:
+    """One tick at `when` (UTC); the context is closed again, with what it opened."""
+    with dg.build_schedule_context(
         instance=instance,
         scheduled_execution_time=when.replace(tzinfo=UTC),
         resources={"recsys": recsys_for(warehouse)},
-    )
+    ) as context:
+        return schedule(context)
 
 
 def test_daily_full_refresh_requests_every_partition_once_a_day(
     local_warehouse: Warehouse, instance: dg.DagsterInstance
 ) -> None:
-    requests = daily_full_refresh(context_at(datetime(2026, 11, 20, 2), local_warehouse, instance))
+    requests = evaluate(daily_full_refresh, datetime(2026, 11, 20, 2), local_warehouse, instance)
     assert len(requests) == len(SETTINGS.surfaces) * len(SETTINGS.regions)
     assert len({r.partition_key for r in requests}) == len(requests)
     assert {r.tags[TRIGGER_TAG] for r in requests} == {"daily_full_refresh"}
@@ -57,7 +62,7 @@ def test_hourly_refresh_picks_active_and_expiring_partitions(
         expires_at=NOW + timedelta(minutes=40),
     )
     write_users(local_warehouse, {5: ("latam", NOW - timedelta(hours=1))})
-    requests = hourly_incremental_refresh(context_at(NOW, local_warehouse, instance))
+    requests = evaluate(hourly_incremental_refresh, NOW, local_warehouse, instance)
 
     by_key = {request.partition_key: request for request in requests}
     consumer_surfaces = [s for s in SETTINGS.surfaces if s != "enterprise_action_queue"]
@@ -76,5 +81,5 @@ def test_hourly_refresh_skips_when_everything_is_fresh(
             write_manifest(
                 local_warehouse, name, region, generated_at=NOW, expires_at=NOW + timedelta(days=1)
             )
-    result = hourly_incremental_refresh(context_at(NOW, local_warehouse, instance))
+    result = evaluate(hourly_incremental_refresh, NOW, local_warehouse, instance)
     assert isinstance(result, dg.SkipReason)

@@ -31,13 +31,14 @@ def tick(
     warehouse: Warehouse,
     cursor: str | None = None,
 ) -> dg.SensorResult:
-    context = dg.build_sensor_context(
+    # As a context manager: the instance and resources it opens are closed again.
+    with dg.build_sensor_context(
         instance=instance,
         definitions=automation_definitions(warehouse),
         resources={"recsys": recsys_for(warehouse)},
         cursor=cursor,
-    )
-    result = sensor(context)
+    ) as context:
+        result = sensor(context)
     assert isinstance(result, dg.SensorResult)
     return result
 
@@ -121,19 +122,21 @@ def test_list_expiry_sensor_refreshes_once_per_expiring_version(
 
 
 def test_list_expiry_sensor_leaves_partitions_with_a_refresh_in_flight(
-    local_warehouse: Warehouse,
+    local_warehouse: Warehouse, instance: dg.DagsterInstance
 ) -> None:
     write_manifest(
         local_warehouse, "push", "eu", generated_at=NOW, expires_at=NOW + timedelta(minutes=5)
     )
-    with dg.instance_for_test() as fresh_instance:
-        before = tick(list_expiry_sensor, fresh_instance, local_warehouse)
-        assert [request.partition_key for request in before.run_requests or []] == ["eu|push"]
-        job = automation_definitions(local_warehouse).resolve_job_def(REFRESH_JOB)
-        fresh_instance.create_run_for_job(
-            job,
-            status=dg.DagsterRunStatus.STARTED,
-            tags={"dagster/partition": "eu|push", SCOPE_TAG: "lists"},
-        )
-        result = tick(list_expiry_sensor, fresh_instance, local_warehouse)
-    assert not result.run_requests
+    before = tick(list_expiry_sensor, instance, local_warehouse)
+    assert [request.partition_key for request in before.run_requests or []] == ["eu|push"]
+
+    job = automation_definitions(local_warehouse).resolve_job_def(REFRESH_JOB)
+    running = instance.create_run_for_job(
+        job,
+        status=dg.DagsterRunStatus.STARTED,
+        tags={"dagster/partition": "eu|push", SCOPE_TAG: "lists"},
+    )
+    try:
+        assert not tick(list_expiry_sensor, instance, local_warehouse).run_requests
+    finally:
+        instance.delete_run(running.run_id)

@@ -163,7 +163,7 @@ def test_subjects_are_strict_and_unique() -> None:
 def test_candidate_pools_check_provenance_against_ranks_and_key() -> None:
     bad = candidate_pools()
     bad.loc[0, "source_provenance"] = "trending"  # rank_two_tower says two_tower proposed it
-    bad.loc[1, "source_provenance"] = "two_tower|trending"  # not sorted
+    bad.loc[1, "source_provenance"] = "trending|two_tower"  # not in SOURCES order
     bad.loc[2, "item_id"] = 10
     bad.loc[2, "subject_id"] = 1
     found = _violations("candidate_pools", bad)
@@ -171,7 +171,7 @@ def test_candidate_pools_check_provenance_against_ranks_and_key() -> None:
         "source_provenance must list exactly the sources with rank > 0"
         in (found["source_provenance"])
     )
-    assert "sorted '|'-joined known sources, no repeats" in found["source_provenance"]
+    assert "'|'-joined known sources in SOURCES order, no repeats" in found["source_provenance"]
     assert found["subject_id"] == ["duplicate key (subject_id, item_id)"]
     assert set(found) == {"source_provenance", "subject_id"}
 

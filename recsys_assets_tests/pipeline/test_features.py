@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import duckdb
 import numpy as np
 import pandas as pd
@@ -275,3 +277,33 @@ def test_cold_row_uses_no_history(items: pd.DataFrame) -> None:
     )
     assert out.loc[0, "feature_timestamp"] == NO_HISTORY
     assert float(out[FEATURE_COLUMNS].abs().sum(axis=1).iloc[0]) == 365  # only days-since
+
+
+def test_runs_on_a_database_file_and_leaves_nothing_behind(
+    tmp_path: Path,
+    interactions: pd.DataFrame,
+    exposures: pd.DataFrame,
+    items: pd.DataFrame,
+    user_controls: pd.DataFrame,
+) -> None:
+    """A step's own database file (as DuckDBResource gives it) stays free of scratch tables."""
+    con = duckdb.connect(str(tmp_path / "step.duckdb"))
+    pairs = pd.DataFrame({"subject_id": [1, 2], "item_id": [10, 11]})
+    steps: dict[str, float] = {}
+    out = compute_features(
+        con,
+        pairs,
+        interactions=interactions,
+        exposures=exposures,
+        items=items,
+        surface="home_feed",
+        score_time=SCORE_TIME,
+        user_controls=user_controls,
+        step_seconds=steps,
+    )
+    assert len(out) == 2
+    assert {"build_state", "asof_join", "lookup_pair", "assemble"} <= set(steps)
+    assert con.execute("SELECT count(*) FROM duckdb_tables()").fetchall() == [(0,)]
+    assert con.execute("SELECT count(*) FROM duckdb_views() WHERE NOT internal").fetchall() == [
+        (0,)
+    ]

@@ -1,0 +1,153 @@
+"""Exact top-K equals brute force (with exclusions, across chunk and block boundaries), and
+retrieve_two_tower returns the candidate_pools source frame."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from recsys_assets.models.two_tower import TwoTowerConfig, TwoTowerModel, train_two_tower
+from recsys_assets.pipeline.retrieval import (
+    exact_top_k,
+    exclusions_from_pairs,
+    retrieve_two_tower,
+)
+
+CPU = torch.device("cpu")
+
+
+def brute_force(
+    users: np.ndarray, items: np.ndarray, k: int, excluded: set[tuple[int, int]]
+) -> np.ndarray:
+    """Top-k scores per user by a full numpy sort, excluded pairs removed (-inf padded)."""
+    scores = users.astype(np.float64) @ items.astype(np.float64).T
+    for row, column in excluded:
+        scores[row, column] = -np.inf
+    return -np.sort(-scores, axis=1)[:, :k]
+
+
+def random_exclusions(
+    rng: np.random.Generator, n_users: int, n_items: int, per_user: int
+) -> tuple[tuple[np.ndarray, np.ndarray], set[tuple[int, int]]]:
+    pairs = {
+        (row, int(column))
+        for row in range(n_users)
+        for column in rng.choice(n_items, size=per_user, replace=False)
+    }
+    rows = np.array(sorted(pairs), dtype=np.int64)
+    indptr = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows[:, 0], minlength=n_users), out=indptr[1:])
+    return (indptr, rows[:, 1]), pairs
+
+
+@pytest.mark.parametrize(
+    ("n_items", "k", "item_chunk", "user_batch"),
+    [
+        (20_000, 50, 50_000, 64),  # one chunk, block selection
+        (20_000, 50, 6_001, 37),  # ragged chunks (block selection in each) and user batches
+        (1_000, 30, 70, 16),  # chunks smaller than k: merged across many chunks
+        (300, 300, 128, 1_000),  # k = every item
+    ],
+)
+def test_matches_brute_force_with_exclusions(
+    n_items: int, k: int, item_chunk: int, user_batch: int
+) -> None:
+    rng = np.random.default_rng(n_items + k)
+    users = rng.standard_normal((90, 16)).astype(np.float32)
+    items = rng.standard_normal((n_items, 16)).astype(np.float32)
+    exclude, excluded = random_exclusions(rng, len(users), n_items, per_user=min(40, k // 2))
+    positions, scores = exact_top_k(
+        users,
+        items,
+        k,
+        item_chunk=item_chunk,
+        user_batch=user_batch,
+        exclude=exclude,
+        device=CPU,
+    )
+    assert positions.shape == scores.shape == (len(users), k)
+    assert positions.dtype == np.int64 and scores.dtype == np.float32
+    expected = brute_force(users, items, k, excluded)
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(scores[finite], expected[finite], rtol=1e-4, atol=1e-4)
+    # Slots past a user's remaining items are -inf with position -1.
+    assert (positions[~finite] == -1).all() and np.isneginf(scores[~finite]).all()
+    # Positions point at the items with those scores, no repeats, nothing excluded.
+    found = positions[finite]
+    rows = np.nonzero(finite)[0]
+    np.testing.assert_allclose(
+        np.einsum("ij,ij->i", users[rows], items[found]), scores[finite], rtol=1e-4, atol=1e-4
+    )
+    assert not {(int(r), int(c)) for r, c in zip(rows, found, strict=True)} & excluded
+    assert all(len(set(row[row >= 0])) == (row >= 0).sum() for row in positions)
+    assert (np.diff(np.nan_to_num(scores, neginf=-1e30), axis=1) <= 0).all()
+
+
+def test_k_out_of_range_and_mismatched_widths_are_errors() -> None:
+    users = np.ones((2, 4), dtype=np.float32)
+    items = np.ones((3, 4), dtype=np.float32)
+    with pytest.raises(ValueError, match="k=4"):
+        exact_top_k(users, items, 4, device=CPU)
+    with pytest.raises(ValueError, match="same width"):
+        exact_top_k(users, np.ones((3, 5), dtype=np.float32), 1, device=CPU)
+
+
+def test_exclusions_from_pairs_ignores_unknown_ids() -> None:
+    pairs = pd.DataFrame({"subject_id": [7, 7, 9, 5, 7], "item_id": [30, 10, 10, 10, 99]})
+    indptr, indices = exclusions_from_pairs(
+        np.array([9, 7], dtype=np.int64), np.array([10, 20, 30], dtype=np.int64), pairs
+    )
+    assert indptr.tolist() == [0, 1, 3]
+    assert indices.tolist() == [0, 0, 2]
+
+
+@pytest.fixture(scope="module")
+def model() -> TwoTowerModel:
+    rng = np.random.default_rng(4)
+    cutoff = pd.Timestamp("2026-11-01")
+    interactions = pd.DataFrame(
+        {
+            "user_id": rng.integers(0, 50, 2_000),
+            "item_id": rng.integers(0, 80, 2_000),
+            "event_type": "click",
+            "value": 1.0,
+            "ts": cutoff - pd.to_timedelta(rng.integers(1, 10**6, 2_000), unit="s"),
+        }
+    )
+    items = pd.DataFrame({"item_id": np.arange(100), "category": [f"c{i % 7}" for i in range(100)]})
+    config = TwoTowerConfig(embedding_dim=8, epochs=1, min_steps=5)
+    return train_two_tower(
+        interactions, items, cutoff=cutoff, validation_fraction=0.2, config=config, device=CPU
+    ).model
+
+
+def test_retrieve_two_tower_schema_ranks_and_exclusions(model: TwoTowerModel) -> None:
+    subjects = np.array([3, 4, 123_456], dtype=np.int64)  # the last one is a cold user
+    candidates = np.arange(10, 100, dtype=np.int64)
+    blocked = pd.DataFrame({"subject_id": [3, 3, 999], "item_id": [10, 11, 12]})
+    frame = retrieve_two_tower(model, subjects, candidates, 25, exclude_pairs=blocked, device=CPU)
+    assert list(frame.columns) == ["subject_id", "item_id", "rank_two_tower", "retrieval_score"]
+    assert frame.dtypes.astype(str).tolist() == ["int64", "int64", "int32", "float32"]
+    assert frame.groupby("subject_id").size().to_dict() == {3: 25, 4: 25, 123_456: 25}
+    assert frame["item_id"].isin(candidates).all()
+    assert not ((frame["subject_id"] == 3) & frame["item_id"].isin([10, 11])).any()
+    for _, group in frame.groupby("subject_id"):
+        assert group["rank_two_tower"].tolist() == list(range(1, 26))
+        assert group["retrieval_score"].is_monotonic_decreasing
+    expected = (model.user_embeddings(np.array([4])) @ model.item_embeddings(candidates).T).ravel()
+    best = frame[frame["subject_id"] == 4]["retrieval_score"].to_numpy()
+    np.testing.assert_allclose(best, np.sort(expected)[::-1][:25], rtol=1e-5, atol=1e-6)
+
+
+def test_retrieve_two_tower_clips_k_and_handles_empty_inputs(model: TwoTowerModel) -> None:
+    candidates = np.array([1, 2, 3], dtype=np.int64)
+    blocked = pd.DataFrame({"subject_id": [5], "item_id": [2]})
+    frame = retrieve_two_tower(
+        model, np.array([5, 6], dtype=np.int64), candidates, 500, exclude_pairs=blocked
+    )
+    assert frame.groupby("subject_id").size().to_dict() == {5: 2, 6: 3}
+    empty = retrieve_two_tower(model, np.array([], dtype=np.int64), candidates, 10)
+    assert empty.empty and list(empty.columns) == list(frame.columns)
+    assert retrieve_two_tower(model, np.array([5]), np.array([], dtype=np.int64), 10).empty

@@ -37,6 +37,7 @@ from recsys_assets.pipeline.shards import (
 )
 from recsys_assets.pipeline.slates import build_slates
 from recsys_assets.pipeline.subjects import select_subjects, shard_bounds
+from recsys_assets.rules.tombstones import load_tombstones, person_tombstones
 
 PARTITIONS = surface_region_partitions()
 PIPELINE_GROUP = "pipeline"
@@ -107,8 +108,14 @@ def subjects(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.Ma
     partition = SurfaceRegion.from_context(context)
     warehouse, settings = recsys.warehouse(), recsys.settings()
     surface = settings.surface(partition.surface)
+    now = recsys.now()
+    suppressed = person_tombstones(load_tombstones(warehouse), now=now).no_personalization
     selection = select_subjects(
-        read_raw(warehouse, "users"), surface, region=partition.region, now=recsys.now()
+        read_raw(warehouse, "users"),
+        surface,
+        region=partition.region,
+        now=now,
+        suppressed=suppressed,
     )
     frame = selection.subjects
     size = settings.pipeline.shard_subjects
@@ -155,6 +162,7 @@ def candidate_pools(
         surface=surface,
         score_time=now,
         trending_window_days=settings.pipeline.trending_window_days,
+        tombstones=load_tombstones(warehouse),
     )
 
     def two_tower(

@@ -29,6 +29,7 @@ import pandas as pd
 from recsys_assets.config import SurfaceConfig
 from recsys_assets.config.settings import SOURCES
 from recsys_assets.rules.eligibility import item_rejection_reasons
+from recsys_assets.rules.tombstones import person_tombstones, tombstoned_items
 
 CANDIDATE_POLICY_VERSION = "candidates_v1"
 POSITIVE_EVENTS = ("click", "purchase", "rating")
@@ -76,12 +77,23 @@ def build_context(
     surface: SurfaceConfig,
     score_time: pd.Timestamp,
     trending_window_days: int,
+    tombstones: pd.DataFrame | None = None,
 ) -> CandidateContext:
-    """Region-level candidate ingredients, using only data from before `score_time`."""
+    """Region-level candidate ingredients, using only data from before `score_time`.
+
+    `tombstones` (policy changes not yet in the raw tables) withdraw items for the region
+    and items or creators for one person, exactly as serving applies them.
+    """
     interactions = interactions[interactions["ts"] <= score_time]
     tenant_items = "tenant_actor" in surface.eligibility.requires
     reasons = item_rejection_reasons(items, region=region, now=score_time)
     eligible = items[reasons.isna().to_numpy()]
+    blocked = _blocked_pairs(interactions, user_controls, items)
+    if tombstones is not None and not tombstones.empty:
+        eligible = eligible[~tombstoned_items(tombstones, eligible, region=region, now=score_time)]
+        blocked = pd.concat(
+            [blocked, _person_tombstone_pairs(tombstones, items, score_time)], ignore_index=True
+        ).drop_duplicates()
     owned = eligible["tenant_id"].notna()
     eligible = eligible[owned] if tenant_items else eligible[~owned]
 
@@ -112,7 +124,7 @@ def build_context(
     return CandidateContext(
         items=eligible.reset_index(drop=True),
         history=history,
-        blocked=_blocked_pairs(interactions, user_controls, items),
+        blocked=blocked,
         neighbours=_item_neighbours(history, eligible["item_id"].to_numpy()),
         trending=_trending(history, eligible, score_time, trending_window_days),
         editorial=_editorial(editorial, eligible, region, score_time),
@@ -122,6 +134,20 @@ def build_context(
         long_tail=_long_tail(interactions, eligible),
         tenant_items=tenant_items,
     )
+
+
+def _person_tombstone_pairs(
+    tombstones: pd.DataFrame, items: pd.DataFrame, score_time: pd.Timestamp
+) -> pd.DataFrame:
+    """(subject_id, item_id) pairs withdrawn from one person by a tombstone."""
+    person = person_tombstones(tombstones, now=score_time)
+    pairs = [(user, item) for user, withdrawn in person.items.items() for item in withdrawn]
+    by_creator = items.groupby("creator_id", sort=False)["item_id"]
+    for user, creators in person.creators.items():
+        for creator in creators:
+            if creator in by_creator.groups:
+                pairs += [(user, item) for item in by_creator.get_group(creator)]
+    return pd.DataFrame(pairs, columns=["subject_id", "item_id"], dtype="int64")
 
 
 def _blocked_pairs(

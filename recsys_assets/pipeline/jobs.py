@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import dagster as dg
 
-from recsys_assets.pipeline.partitions import surface_region_partitions
-
 MODEL_JOB = "train_model_bundle"
 REFRESH_JOB = "refresh_lists"
 
@@ -18,7 +16,6 @@ train_model_bundle_job = dg.define_asset_job(
 refresh_lists_job = dg.define_asset_job(
     REFRESH_JOB,
     selection=dg.AssetSelection.groups("pipeline", "publish"),
-    partitions_def=surface_region_partitions(),
     description="Recompute one surface × region partition end to end, from subjects to the "
     "published lists, with the current model bundle.",
 )

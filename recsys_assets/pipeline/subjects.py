@@ -26,6 +26,7 @@ NOT_SUBSCRIBED = "not_email_subscribed"
 PUSH_DISABLED = "push_disabled"
 NOT_TENANT_ACTOR = "not_tenant_actor"
 INACTIVE = "inactive"
+SUPPRESSED = "suppressed_by_policy_change"
 
 _REQUIREMENT_REASONS = {
     "consent_personalization": NO_CONSENT,
@@ -42,12 +43,19 @@ class SubjectSelection:
 
 
 def select_subjects(
-    users: pd.DataFrame, surface: SurfaceConfig, *, region: str, now: pd.Timestamp
+    users: pd.DataFrame,
+    surface: SurfaceConfig,
+    *,
+    region: str,
+    now: pd.Timestamp,
+    suppressed: set[int] | frozenset[int] = frozenset(),
 ) -> SubjectSelection:
     """Users of `region` eligible for `surface` at `now`, with exclusion counts by reason.
 
     A personalized surface never selects a user without consent_personalization: such
     users are served non-personalized fallback lists by the serving layer instead.
+    `suppressed` users (consent revoked by a policy change not yet in the users table)
+    are excluded the same way.
     """
     in_region = users[users["region"] == region]
     excluded: dict[str, int] = {OTHER_REGION: int(len(users) - len(in_region))}
@@ -65,6 +73,8 @@ def select_subjects(
     for requirement, reason in _REQUIREMENT_REASONS.items():
         if requirement in requirements:
             exclude(reason, ~in_region[requirement].astype(bool))
+    if surface.personalized and suppressed:
+        exclude(SUPPRESSED, in_region["user_id"].isin(list(suppressed)))
     if "tenant_actor" in requirements:
         exclude(NOT_TENANT_ACTOR, in_region["tenant_id"].isna() | in_region["actor_role"].isna())
     cutoff = now - pd.Timedelta(days=surface.eligibility.active_within_days)

@@ -44,6 +44,7 @@ from recsys_assets.publish.versions import (
     write_version_data,
     write_version_report,
 )
+from recsys_assets.rules.tombstones import load_tombstones, tombstoned_items
 from recsys_assets.warehouse import Warehouse, partition_path
 
 
@@ -129,6 +130,7 @@ def publish_version(
         now=at,
         subjects=subjects,
         kind="fallback" if fallback else "personalized",
+        tombstones=load_tombstones(warehouse),
     )
     record = VersionRecord(
         version=version,
@@ -246,10 +248,11 @@ def publish_fallback_partition(
     audience = users[users["region"] == settings.check_region(region)]
     if "tenant_actor" in surface_config.eligibility.requires:
         audience = audience[audience["tenant_id"].notna()]
+    withdrawn = tombstoned_items(load_tombstones(warehouse), items, region=region, now=at)
     lists = compute_fallback_lists(
         surface=surface_config,
         region=region,
-        items=items,
+        items=items[~withdrawn],
         interactions=read_raw(
             warehouse, "interactions", columns=["user_id", "item_id", "event_type", "ts"]
         ),

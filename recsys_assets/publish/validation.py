@@ -16,7 +16,8 @@ import pandas as pd
 
 from recsys_assets.config import SurfaceConfig
 from recsys_assets.config.settings import PublishThresholds
-from recsys_assets.rules.eligibility import UNKNOWN_ITEM, item_rejection_reasons
+from recsys_assets.rules.eligibility import TOMBSTONED, UNKNOWN_ITEM, item_rejection_reasons
+from recsys_assets.rules.tombstones import tombstoned_list_rows
 
 ListKind = Literal["personalized", "fallback"]
 TENANT_LIST_PREFIX = "tenant_default_actions:"
@@ -132,6 +133,7 @@ def validate_lists(
     now: datetime,
     subjects: pd.DataFrame | None = None,
     kind: ListKind = "personalized",
+    tombstones: pd.DataFrame | None = None,
 ) -> ValidationReport:
     """Measure a version's lists (lists.parquet rows) against `limits`.
 
@@ -210,7 +212,9 @@ def validate_lists(
         f"more than store_depth {surface.store_depth} items, e.g. {malformed[:3]}",
     )
 
-    reasons = _rejection_reasons(lists, items, region=region, now=now_ts, subjects=subjects)
+    reasons = _rejection_reasons(
+        lists, items, region=region, now=now_ts, subjects=subjects, tombstones=tombstones
+    )
     invalid = reasons.notna().to_numpy()
     invalid_rate = float(invalid.mean()) if len(lists) else 0.0
     invalid_by_reason = {str(k): int(v) for k, v in reasons.value_counts().items()}
@@ -382,8 +386,13 @@ def _rejection_reasons(
     region: str,
     now: pd.Timestamp,
     subjects: pd.DataFrame | None,
+    tombstones: pd.DataFrame | None = None,
 ) -> pd.Series:
-    """The eligibility reason each list row would be rejected for now (None = eligible)."""
+    """The eligibility reason each list row would be rejected for now (None = eligible).
+
+    Tombstones (policy changes not yet reflected in the raw tables) count as serving counts
+    them: an item withdrawn in the region, or from one person, is `tombstoned`.
+    """
     reasons = pd.Series(None, index=lists.index, dtype=object, name="rejection_reason")
     if lists.empty:
         return reasons
@@ -403,6 +412,9 @@ def _rejection_reasons(
             subject_tenant=tenant,
             subject_role=role if has_role else None,
         ).to_numpy()
+    if tombstones is not None and not tombstones.empty:
+        withdrawn = tombstoned_list_rows(lists, items, tombstones, region=region, now=now)
+        reasons[withdrawn & reasons.isna().to_numpy()] = TOMBSTONED
     return reasons
 
 

@@ -196,3 +196,34 @@ def person_tombstones(tombstones: pd.DataFrame, *, now: datetime) -> PersonTombs
         if not has_item and not has_creator:
             found.no_personalization.add(user)
     return found
+
+
+def tombstoned_list_rows(
+    rows: pd.DataFrame,
+    items: pd.DataFrame,
+    tombstones: pd.DataFrame,
+    *,
+    region: str,
+    now: datetime,
+) -> np.ndarray:
+    """Mask over (subject_id, item_id) rows withdrawn by a tombstone for everyone in `region`
+    or for that subject; the batch-side twin of serving's tombstone check."""
+    known = items.drop_duplicates("item_id")
+    withdrawn_items = known.loc[
+        tombstoned_items(tombstones, known, region=region, now=now), "item_id"
+    ]
+    mask = rows["item_id"].isin(withdrawn_items).to_numpy()
+    person = person_tombstones(tombstones, now=now)
+    if person.items or person.creators or person.no_personalization:
+        creators = rows["item_id"].map(known.set_index("item_id")["creator_id"]).astype(object)
+        for position, (subject, item, creator) in enumerate(
+            zip(rows["subject_id"], rows["item_id"], creators, strict=True)
+        ):
+            subject = int(subject)
+            if (
+                subject in person.no_personalization
+                or item in person.items.get(subject, ())
+                or creator in person.creators.get(subject, ())
+            ):
+                mask[position] = True
+    return mask

@@ -45,7 +45,7 @@ def candidate_pools() -> pd.DataFrame:
         {
             "subject_id": [1, 1, 2],
             "item_id": [10, 11, 10],
-            "source_provenance": ["two_tower", "trending|two_tower", "trending"],
+            "source_provenance": ["two_tower", "two_tower|trending", "trending"],
             **ranks,
             "retrieval_score": np.array([0.9, 0.4, np.nan], dtype=np.float32),
             "candidate_policy_version": "candidates_v1",
@@ -81,7 +81,7 @@ def scored_candidates() -> pd.DataFrame:
             "creator_id": ["c1", "c2", "c1"],
             "is_sponsored": [False, True, False],
             "is_exploration_candidate": [False, False, True],
-            "source_provenance": ["two_tower", "trending|two_tower", "trending"],
+            "source_provenance": ["two_tower", "two_tower|trending", "trending"],
             **LINEAGE,
         }
     )
@@ -100,7 +100,7 @@ def slates() -> pd.DataFrame:
             "score": [0.65, 0.3, 0.4],
             "calibrated": [0.6, 0.1, 0.4],
             "reason_codes": ["two_tower|high_confidence", "trending", "exploration"],
-            "source_provenance": ["two_tower", "trending|two_tower", "trending"],
+            "source_provenance": ["two_tower", "two_tower|trending", "trending"],
             "exploration": [False, False, True],
             "propensity": [1.0, 1.0, 0.25],
             "exploration_seed": [7, 7, 7],

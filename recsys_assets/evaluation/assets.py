@@ -1,6 +1,8 @@
-"""The `evaluation` asset: the offline evaluation's table in the Dagster UI."""
+"""The `evaluation` asset: the offline evaluation's table in the Dagster UI.
 
-from __future__ import annotations
+No `from __future__ import annotations` here: Dagster reads the run-config class from the
+fields' real annotations.
+"""
 
 import dagster as dg
 from pydantic import Field

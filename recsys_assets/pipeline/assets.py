@@ -24,7 +24,11 @@ from recsys_assets.pipeline.features import (
     compute_features,
     leakage_violations,
 )
-from recsys_assets.pipeline.partitions import SurfaceRegion, surface_region_partitions
+from recsys_assets.pipeline.partitions import (
+    ONE_RUN_PER_PARTITION,
+    SurfaceRegion,
+    surface_region_partitions,
+)
 from recsys_assets.pipeline.resources import RecsysResource
 from recsys_assets.pipeline.retrieval import retrieve_two_tower
 from recsys_assets.pipeline.scoring import score_candidates
@@ -99,6 +103,7 @@ def model_bundle(context: dg.AssetExecutionContext, recsys: RecsysResource) -> d
 
 @dg.asset(
     partitions_def=PARTITIONS,
+    backfill_policy=ONE_RUN_PER_PARTITION,
     group_name=PIPELINE_GROUP,
     check_specs=[_contract_check("subjects")],
     kinds={"pandas", "parquet"},
@@ -139,6 +144,7 @@ def subjects(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.Ma
 
 @dg.asset(
     partitions_def=PARTITIONS,
+    backfill_policy=ONE_RUN_PER_PARTITION,
     group_name=PIPELINE_GROUP,
     deps=[subjects, model_bundle],
     check_specs=[_contract_check("candidate_pools")],
@@ -222,6 +228,7 @@ def candidate_pools(
 
 @dg.asset(
     partitions_def=PARTITIONS,
+    backfill_policy=ONE_RUN_PER_PARTITION,
     group_name=PIPELINE_GROUP,
     deps=[candidate_pools],
     check_specs=[
@@ -290,6 +297,7 @@ def features_asof(
 
 @dg.asset(
     partitions_def=PARTITIONS,
+    backfill_policy=ONE_RUN_PER_PARTITION,
     group_name=PIPELINE_GROUP,
     deps=[features_asof, model_bundle],
     check_specs=[_contract_check("scored_candidates")],
@@ -339,6 +347,7 @@ def scored_candidates(
 
 @dg.asset(
     partitions_def=PARTITIONS,
+    backfill_policy=ONE_RUN_PER_PARTITION,
     group_name=PIPELINE_GROUP,
     deps=[scored_candidates],
     check_specs=[_contract_check("slates")],

@@ -57,3 +57,13 @@ class SurfaceRegion:
     def path(self) -> str:
         """Hive-style path segment: surface=…/region=…"""
         return f"surface={self.surface}/region={self.region}"
+
+
+ONE_RUN_PER_PARTITION = dg.BackfillPolicy.multi_run(1)
+"""Backfill policy of every partitioned asset.
+
+Assets read `context.partition_key` and write their own Parquet per partition, so a single
+run over a partition range cannot work; one run per partition keeps a partition's blocking
+publish gate in the same run as its chain, and a failing partition fails alone. The same
+policy on every asset keeps the whole chain of a partition in one run.
+"""

@@ -67,7 +67,7 @@ def run_pipeline(
     if train_model:
         started = time.monotonic()
         progress("model_bundle: training …")
-        result = definitions.get_job_def(MODEL_JOB).execute_in_process(
+        result = definitions.resolve_job_def(MODEL_JOB).execute_in_process(
             instance=instance, raise_on_error=False
         )
         if not result.success:
@@ -77,7 +77,7 @@ def run_pipeline(
             f"model_bundle: {metadata.get('model_bundle', {}).get('model_version', '?')} "
             f"in {time.monotonic() - started:.1f}s"
         )
-    job = definitions.get_job_def(REFRESH_JOB)
+    job = definitions.resolve_job_def(REFRESH_JOB)
     outcomes = []
     for index, partition in enumerate(partitions, start=1):
         started = time.monotonic()

@@ -9,7 +9,11 @@ from collections.abc import Iterator
 
 import dagster as dg
 
-from recsys_assets.pipeline.partitions import SurfaceRegion, surface_region_partitions
+from recsys_assets.pipeline.partitions import (
+    ONE_RUN_PER_PARTITION,
+    SurfaceRegion,
+    surface_region_partitions,
+)
 from recsys_assets.pipeline.resources import RecsysResource
 from recsys_assets.publish.manifest import rollback
 from recsys_assets.publish.publisher import (
@@ -36,6 +40,7 @@ def _gate(asset: str, name: str, what: str) -> dg.AssetCheckSpec:
 
 @dg.asset(
     partitions_def=PARTITIONS,
+    backfill_policy=ONE_RUN_PER_PARTITION,
     group_name=PUBLISH_GROUP,
     deps=[dg.AssetKey("slates"), dg.AssetKey("subjects")],
     check_specs=[_gate("published_lists", PUBLISH_CHECK, "the partition's lists")],
@@ -59,6 +64,7 @@ def published_lists(
 
 @dg.asset(
     partitions_def=PARTITIONS,
+    backfill_policy=ONE_RUN_PER_PARTITION,
     group_name=PUBLISH_GROUP,
     check_specs=[_gate("fallback_lists", FALLBACK_CHECK, "the partition's fallback lists")],
     kinds={"parquet"},

@@ -34,15 +34,22 @@ class PipelineRun:
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tiny_raw_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[PipelineRun]:
+def pipeline_run(
+    tiny_raw_root: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[PipelineRun]:
     root = tmp_path_factory.mktemp("pipeline")
     shutil.copytree(tiny_raw_root, root / "raw")
     warehouse = Warehouse(root.as_uri())
-    definitions = build_definitions(RecsysResource(warehouse_url=warehouse.url, score_time=SCORE_TIME))
+    definitions = build_definitions(
+        RecsysResource(warehouse_url=warehouse.url, score_time=SCORE_TIME)
+    )
     with dg.instance_for_test() as instance:
         outcomes = run_pipeline(
-            definitions, instance, select_partitions(load_settings(), None, None),
-            train_model=True, progress=lambda message: None,
+            definitions,
+            instance,
+            select_partitions(load_settings(), None, None),
+            train_model=True,
+            progress=lambda message: None,
         )
         yield PipelineRun(warehouse, definitions, instance, outcomes)
 
@@ -53,8 +60,15 @@ def test_every_partition_materializes(pipeline_run: PipelineRun) -> None:
     failed = [(o.partition, o.error) for o in pipeline_run.outcomes if not o.success]
     assert not failed
     for outcome in pipeline_run.outcomes:
-        assert {"subjects", "candidate_pools", "features_asof", "scored_candidates", "slates",
-                "published_lists", "fallback_lists"} <= set(outcome.metadata)
+        assert {
+            "subjects",
+            "candidate_pools",
+            "features_asof",
+            "scored_candidates",
+            "slates",
+            "published_lists",
+            "fallback_lists",
+        } <= set(outcome.metadata)
 
 
 def test_slates_satisfy_contract_and_surface_depth(pipeline_run: PipelineRun) -> None:
@@ -63,10 +77,10 @@ def test_slates_satisfy_contract_and_surface_depth(pipeline_run: PipelineRun) ->
     for outcome in pipeline_run.outcomes:
         partition = outcome.partition
         folder = f"pipeline/slates/{partition.path}"
-        if not pipeline_run.warehouse.parquet_parts(folder):
-            continue
         slate = pipeline_run.warehouse.read_parquet(folder)
         validate_stage("slates", slate)
+        if slate.empty:  # a partition without eligible subjects (no tenant actors there)
+            continue
         depth = settings.surface(partition.surface).store_depth
         assert slate.groupby("subject_id").size().max() <= depth
         lists += slate["subject_id"].nunique()
@@ -85,7 +99,7 @@ def test_refresh_is_deterministic_for_a_fixed_clock(pipeline_run: PipelineRun) -
     partition = SurfaceRegion("email_daily", "eu")
     folder = f"pipeline/slates/{partition.path}"
     before = pipeline_run.warehouse.read_parquet(folder).drop(columns=["pipeline_run_id"])
-    result = pipeline_run.definitions.get_job_def(REFRESH_JOB).execute_in_process(
+    result = pipeline_run.definitions.resolve_job_def(REFRESH_JOB).execute_in_process(
         instance=pipeline_run.instance, partition_key=partition.to_key()
     )
     assert result.success
@@ -100,19 +114,18 @@ def test_planted_future_feature_value_fails_the_leakage_check(
 
     def leaky(*args: object, **kwargs: object) -> pd.DataFrame:
         features = real(*args, **kwargs)
-        features.loc[features.index[:3], "feature_timestamp"] = (
-            features["score_time"].iloc[0] + pd.Timedelta(hours=1)
-        )
+        features.loc[features.index[:3], "feature_timestamp"] = features["score_time"].iloc[
+            0
+        ] + pd.Timedelta(hours=1)
         return features
 
     monkeypatch.setattr(pipeline_assets, "compute_features", leaky)
     partition = SurfaceRegion("push", "apac")
-    result = pipeline_run.definitions.get_job_def(REFRESH_JOB).execute_in_process(
+    result = pipeline_run.definitions.resolve_job_def(REFRESH_JOB).execute_in_process(
         instance=pipeline_run.instance, partition_key=partition.to_key(), raise_on_error=False
     )
     evaluations = {
-        evaluation.check_name: evaluation
-        for evaluation in result.get_asset_check_evaluations()
+        evaluation.check_name: evaluation for evaluation in result.get_asset_check_evaluations()
     }
     assert not evaluations["no_future_feature_values"].passed
     assert evaluations["no_future_feature_values"].metadata["rows_with_future_values"].value == 3
@@ -131,6 +144,6 @@ def test_model_bundle_records_versions_and_metrics(pipeline_run: PipelineRun) ->
 
 def test_definitions_load_with_every_part() -> None:
     definitions = build_definitions()
-    assert definitions.get_job_def(MODEL_JOB)
-    assert definitions.get_job_def(REFRESH_JOB)
-    assert definitions.get_sensor_def("policy_change_sensor")
+    assert definitions.resolve_job_def(MODEL_JOB)
+    assert definitions.resolve_job_def(REFRESH_JOB)
+    assert definitions.resolve_sensor_def("policy_change_sensor")

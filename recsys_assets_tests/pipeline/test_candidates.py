@@ -107,7 +107,9 @@ def pool() -> pd.DataFrame:
         score_time=NOW,
         trending_window_days=3,
     )
-    subjects = pd.DataFrame({"subject_id": [1, 2, 3], "tenant_id": [None] * 3, "actor_role": [None] * 3})
+    subjects = pd.DataFrame(
+        {"subject_id": [1, 2, 3], "tenant_id": [None] * 3, "actor_role": [None] * 3}
+    )
     return generate_candidates(subjects, context, surface, two_tower=None, recent_items_per_user=5)
 
 
@@ -154,7 +156,9 @@ def test_budget_is_enforced() -> None:
         score_time=NOW,
         trending_window_days=3,
     )
-    subjects = pd.DataFrame({"subject_id": [1, 2, 3], "tenant_id": [None] * 3, "actor_role": [None] * 3})
+    subjects = pd.DataFrame(
+        {"subject_id": [1, 2, 3], "tenant_id": [None] * 3, "actor_role": [None] * 3}
+    )
     pool = generate_candidates(subjects, context, surface, two_tower=None, recent_items_per_user=5)
     assert pool.groupby("subject_id").size().max() <= 3
 

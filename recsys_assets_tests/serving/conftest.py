@@ -152,7 +152,16 @@ def world(tiny_warehouse: Warehouse) -> Iterator[World]:
     warehouse.write_parquet(
         "raw/users/part-00000.parquet", pd.concat([users, template], ignore_index=True)
     )
-    built = World(warehouse, _serving_settings(), Clock(TINY_AS_OF), ids[15:], failing)
+    settings = _serving_settings()
+    # Lists built from `good` items must pass publish's slate-policy re-check on their own.
+    policy = settings.surface("home_feed").slate_policy
+    rest = at.loc[ids[15:], ["creator_id", "category"]]
+    within_caps = (rest.groupby("creator_id").cumcount() < policy.max_per_creator) & (
+        rest.groupby("category").cumcount() < policy.max_per_category
+    )
+    good = rest.index[within_caps.to_numpy()].astype(int).tolist()
+    assert len(good) >= 72, "tiny seed changed: not enough diverse plain items for serving tests"
+    built = World(warehouse, settings, Clock(TINY_AS_OF), good, failing)
     yield built
     for service in built.services:
         service.close()

@@ -65,7 +65,7 @@ def test_serves_what_publish_version_published(world: World) -> None:
     assert len(newcomer.items) == 20
 
     second = publish_version(
-        warehouse, settings, "home_feed", "na", _records(world, world.good[20:80]),
+        warehouse, settings, "home_feed", "na", _records(world, world.good[20:72]),
         items=items, now=world.clock.now + timedelta(seconds=1),
     )  # fmt: skip
     assert second.published, second.summary()

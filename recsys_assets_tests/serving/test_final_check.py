@@ -111,13 +111,17 @@ def test_enterprise_actor_tenant_role_and_case(world: World) -> None:
     )
     service = world.service()
 
+    display = world.settings.surface("enterprise_action_queue").display_count
     agent = service.recommend(AGENT, "enterprise_action_queue", "na")
     assert agent.rejections == {"tenant_not_allowed": 1, "role_not_allowed": 1, "case_closed": 1}
-    assert [item["item_id"] for item in agent.items] == [failing["own_tenant"], *world.good[:9]]
+    assert [item["item_id"] for item in agent.items] == [
+        failing["own_tenant"],
+        *world.good[: display - 1],
+    ]
 
     consumer = service.recommend(CONSUMER, "enterprise_action_queue", "na")
     assert consumer.rejections == {"tenant_not_allowed": 3, "case_closed": 1}
-    assert [item["item_id"] for item in consumer.items] == world.good[:10]
+    assert [item["item_id"] for item in consumer.items] == world.good[:display]
 
 
 def test_consent_revoked_on_a_send_gives_an_empty_response(world: World) -> None:

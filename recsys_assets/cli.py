@@ -10,7 +10,10 @@ import argparse
 import importlib
 import logging
 import sys
+import warnings
 from collections.abc import Sequence
+
+import dagster as dg
 
 from recsys_assets.config import ConfigError
 from recsys_assets.contracts import ContractViolation
@@ -38,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # Beta/preview notices about Dagster APIs we chose on purpose are noise on a terminal.
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(

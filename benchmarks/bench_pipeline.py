@@ -1,0 +1,394 @@
+"""Benchmark: one partition's whole graph (subjects → … → slates) vs the raw ranker kernel.
+
+    python benchmarks/bench_pipeline.py [--scale medium] [--surface home_feed] [--region na]
+                                        [--skip-2x] [--fresh] [--workdir DIR]
+
+Seeds a warehouse at `--scale` (and one with twice its users), trains the model bundle once
+(the doubled warehouse gets a copy of it: same model, more users), then materializes the
+partition's chain with `dagster.materialize` in a fresh subprocess per warehouse, with a
+pinned score_time, and reads the child's peak RSS (`ru_maxrss` from `wait4`). Reported
+side by side:
+
+- scored candidate rows per second of the partition run (scored rows / wall time of the
+  whole materialization) vs the ranker kernel alone: the same bundle's network over the
+  same number of rows × FEATURE_COLUMNS, torch only, in its own subprocess (target >= 0.5);
+- peak RSS of the partition run at the scale and at 2× its users (target ratio <= 1.3);
+- seconds per asset step, from the run's step events.
+
+Seeded warehouses and the bundle are kept under `--workdir` (gitignored) and reused when
+their snapshot matches scale, seed and as_of; `--fresh` re-seeds. The last line is JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PARTITION_ASSETS = ("subjects", "candidate_pools", "features_asof", "scored_candidates", "slates")
+AS_OF = datetime(2026, 1, 15)
+"""Fixed snapshot time: the same seed gives the same data on every run."""
+THROUGHPUT_TARGET = 0.5
+RSS_RATIO_TARGET = 1.3
+DEFAULT_WORKDIR = Path(__file__).resolve().parent / "output" / "bench_pipeline"
+KERNEL_BATCH = 65_536
+"""RankerModel.predict's batch size: the kernel runs the same batches."""
+
+
+# -- warehouses --------------------------------------------------------------------------
+
+
+def seed_scales(scale_name: str, with_double: bool) -> list[Any]:
+    """The SeedScale to benchmark and, unless skipped, the same scale with twice the users."""
+    from recsys_assets.data.seed import SCALES
+
+    if scale_name not in SCALES:
+        raise SystemExit(f"--scale {scale_name!r}: choose one of {list(SCALES)}")
+    base = SCALES[scale_name]
+    scales = [base]
+    if with_double:
+        scales.append(dataclasses.replace(base, name=f"{base.name}_2x", users=2 * base.users))
+    return scales
+
+
+def ensure_seeded(folder: Path, scale: Any, seed: int, fresh: bool) -> dict[str, Any]:
+    """Seed `folder` unless it already holds this (scale, seed, AS_OF) snapshot."""
+    from recsys_assets.config import load_settings
+    from recsys_assets.data import read_snapshot
+    from recsys_assets.data.seed import seed_warehouse
+    from recsys_assets.warehouse import Warehouse
+
+    warehouse = Warehouse(str(folder))
+    if not fresh:
+        try:
+            snapshot = read_snapshot(warehouse)
+        except FileNotFoundError:
+            snapshot = {}
+        wanted = {"scale": scale.name, "seed": seed, "as_of": AS_OF.isoformat()}
+        if all(snapshot.get(key) == value for key, value in wanted.items()):
+            return {"reused": True, "seconds": 0.0, "row_counts": snapshot["row_counts"]}
+    shutil.rmtree(folder, ignore_errors=True)
+    started = time.perf_counter()
+    report = seed_warehouse(
+        Warehouse(str(folder)), scale=scale, seed=seed, settings=load_settings(), as_of=AS_OF
+    )
+    return {
+        "reused": False,
+        "seconds": time.perf_counter() - started,
+        "row_counts": report.row_counts,
+    }
+
+
+def ensure_bundle(folder: Path, fresh: bool) -> dict[str, Any]:
+    """Train the bundle on `folder` unless one is already there (and not --fresh)."""
+    from recsys_assets.config import load_settings
+    from recsys_assets.models.bundle import current_model_version, train_bundle
+    from recsys_assets.warehouse import Warehouse
+
+    warehouse = Warehouse(str(folder))
+    version = current_model_version(warehouse)
+    if version is not None and not fresh:
+        return {"reused": True, "seconds": 0.0, "model_version": version}
+    started = time.perf_counter()
+    info = train_bundle(warehouse, load_settings())
+    return {
+        "reused": False,
+        "seconds": time.perf_counter() - started,
+        "model_version": info.model_version,
+    }
+
+
+def copy_bundle(source: Path, target: Path) -> None:
+    """Give `target` the same model bundle as `source` (models/ folder, current.json last)."""
+    shutil.rmtree(target / "models", ignore_errors=True)
+    shutil.copytree(source / "models", target / "models")
+
+
+# -- children ----------------------------------------------------------------------------
+
+
+def run_child(arguments: list[str], result_file: Path) -> tuple[dict[str, Any], float, float]:
+    """Run this script as a child; (its JSON result, wall seconds, its peak RSS in MiB)."""
+    result_file.unlink(missing_ok=True)
+    command = [sys.executable, str(Path(__file__).resolve()), *arguments, "--out", str(result_file)]
+    started = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert child.stderr is not None
+    stderr = child.stderr.read()
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    if child.returncode != 0 or not result_file.exists():
+        raise SystemExit(f"child {arguments[:2]} failed ({child.returncode}):\n{stderr[-4000:]}")
+    return json.loads(result_file.read_text()), wall, _rss_mib(usage.ru_maxrss)
+
+
+def _rss_mib(ru_maxrss: int) -> float:
+    return ru_maxrss / 2**20 if sys.platform == "darwin" else ru_maxrss / 1024
+
+
+def partition_child(warehouse: str, surface: str, region: str, score_time: str) -> dict[str, Any]:
+    """Materialize the partition's chain on an ephemeral instance; timings and row counts."""
+    import dagster as dg
+    from dagster_duckdb import DuckDBResource
+
+    from recsys_assets.pipeline.assets import PIPELINE_ASSETS
+    from recsys_assets.pipeline.partitions import SurfaceRegion
+    from recsys_assets.pipeline.resources import RecsysResource
+
+    resources = {
+        "recsys": RecsysResource(warehouse_url=warehouse, score_time=score_time),
+        "duckdb": DuckDBResource(database=":memory:"),
+    }
+    started = time.perf_counter()
+    result = dg.materialize(
+        PIPELINE_ASSETS,
+        selection=list(PARTITION_ASSETS),
+        partition_key=SurfaceRegion(surface, region).to_key(),
+        resources=resources,
+        raise_on_error=False,
+    )
+    wall = time.perf_counter() - started
+    if not result.success:
+        failures = [
+            f"{event.step_key}: {event.step_failure_data.error.message.strip()}"  # type: ignore[union-attr]
+            for event in result.all_events
+            if event.is_step_failure and event.step_failure_data and event.step_failure_data.error
+        ]
+        raise SystemExit(f"partition run failed: {failures or 'a blocking check failed'}")
+    rows: dict[str, int] = {}
+    for event in result.get_asset_materialization_events():
+        materialization = event.event_specific_data.materialization  # type: ignore[union-attr]
+        rows[materialization.asset_key.to_user_string()] = int(
+            materialization.metadata["rows"].value  # type: ignore[arg-type]
+        )
+    return {"wall_s": wall, "rows": rows, "steps_s": _step_seconds(result)}
+
+
+def _step_seconds(result: Any) -> dict[str, float]:
+    """Seconds from STEP_START to STEP_SUCCESS per step (the asset's whole compute)."""
+    starts: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    for event in result.all_events:
+        if event.step_key is None:
+            continue
+        if event.event_type_value == "STEP_START":
+            starts[event.step_key] = event.timestamp
+        elif event.event_type_value == "STEP_SUCCESS" and event.step_key in starts:
+            seconds[event.step_key] = event.timestamp - starts[event.step_key]
+    return seconds
+
+
+def kernel_child(warehouse: str, rows: int, repeats: int) -> dict[str, Any]:
+    """The bundle's ranker network over `rows` × FEATURE_COLUMNS float32, torch only."""
+    import torch
+
+    from recsys_assets.models.bundle import load_bundle
+    from recsys_assets.warehouse import Warehouse
+
+    ranker = load_bundle(Warehouse(warehouse)).ranker
+    generator = np.random.default_rng(0)
+    matrix = generator.gamma(1.0, 3.0, (rows, len(ranker.feature_columns))).astype(np.float32)
+    out = np.empty(rows, dtype=np.float32)
+
+    def one_pass() -> float:
+        started = time.perf_counter()
+        with torch.inference_mode():
+            for start in range(0, rows, KERNEL_BATCH):
+                batch = torch.from_numpy(matrix[start : start + KERNEL_BATCH]).to(ranker.device)
+                out[start : start + KERNEL_BATCH] = (
+                    torch.sigmoid(ranker.network(batch)).float().cpu().numpy()
+                )
+        return time.perf_counter() - started
+
+    one_pass()
+    best = min(one_pass() for _ in range(repeats))
+    return {
+        "rows": rows,
+        "best_s": best,
+        "rows_per_s": rows / best,
+        "device": str(ranker.device),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+# -- report ------------------------------------------------------------------------------
+
+
+def _how(step: dict[str, Any], verb: str) -> str:
+    return "reused" if step["reused"] else f"{verb} in {step['seconds']:.0f}s"
+
+
+def _table(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        for row in rows
+    ]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scale", default="medium")
+    parser.add_argument("--surface", default="home_feed")
+    parser.add_argument("--region", default="na")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--skip-2x", action="store_true", help="no 2× users run (no RSS ratio)")
+    parser.add_argument("--fresh", action="store_true", help="re-seed and retrain")
+    parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
+    parser.add_argument("--kernel-repeats", type=int, default=3)
+    parser.add_argument("--child", choices=("partition", "kernel"), help=argparse.SUPPRESS)
+    parser.add_argument("--warehouse", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--score-time", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child == "partition":
+        found = partition_child(args.warehouse, args.surface, args.region, args.score_time)
+        args.out.write_text(json.dumps(found))
+        return found
+    if args.child == "kernel":
+        found = kernel_child(args.warehouse, args.rows, args.kernel_repeats)
+        args.out.write_text(json.dumps(found))
+        return found
+
+    workdir = args.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    scales = seed_scales(args.scale, with_double=not args.skip_2x)
+    score_time = AS_OF.isoformat()
+    runs: dict[str, dict[str, Any]] = {}
+    bundle: dict[str, Any] = {}
+    for index, scale in enumerate(scales):
+        folder = workdir / scale.name
+        seeded = ensure_seeded(folder, scale, args.seed, args.fresh)
+        print(
+            f"{scale.name}: {scale.users} users, {_how(seeded, 'seeded')}",
+            flush=True,
+        )
+        if index == 0:
+            bundle = ensure_bundle(folder, args.fresh)
+            print(
+                f"model bundle {bundle['model_version']}: {_how(bundle, 'trained')}",
+                flush=True,
+            )
+        else:
+            copy_bundle(workdir / scales[0].name, folder)
+        found, wall, rss = run_child(
+            [
+                "--child",
+                "partition",
+                "--warehouse",
+                str(folder),
+                "--surface",
+                args.surface,
+                "--region",
+                args.region,
+                "--score-time",
+                score_time,
+            ],
+            workdir / f"{scale.name}_partition.json",
+        )
+        runs[scale.name] = {**found, "peak_rss_mib": rss, "process_s": wall}
+        print(
+            f"{scale.name}: partition run {found['wall_s']:.1f}s, "
+            f"{found['rows'].get('scored_candidates', 0):,} scored rows, peak RSS {rss:.0f} MiB",
+            flush=True,
+        )
+
+    base = runs[scales[0].name]
+    scored_rows = base["rows"]["scored_candidates"]
+    kernel, _, _ = run_child(
+        [
+            "--child",
+            "kernel",
+            "--warehouse",
+            str(workdir / scales[0].name),
+            "--rows",
+            str(max(scored_rows, 1)),
+            "--kernel-repeats",
+            str(args.kernel_repeats),
+        ],
+        workdir / "kernel.json",
+    )
+    pipeline_rate = scored_rows / base["wall_s"]
+    throughput_ratio = pipeline_rate / kernel["rows_per_s"]
+    rss_ratio = (
+        runs[scales[1].name]["peak_rss_mib"] / base["peak_rss_mib"] if len(scales) > 1 else None
+    )
+
+    print()
+    print(
+        _table(
+            [
+                ("measure", "value", "target"),
+                ("scored candidate rows", f"{scored_rows:,}", ""),
+                ("pipeline rows/s (end to end)", f"{pipeline_rate:,.0f}", ""),
+                ("ranker kernel rows/s", f"{kernel['rows_per_s']:,.0f}", ""),
+                ("pipeline / kernel", f"{throughput_ratio:.3f}", f">= {THROUGHPUT_TARGET}"),
+                *(
+                    (f"peak RSS {name} (MiB)", f"{run['peak_rss_mib']:,.0f}", "")
+                    for name, run in runs.items()
+                ),
+                (
+                    "peak RSS 2x / 1x",
+                    "skipped" if rss_ratio is None else f"{rss_ratio:.3f}",
+                    f"<= {RSS_RATIO_TARGET}",
+                ),
+            ]
+        )
+    )
+    print()
+    steps = [("step", *runs)]
+    for step in PARTITION_ASSETS:
+        steps.append((step, *(f"{run['steps_s'].get(step, 0.0):.1f}s" for run in runs.values())))
+    steps.append(("partition run", *(f"{run['wall_s']:.1f}s" for run in runs.values())))
+    steps.append(
+        ("rows scored", *(f"{run['rows'].get('scored_candidates', 0):,}" for run in runs.values()))
+    )
+    print(_table(steps))
+
+    summary: dict[str, Any] = {
+        "benchmark": "pipeline_partition",
+        "scale": args.scale,
+        "partition": f"{args.surface}|{args.region}",
+        "model_version": bundle.get("model_version"),
+        "scored_rows": scored_rows,
+        "pipeline_wall_s": round(base["wall_s"], 2),
+        "pipeline_rows_per_s": round(pipeline_rate),
+        "kernel_rows_per_s": round(kernel["rows_per_s"]),
+        "kernel_device": kernel["device"],
+        "kernel_torch_threads": kernel["torch_threads"],
+        "throughput_ratio": round(throughput_ratio, 4),
+        "throughput_target": THROUGHPUT_TARGET,
+        "meets_throughput_target": throughput_ratio >= THROUGHPUT_TARGET,
+        "peak_rss_mib": {name: round(run["peak_rss_mib"], 1) for name, run in runs.items()},
+        "rss_ratio_2x": None if rss_ratio is None else round(rss_ratio, 3),
+        "rss_ratio_target": RSS_RATIO_TARGET,
+        "meets_rss_target": None if rss_ratio is None else rss_ratio <= RSS_RATIO_TARGET,
+        "steps_s": {
+            name: {step: round(seconds, 2) for step, seconds in run["steps_s"].items()}
+            for name, run in runs.items()
+        },
+        "rows": {name: run["rows"] for name, run in runs.items()},
+        "bench_peak_rss_mib": round(_rss_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)),
+    }
+    print(json.dumps(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -445,7 +445,9 @@ def _item_defaults(
         "item_type": "item",
         "title": None,
         "category": "unknown",
-        "creator_id": "unknown",
+        # Each item its own creator: one shared placeholder would make every item the same
+        # creator, and the slate policy's max_per_creator would cut every list to that cap.
+        "creator_id": lambda index: _own_creator(ids, index),
         "regions": "*",
         "status": "active",
         "policy_state": "approved",
@@ -480,6 +482,12 @@ def _user_defaults(
         "created_at": lambda index: _seen(ids, first_seen, index, as_of),
         "last_active_at": lambda index: _seen(ids, last_seen, index, as_of),
     }
+
+
+def _own_creator(ids: pd.Series, index: pd.Index) -> pd.Series:
+    """Per row of `ids`: `item:<item_id>`."""
+    numeric = pd.to_numeric(ids, errors="coerce").astype("Int64").astype(str)
+    return pd.Series(("item:" + numeric).to_numpy(), index=index)
 
 
 def _seen(ids: pd.Series, seen: pd.Series, index: pd.Index, as_of: datetime) -> pd.Series:

@@ -37,6 +37,7 @@ POSITIVE_RATING = 4.0
 TRAINING_SURFACE = "home_feed"
 """Surface whose exposures feed the frequency features of training rows."""
 _OVERSAMPLE = 3
+UNIFORM_NEGATIVE_SHARE = 0.5
 _MIN_SCALE = 1e-6
 
 RetrievalScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -209,9 +210,13 @@ def training_pairs(
 ) -> pd.DataFrame:
     """Labelled (subject_id, item_id, score_time, label) rows, built point-in-time.
 
-    Negatives share their positive's timestamp and are drawn by popularity (engagements
-    before the cutoff, +1) among items created before that time that the subject had not
-    interacted with before it. The newest `max_positives` positives are kept.
+    Negatives share their positive's timestamp and are drawn from a mixture: with
+    probability UNIFORM_NEGATIVE_SHARE uniformly over the catalog, otherwise by popularity
+    (engagements before the cutoff, +1), among items created before that time that the
+    subject had not interacted with before it. Popularity-only negatives would teach the
+    ranker that popular items are bad (they are over-represented among negatives), which
+    measurably inverted its popularity signal in offline evaluation; uniform-only negatives
+    are too easy. The newest `max_positives` positives are kept.
     """
     positives = positive_events(interactions, cutoff=cutoff)
     positives = positives.sort_values("score_time", kind="stable").tail(max_positives)
@@ -232,7 +237,10 @@ def training_pairs(
         engaged.value_counts().reindex(item_ids, fill_value=0).to_numpy(dtype=np.float64) + 1.0
     )
     draws = negatives_per_positive * _OVERSAMPLE
-    drawn = rng.choice(item_ids, size=(len(positives), draws), p=popularity / popularity.sum())
+    mixture = (1.0 - UNIFORM_NEGATIVE_SHARE) * popularity / popularity.sum() + (
+        UNIFORM_NEGATIVE_SHARE / len(item_ids)
+    )
+    drawn = rng.choice(item_ids, size=(len(positives), draws), p=mixture)
     candidates = pd.DataFrame(
         {
             "positive": np.repeat(np.arange(len(positives)), draws),

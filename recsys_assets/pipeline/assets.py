@@ -13,13 +13,17 @@ from typing import Any
 import dagster as dg
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
 from dagster_duckdb import DuckDBResource
 
 from recsys_assets.contracts.pipeline import validate_stage
 from recsys_assets.data import read_raw
+from recsys_assets.data.snapshot import raw_table_path
 from recsys_assets.models.bundle import load_bundle, train_bundle
 from recsys_assets.pipeline import candidates as candidate_stage
 from recsys_assets.pipeline.features import (
+    FEATURE_COLUMNS,
     FEATURE_SET_VERSION,
     compute_features,
     leakage_violations,
@@ -31,11 +35,13 @@ from recsys_assets.pipeline.partitions import (
 )
 from recsys_assets.pipeline.resources import RecsysResource
 from recsys_assets.pipeline.retrieval import retrieve_two_tower
+from recsys_assets.pipeline.scoring import ITEM_COLUMNS as SCORING_ITEM_COLUMNS
 from recsys_assets.pipeline.scoring import score_candidates
 from recsys_assets.pipeline.shards import (
     ShardWriteResult,
     markdown_table,
     quantiles,
+    raw_dataset,
     read_parts,
     write_shards,
 )
@@ -44,6 +50,18 @@ from recsys_assets.pipeline.subjects import select_subjects, shard_bounds
 from recsys_assets.rules.tombstones import load_tombstones, person_tombstones
 
 PARTITIONS = surface_region_partitions()
+SCORING_INPUT_COLUMNS = [
+    "subject_id",
+    "item_id",
+    "score_time",
+    "source_provenance",
+    "rank_new_item_exploration",
+    "rank_long_tail_quality",
+    *FEATURE_COLUMNS,
+    "feature_set_version",
+]
+"""What scoring reads of features_asof: ids, the ranker's inputs and what utility needs."""
+FEATURE_ITEM_COLUMNS = ["item_id", "category", "creator_id", "stock", "is_sponsored", "created_at"]
 PIPELINE_GROUP = "pipeline"
 
 
@@ -249,10 +267,11 @@ def features_asof(
     partition = SurfaceRegion.from_context(context)
     warehouse = recsys.warehouse()
     now = recsys.now()
-    items = read_raw(warehouse, "items")
-    interactions = read_raw(warehouse, "interactions")
-    exposures = read_raw(warehouse, "exposures")
-    user_controls = read_raw(warehouse, "user_controls")
+    # Event tables stay lazy datasets: each shard's SQL scans only its rows and columns.
+    items = warehouse.read_arrow(raw_table_path("items"), columns=FEATURE_ITEM_COLUMNS)
+    interactions = raw_dataset(warehouse, "interactions")
+    exposures = raw_dataset(warehouse, "exposures")
+    user_controls = raw_dataset(warehouse, "user_controls")
     leaks = 0
 
     def shards(con) -> Iterator[pd.DataFrame]:
@@ -310,8 +329,10 @@ def scored_candidates(
     partition = SurfaceRegion.from_context(context)
     warehouse = recsys.warehouse()
     bundle = load_bundle(warehouse)
-    items = read_raw(warehouse, "items").set_index("item_id")
-    popularity = _popularity_percentile(read_raw(warehouse, "interactions"))
+    items = read_raw(warehouse, "items", columns=["item_id", *SCORING_ITEM_COLUMNS]).set_index(
+        "item_id"
+    )
+    popularity = _popularity_percentile(raw_dataset(warehouse, "interactions"))
     lineage = {
         "model_version": bundle.info.model_version,
         "feature_set_version": bundle.info.feature_set_version,
@@ -320,7 +341,9 @@ def scored_candidates(
     utilities: list[np.ndarray] = []
 
     def shards() -> Iterator[pd.DataFrame]:
-        for _, features in read_parts(warehouse, "features_asof", partition.path):
+        for _, features in read_parts(
+            warehouse, "features_asof", partition.path, columns=SCORING_INPUT_COLUMNS
+        ):
             scored = score_candidates(
                 features, items, bundle.score, popularity_percentile=popularity, lineage=lineage
             )
@@ -395,9 +418,14 @@ def slates(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.Mate
     )
 
 
-def _popularity_percentile(interactions: pd.DataFrame) -> pd.Series:
-    counts = interactions.groupby("item_id").size()
-    return counts.rank(pct=True)
+def _popularity_percentile(interactions: ds.Dataset) -> pd.Series:
+    """Percentile of each item's interaction count, read from the item_id column alone."""
+    counts = pc.value_counts(interactions.to_table(columns=["item_id"]).column("item_id"))
+    per_item = pd.Series(
+        counts.field("counts").to_numpy(),
+        index=pd.Index(counts.field("values").to_numpy(), name="item_id"),
+    )
+    return per_item.sort_index().rank(pct=True)
 
 
 PIPELINE_ASSETS = [

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import duckdb
 import numpy as np
 import pandas as pd
 
@@ -183,38 +184,49 @@ def _blocked_pairs(
 
 
 def _item_neighbours(history: pd.DataFrame, eligible_ids: np.ndarray) -> pd.DataFrame:
-    """Top co-engaged items per item, cosine-normalised by item engagement counts."""
-    recent = (
-        history.sort_values("ts", ascending=False)
-        .drop_duplicates(["user_id", "item_id"])
-        .groupby("user_id", sort=False)
-        .head(30)[["user_id", "item_id"]]
-    )
-    pairs = recent.merge(recent, on="user_id", suffixes=("", "_other"))
-    pairs = pairs[
-        (pairs["item_id"] != pairs["item_id_other"]) & pairs["item_id_other"].isin(eligible_ids)
-    ]
-    if pairs.empty:
-        return pd.DataFrame(
-            {
-                "item_id": pd.Series(dtype="int64"),
-                "neighbour_id": pd.Series(dtype="int64"),
-                "similarity": pd.Series(dtype="float32"),
-            }
+    """Top co-engaged items per item, cosine-normalised by item engagement counts.
+
+    Each user's 30 most recent distinct items co-occur pairwise. The self-join and the
+    per-pair counts run in DuckDB: in pandas they were most of a partition's candidate
+    context time and memory (the pair table grows with users).
+    """
+    with duckdb.connect(":memory:") as con:
+        con.register("i2i_history", history[["user_id", "item_id", "ts"]])
+        con.register("i2i_eligible", pd.DataFrame({"item_id": np.asarray(eligible_ids, "int64")}))
+        return (
+            con.sql(_I2I_SQL)
+            .df()
+            .astype({"item_id": "int64", "neighbour_id": "int64", "similarity": "float32"})
         )
-    counts = pairs.groupby(["item_id", "item_id_other"]).size().rename("co").reset_index()
-    degree = recent.groupby("item_id").size()
-    norm = np.sqrt(
-        counts["item_id"].map(degree).to_numpy() * counts["item_id_other"].map(degree).to_numpy()
-    )
-    counts["similarity"] = (counts["co"] / norm).astype("float32")
-    counts = counts.sort_values(
-        ["item_id", "similarity", "item_id_other"], ascending=[True, False, True]
-    )
-    top = counts.groupby("item_id", sort=False).head(I2I_NEIGHBOURS)
-    return top.rename(columns={"item_id_other": "neighbour_id"})[
-        ["item_id", "neighbour_id", "similarity"]
-    ].reset_index(drop=True)
+
+
+_I2I_SQL = f"""
+WITH latest AS (
+    SELECT user_id, item_id, max(ts) AS ts FROM i2i_history GROUP BY user_id, item_id
+),
+recent AS (
+    SELECT user_id, item_id FROM latest
+    QUALIFY row_number() OVER (PARTITION BY user_id ORDER BY ts DESC, item_id) <= 30
+),
+degree AS (SELECT item_id, count(*) AS degree FROM recent GROUP BY item_id),
+pairs AS (
+    SELECT a.item_id, b.item_id AS neighbour_id, count(*) AS co
+    FROM recent a JOIN recent b ON a.user_id = b.user_id AND a.item_id <> b.item_id
+    WHERE b.item_id IN (SELECT item_id FROM i2i_eligible)
+    GROUP BY ALL
+),
+scored AS (
+    SELECT p.item_id, p.neighbour_id,
+           CAST(p.co / sqrt(CAST(da.degree AS DOUBLE) * db.degree) AS FLOAT) AS similarity
+    FROM pairs p JOIN degree da ON p.item_id = da.item_id
+    JOIN degree db ON p.neighbour_id = db.item_id
+)
+SELECT item_id, neighbour_id, similarity FROM scored
+QUALIFY row_number() OVER (
+    PARTITION BY item_id ORDER BY similarity DESC, neighbour_id
+) <= {I2I_NEIGHBOURS}
+ORDER BY item_id, similarity DESC, neighbour_id
+"""
 
 
 def _trending(
@@ -288,13 +300,14 @@ def generate_candidates(
     else:
         tenant_pairs = None
 
+    shard_blocked = context.blocked[context.blocked["subject_id"].isin(subject_ids)]
     frames: list[pd.DataFrame] = []
     if two_tower is not None and quota["two_tower"] > 0 and len(eligible_items):
         retrieved = two_tower(
             subject_ids,
             eligible_items["item_id"].to_numpy(dtype="int64"),
             min(quota["two_tower"], len(eligible_items)),
-            context.blocked[context.blocked["subject_id"].isin(subject_ids)],
+            shard_blocked,
         )
         frames.append(
             retrieved.rename(columns={"rank_two_tower": "rank"}).assign(source="two_tower")
@@ -324,7 +337,7 @@ def generate_candidates(
     proposed = proposed[proposed["item_id"].isin(eligible_items["item_id"])]
     if tenant_pairs is not None:
         proposed = proposed.merge(tenant_pairs, on=["subject_id", "item_id"])
-    proposed = _anti_join(proposed, context.blocked)
+    proposed = _anti_join(proposed, shard_blocked)
     return _merge_sources(proposed, quota, surface.candidate_budget)
 
 

@@ -64,6 +64,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.dataset as ds
 
 from recsys_assets.config.settings import SOURCES
 
@@ -118,6 +119,8 @@ NO_HISTORY = pd.Timestamp("1970-01-01")
 MAX_DAYS_SINCE_ACTIVITY = 365.0
 
 Frame = pd.DataFrame | pa.Table
+EventSource = pd.DataFrame | pa.Table | ds.Dataset
+"""An event table; a pyarrow Dataset (Parquet parts) is scanned lazily, never loaded whole."""
 
 
 class FeatureInputError(ValueError):
@@ -128,19 +131,21 @@ def compute_features(
     con: duckdb.DuckDBPyConnection,
     pairs: Frame,
     *,
-    interactions: Frame,
-    exposures: Frame,
+    interactions: EventSource,
+    exposures: EventSource,
     items: Frame,
     surface: str,
     score_time: pd.Timestamp | None = None,
-    user_controls: Frame | None = None,
+    user_controls: EventSource | None = None,
     step_seconds: dict[str, float] | None = None,
 ) -> pd.DataFrame:
     """Point-in-time features for each row of `pairs`, in the same order.
 
     `pairs` has subject_id and item_id, and a per-row `score_time` column unless the scalar
     `score_time` is given (one or the other). Every other column of `pairs` passes through
-    (source_provenance, rank_<source>, retrieval_score, labels). `con` is the caller's
+    (source_provenance, rank_<source>, retrieval_score, labels). Event tables may be
+    pyarrow Datasets: DuckDB scans them per call, so memory does not grow with their size.
+    `con` is the caller's
     connection: work happens on a cursor of it (own temp tables), so parallel steps with
     their own database files never share state. `user_controls` (hide/unhide of creators
     and categories) drives the suppression flags; without it they are 0. `step_seconds`,
@@ -169,7 +174,7 @@ def compute_features(
         )
         cur.register("_fs_controls", controls)
         with _timed(step_seconds, "build_state"):
-            for statement in _build_tables_sql(surface):
+            for statement in _build_tables_sql(surface, one_score_time=score_time is not None):
                 cur.execute(statement)
         with _timed(step_seconds, "asof_join"):
             for key, statement in _lookup_sql():
@@ -192,12 +197,14 @@ def leakage_violations(features: pd.DataFrame) -> pd.DataFrame:
 # -- inputs --------------------------------------------------------------------------------
 
 
-def _as_arrow(frame: Frame, name: str) -> pa.Table:
-    if isinstance(frame, pa.Table):
+def _as_arrow(frame: EventSource, name: str) -> pa.Table | ds.Dataset:
+    if isinstance(frame, pa.Table | ds.Dataset):
         return frame
     if isinstance(frame, pd.DataFrame):
         return pa.Table.from_pandas(frame, preserve_index=False)
-    raise FeatureInputError(f"{name}: expected a pandas DataFrame or pyarrow Table, got {frame!r}")
+    raise FeatureInputError(
+        f"{name}: expected a pandas DataFrame, pyarrow Table or Dataset, got {frame!r}"
+    )
 
 
 def _pairs_frame(pairs: Frame) -> pd.DataFrame:
@@ -261,7 +268,7 @@ def _cursor(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnectio
 # -- SQL -----------------------------------------------------------------------------------
 
 
-def _build_tables_sql(surface: str) -> list[str]:
+def _build_tables_sql(surface: str, *, one_score_time: bool = False) -> list[str]:
     """Time-indexed state tables: one row per key and change point, all values as of then.
 
     An event at time e adds 1 to the totals and to each window from e on, and a second row
@@ -272,8 +279,19 @@ def _build_tables_sql(surface: str) -> list[str]:
     The window frame includes peers, so rows sharing a change time carry identical values
     and the ASOF join may pick any of them. Categories and creators are joined on integer
     codes, which sort far faster than text.
+
+    With `one_score_time` (every probe row at the same score_time, as in scoring) the item
+    state needs only its newest row, so it is one aggregate per item straight from the
+    interactions (the same counts the change points would sum to: an event is in a window
+    when ts < score_time <= ts + window), and `fs_events` keeps the subjects' events only.
+    A shard then never sorts every engagement on its items.
     """
     quoted_surface = surface.replace("'", "''")
+    item_events = (
+        ""
+        if one_score_time
+        else "OR CAST(e.item_id AS BIGINT) IN (SELECT item_id FROM fs_probe_items)"
+    )
     return [
         "CREATE OR REPLACE TEMP TABLE fs_bounds AS "
         "SELECT max(score_time) AS horizon FROM _fs_probe",
@@ -290,7 +308,7 @@ def _build_tables_sql(surface: str) -> list[str]:
                CAST(created_at AS TIMESTAMP) AS created_at
         FROM _fs_items
         """,
-        """
+        f"""
         CREATE OR REPLACE TEMP TABLE fs_events AS
         SELECT CAST(e.user_id AS BIGINT) AS user_id, CAST(e.item_id AS BIGINT) AS item_id,
                CAST(e.ts AS TIMESTAMP) AS ts, e.event_type
@@ -298,7 +316,7 @@ def _build_tables_sql(surface: str) -> list[str]:
         WHERE e.event_type <> 'hide'
           AND CAST(e.ts AS TIMESTAMP) < (SELECT horizon FROM fs_bounds)
           AND (CAST(e.user_id AS BIGINT) IN (SELECT subject_id FROM fs_probe_subjects)
-               OR CAST(e.item_id AS BIGINT) IN (SELECT item_id FROM fs_probe_items))
+               {item_events})
         """,
         f"""
         CREATE OR REPLACE TEMP TABLE fs_user_state AS
@@ -316,22 +334,7 @@ def _build_tables_sql(surface: str) -> list[str]:
           AND e.ts + k.shift < (SELECT horizon FROM fs_bounds)
         WINDOW w AS (PARTITION BY e.user_id ORDER BY e.ts + k.shift)
         """,
-        f"""
-        CREATE OR REPLACE TEMP TABLE fs_item_state AS
-        SELECT e.item_id, e.ts + k.shift AS changed_at,
-               CAST(sum(k.total) OVER w AS FLOAT) AS events_total,
-               CAST(sum(k.d1) OVER w AS FLOAT) AS events_1d,
-               CAST(sum(k.d7) OVER w AS FLOAT) AS events_7d,
-               CAST(sum(k.d28) OVER w AS FLOAT) AS events_28d,
-               max(CASE WHEN k.total = 1 THEN e.ts END) OVER w AS last_event_ts
-        FROM fs_events e
-        CROSS JOIN (VALUES (INTERVAL 0 DAY, 1, 1, 1, 1), ({_DAY}, 0, -1, 0, 0),
-                           (7 * {_DAY}, 0, 0, -1, 0), (28 * {_DAY}, 0, 0, 0, -1))
-            k(shift, total, d1, d7, d28)
-        WHERE e.item_id IN (SELECT item_id FROM fs_probe_items)
-          AND e.ts + k.shift < (SELECT horizon FROM fs_bounds)
-        WINDOW w AS (PARTITION BY e.item_id ORDER BY e.ts + k.shift)
-        """,
+        _ITEM_AGGREGATE_SQL if one_score_time else _ITEM_STATE_SQL,
         """
         CREATE OR REPLACE TEMP TABLE fs_controls AS
         SELECT CAST(user_id AS BIGINT) AS user_id, target_type,
@@ -394,7 +397,42 @@ def _affinity_state_sql(target_type: str) -> str:
 
 
 _ATTRIBUTE = {"category": "category", "creator": "creator_id"}
+
 _DAY = "INTERVAL 1 DAY"
+_ITEM_STATE_SQL = f"""
+        CREATE OR REPLACE TEMP TABLE fs_item_state AS
+        SELECT e.item_id, e.ts + k.shift AS changed_at,
+               CAST(sum(k.total) OVER w AS FLOAT) AS events_total,
+               CAST(sum(k.d1) OVER w AS FLOAT) AS events_1d,
+               CAST(sum(k.d7) OVER w AS FLOAT) AS events_7d,
+               CAST(sum(k.d28) OVER w AS FLOAT) AS events_28d,
+               max(CASE WHEN k.total = 1 THEN e.ts END) OVER w AS last_event_ts
+        FROM fs_events e
+        CROSS JOIN (VALUES (INTERVAL 0 DAY, 1, 1, 1, 1), ({_DAY}, 0, -1, 0, 0),
+                           (7 * {_DAY}, 0, 0, -1, 0), (28 * {_DAY}, 0, 0, 0, -1))
+            k(shift, total, d1, d7, d28)
+        WHERE e.item_id IN (SELECT item_id FROM fs_probe_items)
+          AND e.ts + k.shift < (SELECT horizon FROM fs_bounds)
+        WINDOW w AS (PARTITION BY e.item_id ORDER BY e.ts + k.shift)
+"""
+"""Item state at every change point: for probes at many score_times (training rows)."""
+_ITEM_AGGREGATE_SQL = f"""
+CREATE OR REPLACE TEMP TABLE fs_item_state AS
+SELECT CAST(e.item_id AS BIGINT) AS item_id, max(CAST(e.ts AS TIMESTAMP)) AS changed_at,
+       CAST(count(*) AS FLOAT) AS events_total,
+       CAST(count(*) FILTER (WHERE CAST(e.ts AS TIMESTAMP) + {_DAY} >= b.horizon) AS FLOAT)
+           AS events_1d,
+       CAST(count(*) FILTER (WHERE CAST(e.ts AS TIMESTAMP) + 7 * {_DAY} >= b.horizon) AS FLOAT)
+           AS events_7d,
+       CAST(count(*) FILTER (WHERE CAST(e.ts AS TIMESTAMP) + 28 * {_DAY} >= b.horizon) AS FLOAT)
+           AS events_28d,
+       max(CAST(e.ts AS TIMESTAMP)) AS last_event_ts
+FROM _fs_interactions e, fs_bounds b
+WHERE e.event_type <> 'hide' AND CAST(e.ts AS TIMESTAMP) < b.horizon
+  AND CAST(e.item_id AS BIGINT) IN (SELECT item_id FROM fs_probe_items)
+GROUP BY ALL
+"""
+"""Item state as of the one score_time of the probe (scoring): one row per item."""
 
 
 def _lookup_sql() -> list[tuple[str, str]]:

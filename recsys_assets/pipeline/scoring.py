@@ -70,12 +70,13 @@ def score_candidates(
             "utility_novelty": novelty,
             "utility_sponsored": sponsored_boost,
             "utility_exploration": exploration,
-            "item_type": attributes["item_type"].to_numpy(),
-            "category": attributes["category"].to_numpy(),
-            "creator_id": attributes["creator_id"].to_numpy(),
+            # Text columns keep their pandas arrays: no object round trip per shard.
+            "item_type": attributes["item_type"].array,
+            "category": attributes["category"].array,
+            "creator_id": attributes["creator_id"].array,
             "is_sponsored": sponsored,
             "is_exploration_candidate": exploratory,
-            "source_provenance": features["source_provenance"].to_numpy(),
+            "source_provenance": features["source_provenance"].array,
             "score_time": features["score_time"].to_numpy(),
         }
     )

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import pyarrow.dataset as ds
 
 from recsys_assets.contracts import ContractViolation
+from recsys_assets.data.snapshot import RawDataMissing, raw_table_path
 from recsys_assets.warehouse import Warehouse
 
 PIPELINE_ROOT = "pipeline"
@@ -29,11 +31,26 @@ def part_name(index: int) -> str:
 
 
 def read_parts(
-    warehouse: Warehouse, asset: str, partition_path: str
+    warehouse: Warehouse, asset: str, partition_path: str, *, columns: list[str] | None = None
 ) -> Iterator[tuple[str, pd.DataFrame]]:
-    """(part name, frame) for each part of an upstream partition, in shard order."""
+    """(part name, frame) for each part of an upstream partition, in shard order; only
+    `columns` when given (converting unused columns to pandas costs more than reading)."""
     for part in warehouse.parquet_parts(stage_path(asset, partition_path)):
-        yield part.rsplit("/", 1)[-1], warehouse.read_parquet(part)
+        yield part.rsplit("/", 1)[-1], warehouse.read_parquet(part, columns=columns)
+
+
+def raw_dataset(warehouse: Warehouse, table: str) -> ds.Dataset:
+    """A source table's Parquet parts as a lazy dataset: scans read only the columns and rows
+    they need, so a partition's memory does not grow with the table (e.g. interactions)."""
+    parts = warehouse.parquet_parts(raw_table_path(table))
+    if not parts:
+        raise RawDataMissing(
+            f"source table {table!r} is missing in {warehouse.uri('raw')}: "
+            "run `recsys seed` or `recsys import` first"
+        )
+    return ds.dataset(
+        [warehouse.path(part) for part in parts], format="parquet", filesystem=warehouse.fs
+    )
 
 
 @dataclass

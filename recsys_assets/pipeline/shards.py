@@ -42,15 +42,13 @@ def read_parts(
 def raw_dataset(warehouse: Warehouse, table: str) -> ds.Dataset:
     """A source table's Parquet parts as a lazy dataset: scans read only the columns and rows
     they need, so a partition's memory does not grow with the table (e.g. interactions)."""
-    parts = warehouse.parquet_parts(raw_table_path(table))
-    if not parts:
+    try:
+        return warehouse.dataset(raw_table_path(table))
+    except FileNotFoundError:
         raise RawDataMissing(
             f"source table {table!r} is missing in {warehouse.uri('raw')}: "
             "run `recsys seed` or `recsys import` first"
-        )
-    return ds.dataset(
-        [warehouse.path(part) for part in parts], format="parquet", filesystem=warehouse.fs
-    )
+        ) from None
 
 
 @dataclass

@@ -297,18 +297,15 @@ class Warehouse:
         columns: list[str] | None = None,
         filter: Any = None,
     ) -> pa.Table:
-        target = self.path(relative)
-        if not self.fs.exists(target):
+        return self.dataset(relative).to_table(columns=columns, filter=filter)
+
+    def dataset(self, relative: str) -> ds.Dataset:
+        """A lazy Parquet dataset over one file or a folder of parts: scans read only the
+        columns and rows they ask for."""
+        parts = self.parquet_parts(relative)
+        if not parts:
             raise FileNotFoundError(f"not in the warehouse: {self.uri(relative)}")
-        if self.fs.isdir(target):
-            files = self.list(relative, suffix=".parquet")
-            if not files:
-                raise FileNotFoundError(f"no Parquet parts under {self.uri(relative)}")
-            paths = [self.path(name) for name in files]
-        else:
-            paths = [target]
-        dataset = ds.dataset(paths, format="parquet", filesystem=self.fs)
-        return dataset.to_table(columns=columns, filter=filter)
+        return ds.dataset([self.path(part) for part in parts], format="parquet", filesystem=self.fs)
 
     def parquet_parts(self, relative: str) -> list[str]:
         """Warehouse-relative paths of a Parquet dataset's parts (or the file itself)."""

@@ -217,18 +217,24 @@ def training_pairs(
     ranker that popular items are bad (they are over-represented among negatives), which
     measurably inverted its popularity signal in offline evaluation (`recsys evaluate`:
     home_feed Recall@20 on seeded small data 0.17 with popularity-only negatives, 0.28 at
-    share 0.5, 0.30 at 0.8; on a MovieLens-style import 0.04, 0.20, 0.23). The newest
-    `max_positives` positives are kept.
+    share 0.5, 0.30 at 0.8; on a MovieLens-style import 0.04, 0.20, 0.23).
+
+    Beyond `max_positives` positives, a seeded uniform sample of them is kept: it spans the
+    whole window, so the time split (`validation_start`) leaves rows on both sides of it.
+    Keeping the newest ones instead put every kept positive in the validation split once
+    the window held more than about max_positives / validation_fraction positives.
     """
     positives = positive_events(interactions, cutoff=cutoff)
-    positives = positives.sort_values("score_time", kind="stable").tail(max_positives)
-    positives = positives.reset_index(drop=True)
     if positives.empty:
         raise RankerTrainingError(
             f"no clicks, purchases or ratings >= {POSITIVE_RATING:g} before {cutoff}: "
             "seed or import interactions first"
         )
     rng = np.random.default_rng(seed)
+    if len(positives) > max_positives:
+        kept = np.sort(rng.choice(len(positives), size=max_positives, replace=False))
+        positives = positives.iloc[kept]
+    positives = positives.sort_values("score_time", kind="stable").reset_index(drop=True)
     item_ids = items["item_id"].to_numpy(dtype=np.int64)
     engaged = interactions.loc[
         (interactions["event_type"] != "hide").to_numpy()

@@ -21,6 +21,7 @@ from recsys_assets.models.ranker import (
     RankerTrainingError,
     train_ranker,
     training_pairs,
+    validation_start,
 )
 from recsys_assets.pipeline.features import FEATURE_COLUMNS, compute_features
 
@@ -144,6 +145,30 @@ def test_predict_names_missing_features_and_version_mismatch(
     frame = pd.DataFrame(np.zeros((1, len(FEATURE_COLUMNS)), np.float32), columns=FEATURE_COLUMNS)
     with pytest.raises(ValueError, match="rematerialize model_bundle"):
         model.predict(frame.assign(feature_set_version="fs_v0"))
+
+
+def test_capped_positives_span_the_window(planted: dict[str, pd.DataFrame]) -> None:
+    """A cap below the window's positives samples across time, so both splits get rows."""
+    interactions, items = planted["interactions"], planted["items"]
+
+    def capped(seed: int) -> pd.DataFrame:
+        pairs = training_pairs(
+            interactions,
+            items,
+            cutoff=CUTOFF,
+            negatives_per_positive=2,
+            max_positives=150,
+            seed=seed,
+        )
+        return pairs[pairs["label"] == 1]
+
+    positives = capped(seed=4)
+    assert len(positives) == 150
+    split_at = validation_start(interactions, CUTOFF, validation_fraction=0.2)
+    before = (positives["score_time"] < split_at).mean()
+    assert 0.6 < before < 0.95  # about the 0.8 of the window before the split, not 0
+    pd.testing.assert_frame_equal(positives, capped(seed=4))
+    assert not positives.reset_index(drop=True).equals(capped(seed=5).reset_index(drop=True))
 
 
 def test_too_little_data_says_what_to_do(planted: dict[str, pd.DataFrame]) -> None:

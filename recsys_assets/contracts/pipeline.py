@@ -8,6 +8,9 @@ later stages carry pass-through and lineage columns and accept extra ones.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import numpy as np
 import pandas as pd
 import pandera.pandas as pa
@@ -48,6 +51,13 @@ def _finite(series: pd.Series) -> pd.Series:
     return pd.Series(np.isfinite(series.to_numpy(dtype=np.float64)), index=series.index)
 
 
+def _per_distinct(series: pd.Series, rule: Callable[[str], Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, rule applied to each distinct value): a text rule evaluated once per distinct
+    value (a few hundred provenance labels), not once per row."""
+    codes, distinct = pd.factorize(series.astype(str), use_na_sentinel=False)
+    return codes, np.array([rule(value) for value in distinct])
+
+
 def _provenance_tokens_valid(provenance: pd.Series) -> pd.Series:
     """Non-empty, known sources in SOURCES order (the first is the primary), no repeats."""
     order = {source: position for position, source in enumerate(SOURCES)}
@@ -60,9 +70,19 @@ def _provenance_tokens_valid(provenance: pd.Series) -> pd.Series:
             and tokens == sorted(set(tokens), key=order.__getitem__)
         )
 
-    distinct = provenance.drop_duplicates()
-    verdict = dict(zip(distinct, distinct.map(valid), strict=True))
-    return provenance.map(verdict).astype(bool)
+    codes, verdicts = _per_distinct(provenance, valid)
+    return pd.Series(verdicts.astype(bool)[codes], index=provenance.index)
+
+
+def _listed_sources(provenance: pd.Series) -> np.ndarray:
+    """(rows × SOURCES) booleans: which sources each row's provenance names."""
+
+    def listed(text: str) -> list[bool]:
+        tokens = set(text.split("|"))
+        return [source in tokens for source in SOURCES]
+
+    codes, matrix = _per_distinct(provenance, listed)
+    return matrix.reshape(-1, len(SOURCES)).astype(bool)[codes]
 
 
 def _with_fields(name: str, base: type[pa.DataFrameModel], fields: dict[str, tuple]) -> type:
@@ -130,12 +150,9 @@ class CandidatePools(_RankedCandidates):  # type: ignore[misc, valid-type]
     def provenance_matches_ranks(cls, frame: pd.DataFrame) -> Series[bool]:
         if not _has(frame, "source_provenance", *RANK_COLUMNS):
             return pd.Series(True, index=frame.index)
-        padded = "|" + frame["source_provenance"].astype(str) + "|"
-        agrees = pd.Series(True, index=frame.index)
-        for source, column in zip(SOURCES, RANK_COLUMNS, strict=True):
-            listed = padded.str.contains(f"|{source}|", regex=False)
-            agrees &= listed == (frame[column] > 0)
-        return agrees
+        ranked = frame[list(RANK_COLUMNS)].to_numpy() > 0
+        agrees = (_listed_sources(frame["source_provenance"]) == ranked).all(axis=1)
+        return pd.Series(agrees, index=frame.index)
 
 
 _FeatureColumns = _with_fields(
@@ -264,7 +281,8 @@ def validate_stage(stage: str, frame: pd.DataFrame, *, source: str = "") -> pd.D
     """Validate and coerce one stage's output; raise ContractViolation naming every problem.
 
     An empty frame is valid (a partition may have no eligible subjects) once its columns
-    are right. `source` (e.g. the partition path) appears in the message.
+    are right. `source` (e.g. the partition path) appears in the message. Coercion happens
+    in place: a shard of millions of rows is not copied to be checked.
     """
     try:
         contract = PIPELINE_CONTRACTS[stage]
@@ -273,7 +291,7 @@ def validate_stage(stage: str, frame: pd.DataFrame, *, source: str = "") -> pd.D
             f"unknown pipeline stage {stage!r}; stages with contracts: {list(PIPELINE_CONTRACTS)}"
         ) from None
     try:
-        return contract.validate(frame, lazy=True)
+        return contract.validate(frame, lazy=True, inplace=True)
     except pa.errors.SchemaErrors as error:
         error.failure_cases = _one_row_per_finding(error.failure_cases, contract)
         raise ContractViolation(stage, violations_from_pandera(error, frame), source) from None

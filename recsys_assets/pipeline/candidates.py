@@ -41,6 +41,8 @@ NEW_ITEM_DAYS = 14
 LONG_TAIL_HEAD_SHARE = 0.1
 I2I_NEIGHBOURS = 50
 RANK_COLUMNS = [f"rank_{source}" for source in SOURCES]
+SOURCE_CODES = {source: np.int8(code) for code, source in enumerate(SOURCES)}
+"""Proposals carry their source as its index in SOURCES (cheaper than a text column)."""
 
 TwoTowerRetriever = Callable[[np.ndarray, np.ndarray, int, pd.DataFrame], pd.DataFrame]
 """(subject_ids, candidate item_ids, k, excluded (subject_id, item_id) pairs) →
@@ -310,7 +312,9 @@ def generate_candidates(
             shard_blocked,
         )
         frames.append(
-            retrieved.rename(columns={"rank_two_tower": "rank"}).assign(source="two_tower")
+            retrieved.rename(columns={"rank_two_tower": "rank"}).assign(
+                source=SOURCE_CODES["two_tower"]
+            )
         )
     shard_history = context.history[context.history["user_id"].isin(subject_ids)]
     affinity = _category_affinity(shard_history, eligible_items)
@@ -326,7 +330,7 @@ def generate_candidates(
     }
     for source, build in builders.items():
         if quota[source] > 0:
-            frames.append(build(quota[source]).assign(source=source))
+            frames.append(build(quota[source]).assign(source=SOURCE_CODES[source]))
 
     proposed = (
         pd.concat([frame for frame in frames if len(frame)], ignore_index=True)
@@ -361,7 +365,7 @@ def _empty_proposals() -> pd.DataFrame:
             "item_id": pd.Series(dtype="int64"),
             "rank": pd.Series(dtype="int64"),
             "retrieval_score": pd.Series(dtype="float32"),
-            "source": pd.Series(dtype="str"),
+            "source": pd.Series(dtype="int8"),
         }
     )
 
@@ -448,36 +452,59 @@ def _anti_join(frame: pd.DataFrame, blocked: pd.DataFrame) -> pd.DataFrame:
 
 
 def _merge_sources(proposed: pd.DataFrame, quota: dict[str, int], budget: int) -> pd.DataFrame:
-    """One row per (subject, item): provenance, per-source ranks, best relative rank, budget."""
+    """One row per (subject, item): provenance, per-source ranks, best relative rank, budget.
+
+    A pair's relative rank is its best rank / its source's quota; each subject keeps its
+    `budget` pairs of lowest relative rank (ties: lower item_id). Grouping is done on
+    order-preserving integer codes of (subject_id, item_id), so the result comes out sorted
+    by them without a second sort.
+    """
     if proposed.empty:
         proposed = _empty_proposals()
-    if "retrieval_score" not in proposed.columns:
-        proposed = proposed.assign(retrieval_score=np.float32(np.nan))
-    quota_of_source = proposed["source"].map(quota).astype("float64").clip(lower=1)
-    proposed = proposed.assign(relative_rank=proposed["rank"].astype("float64") / quota_of_source)
-    ranks = proposed.pivot_table(
-        index=["subject_id", "item_id"], columns="source", values="rank", aggfunc="min"
+    source = proposed["source"].to_numpy(dtype=np.int64)
+    rank = proposed["rank"].to_numpy(dtype=np.int64)
+    quotas = np.array([max(quota.get(name, 0), 1) for name in SOURCES], dtype=np.float64)
+    relative = rank / quotas[source]
+    score = (
+        proposed["retrieval_score"].to_numpy(dtype=np.float32, na_value=np.nan)
+        if "retrieval_score" in proposed.columns
+        else np.full(len(proposed), np.nan, dtype=np.float32)
     )
-    ranks = ranks.reindex(columns=list(SOURCES)).fillna(0).astype("int32")
-    ranks.columns = RANK_COLUMNS
-    grouped = proposed.groupby(["subject_id", "item_id"], sort=True)
-    merged = ranks.join(grouped["relative_rank"].min()).join(grouped["retrieval_score"].max())
-    merged = merged.reset_index()
-    merged["source_provenance"] = provenance_labels(merged[RANK_COLUMNS].to_numpy() > 0)
-    merged = merged.sort_values(["subject_id", "relative_rank", "item_id"])
-    merged = merged.groupby("subject_id", sort=False).head(budget)
+    subject_code, subject_values = pd.factorize(
+        proposed["subject_id"].to_numpy(dtype=np.int64), sort=True
+    )
+    item_code, item_values = pd.factorize(proposed["item_id"].to_numpy(dtype=np.int64), sort=True)
+    items = max(len(item_values), 1)
+    pairs, pair = np.unique(subject_code.astype(np.int64) * items + item_code, return_inverse=True)
+
+    unranked = np.iinfo(np.int64).max
+    ranks = np.full(len(pairs) * len(SOURCES), unranked, dtype=np.int64)
+    np.minimum.at(ranks, pair * len(SOURCES) + source, rank)
+    ranks = np.where(ranks == unranked, 0, ranks).reshape(len(pairs), len(SOURCES))
+    best_relative = np.full(len(pairs), np.inf)
+    np.minimum.at(best_relative, pair, relative)
+    best_score = np.full(len(pairs), np.nan, dtype=np.float32)
+    np.fmax.at(best_score, pair, score)
+    pair_subject = pairs // items
+    pair_item = item_values[pairs % items]
+
+    # Stable: pairs are in (subject, item) order, so equal relative ranks keep item order.
+    by_preference = np.lexsort((best_relative, pair_subject))
+    ordered_subject = pair_subject[by_preference]
+    first = np.flatnonzero(np.r_[True, ordered_subject[1:] != ordered_subject[:-1]])
+    sizes = np.diff(np.r_[first, len(ordered_subject)])
+    within = np.arange(len(ordered_subject)) - np.repeat(first, sizes)
+    kept = np.sort(by_preference[within < budget])
+
+    merged = pd.DataFrame(
+        {
+            "subject_id": subject_values[pair_subject[kept]],
+            "item_id": pair_item[kept],
+            "source_provenance": provenance_labels(ranks[kept] > 0),
+        }
+    )
+    for index, column in enumerate(RANK_COLUMNS):
+        merged[column] = ranks[kept, index].astype(np.int32)
+    merged["retrieval_score"] = best_score[kept]
     merged["candidate_policy_version"] = CANDIDATE_POLICY_VERSION
-    columns = [
-        "subject_id",
-        "item_id",
-        "source_provenance",
-        *RANK_COLUMNS,
-        "retrieval_score",
-        "candidate_policy_version",
-    ]
-    return (
-        merged[columns]
-        .astype({"subject_id": "int64", "item_id": "int64", "retrieval_score": "float32"})
-        .sort_values(["subject_id", "item_id"])
-        .reset_index(drop=True)
-    )
+    return merged

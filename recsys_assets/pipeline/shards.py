@@ -9,6 +9,7 @@ the violation is returned for the blocking asset check to report.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,9 +35,22 @@ def read_parts(
     warehouse: Warehouse, asset: str, partition_path: str, *, columns: list[str] | None = None
 ) -> Iterator[tuple[str, pd.DataFrame]]:
     """(part name, frame) for each part of an upstream partition, in shard order; only
-    `columns` when given (converting unused columns to pandas costs more than reading)."""
-    for part in warehouse.parquet_parts(stage_path(asset, partition_path)):
-        yield part.rsplit("/", 1)[-1], warehouse.read_parquet(part, columns=columns)
+    `columns` when given (converting unused columns to pandas costs more than reading).
+
+    The next part is read in a background thread while the caller works on this one
+    (Parquet decoding releases the GIL), so at most two parts are in memory.
+    """
+    parts = warehouse.parquet_parts(stage_path(asset, partition_path))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"read-{asset}") as reader:
+        ahead: Future[pd.DataFrame] | None = None
+        for index, part in enumerate(parts):
+            current = ahead or reader.submit(warehouse.read_parquet, part, columns=columns)
+            ahead = (
+                reader.submit(warehouse.read_parquet, parts[index + 1], columns=columns)
+                if index + 1 < len(parts)
+                else None
+            )
+            yield part.rsplit("/", 1)[-1], current.result()
 
 
 def raw_dataset(warehouse: Warehouse, table: str) -> ds.Dataset:
@@ -66,23 +80,36 @@ def write_shards(
     shards: Iterable[pd.DataFrame],
     validate: Callable[[pd.DataFrame], pd.DataFrame],
 ) -> ShardWriteResult:
-    """Validate and write each shard as a part; replace the partition's previous parts."""
+    """Validate and write each shard as a part; replace the partition's previous parts.
+
+    A part is written in a background thread while the next shard is computed (Parquet
+    encoding and the upload release the GIL); at most one write is in flight, so memory
+    holds at most two shards.
+    """
     folder = stage_path(asset, partition_path)
     result = ShardWriteResult()
     written: set[str] = set()
-    for index, frame in enumerate(shards):
-        try:
-            checked = validate(frame)
-        except ContractViolation as violation:
-            warehouse.delete(folder, recursive=True)
-            result.violation = violation
-            return result
-        name = part_name(index)
-        warehouse.write_parquet(f"{folder}/{name}", checked)
-        written.add(f"{folder}/{name}")
-        result.rows += len(checked)
-        result.parts += 1
-        result.per_part_rows.append(len(checked))
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{asset}") as writer:
+        in_flight: Future[None] | None = None
+        for index, frame in enumerate(shards):
+            try:
+                checked = validate(frame)
+            except ContractViolation as violation:
+                if in_flight is not None:
+                    in_flight.result()
+                warehouse.delete(folder, recursive=True)
+                result.violation = violation
+                return result
+            path = f"{folder}/{part_name(index)}"
+            if in_flight is not None:
+                in_flight.result()
+            in_flight = writer.submit(warehouse.write_parquet, path, checked)
+            written.add(path)
+            result.rows += len(checked)
+            result.parts += 1
+            result.per_part_rows.append(len(checked))
+        if in_flight is not None:
+            in_flight.result()
     for stale in set(warehouse.list(folder, suffix=".parquet")) - written:
         warehouse.delete(stale)
     return result

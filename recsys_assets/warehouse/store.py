@@ -270,14 +270,19 @@ class Warehouse:
     # -- Parquet -----------------------------------------------------------------------
 
     def write_parquet(self, relative: str, frame: pd.DataFrame | pa.Table) -> None:
-        """Write one Parquet object atomically."""
+        """Write one Parquet object atomically.
+
+        LZ4: on a 1.55M-row, 53-column features part it wrote as fast as zstd (0.96 s vs
+        1.08 s) and read back 4× faster (0.19 s vs 0.77 s) for 16% more bytes; the
+        pipeline reads every part it writes once more downstream.
+        """
         table = (
             frame
             if isinstance(frame, pa.Table)
             else pa.Table.from_pandas(frame, preserve_index=False)
         )
         buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="zstd")
+        pq.write_table(table, buffer, compression="lz4")
         self.write_bytes(relative, buffer.getvalue())
 
     def read_parquet(

@@ -1,12 +1,18 @@
 """Candidate generation on small hand-made tables with known answers."""
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from recsys_assets.config import load_settings
+from recsys_assets.config.settings import SOURCES
 from recsys_assets.pipeline.candidates import (
     RANK_COLUMNS,
+    _merge_sources,
     build_context,
     generate_candidates,
     provenance_labels,
@@ -166,3 +172,79 @@ def test_budget_is_enforced() -> None:
 def test_provenance_labels_cover_every_combination() -> None:
     present = np.array([[True, False, True, False, False, False, False], [False] * 7])
     assert provenance_labels(present).tolist() == ["two_tower|content", ""]
+
+
+def _merge_reference(
+    rows: list[tuple[int, int, int, int, float]], quota: dict[str, int], budget: int
+) -> pd.DataFrame:
+    """_merge_sources spelled out per pair, in plain Python."""
+    pairs: dict[tuple[int, int], dict] = {}
+    for subject, item, source, rank, score in rows:
+        pair = pairs.setdefault(
+            (subject, item), {"ranks": [0] * len(SOURCES), "relative": math.inf, "score": None}
+        )
+        previous = pair["ranks"][source]
+        pair["ranks"][source] = rank if previous == 0 else min(previous, rank)
+        pair["relative"] = min(pair["relative"], rank / max(quota[SOURCES[source]], 1))
+        if not math.isnan(score):
+            pair["score"] = score if pair["score"] is None else max(pair["score"], score)
+    kept = []
+    for subject in sorted({subject for subject, _ in pairs}):
+        mine = sorted(
+            (key for key in pairs if key[0] == subject),
+            key=lambda key: (pairs[key]["relative"], key[1]),
+        )
+        kept += mine[:budget]
+    kept.sort()
+    return pd.DataFrame(
+        {
+            "subject_id": [subject for subject, _ in kept],
+            "item_id": [item for _, item in kept],
+            "source_provenance": [
+                "|".join(SOURCES[index] for index, rank in enumerate(pairs[key]["ranks"]) if rank)
+                for key in kept
+            ],
+            **{
+                column: [pairs[key]["ranks"][index] for key in kept]
+                for index, column in enumerate(RANK_COLUMNS)
+            },
+            "retrieval_score": [
+                np.nan if pairs[key]["score"] is None else pairs[key]["score"] for key in kept
+            ],
+        }
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.integers(0, 4),
+            st.integers(0, 12),
+            st.integers(0, len(SOURCES) - 1),
+            st.integers(1, 9),
+            st.one_of(st.just(math.nan), st.floats(-2, 2, width=32)),
+        ),
+        max_size=80,
+    ),
+    quotas=st.lists(st.integers(0, 6), min_size=len(SOURCES), max_size=len(SOURCES)),
+    budget=st.integers(1, 8),
+)
+def test_merge_sources_matches_a_per_pair_reference(
+    rows: list[tuple[int, int, int, int, float]], quotas: list[int], budget: int
+) -> None:
+    quota = dict(zip(SOURCES, quotas, strict=True))
+    proposed = pd.DataFrame(
+        rows, columns=["subject_id", "item_id", "source", "rank", "retrieval_score"]
+    ).astype({"subject_id": "int64", "item_id": "int64", "source": "int8", "rank": "int64"})
+    merged = _merge_sources(proposed.astype({"retrieval_score": "float32"}), quota, budget)
+    expected = _merge_reference(rows, quota, budget)
+    assert (merged["candidate_policy_version"] == "candidates_v1").all()
+    assert merged[RANK_COLUMNS].dtypes.eq("int32").all()
+    assert merged["retrieval_score"].dtype == np.float32
+    pd.testing.assert_frame_equal(
+        merged.drop(columns="candidate_policy_version"),
+        expected,
+        check_dtype=False,
+        rtol=1e-6,
+    )

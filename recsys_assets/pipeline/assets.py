@@ -26,6 +26,7 @@ from recsys_assets.pipeline.features import (
     FEATURE_COLUMNS,
     FEATURE_SET_VERSION,
     compute_features,
+    item_state_asof,
     leakage_violations,
 )
 from recsys_assets.pipeline.partitions import (
@@ -276,6 +277,7 @@ def features_asof(
 
     def shards(con) -> Iterator[pd.DataFrame]:
         nonlocal leaks
+        item_state = item_state_asof(con, interactions, now)  # the same for every shard
         for _, pool in read_parts(warehouse, "candidate_pools", partition.path):
             features = compute_features(
                 con,
@@ -284,6 +286,7 @@ def features_asof(
                 exposures=exposures,
                 items=items,
                 user_controls=user_controls,
+                item_state=item_state,
                 surface=partition.surface,
                 score_time=now,
             )

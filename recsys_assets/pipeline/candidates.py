@@ -437,11 +437,17 @@ def _new_items(
 
 
 def _top_n(frame: pd.DataFrame, score: str, n: int) -> pd.DataFrame:
-    ordered = frame.sort_values(["subject_id", score, "item_id"], ascending=[True, False, True])
-    top = ordered.groupby("subject_id", sort=False).head(n)
-    return top.assign(rank=top.groupby("subject_id", sort=False).cumcount() + 1)[
-        ["subject_id", "item_id", "rank"]
-    ]
+    """Each subject's n best rows by `score` (ties: lower item_id), ranked from 1."""
+    subject = frame["subject_id"].to_numpy(dtype=np.int64)
+    item = frame["item_id"].to_numpy(dtype=np.int64)
+    order = np.lexsort((item, -frame[score].to_numpy(dtype=np.float64), subject))
+    ranked_subject = subject[order]
+    first = np.flatnonzero(np.r_[True, ranked_subject[1:] != ranked_subject[:-1]])
+    rank = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)])) + 1
+    top = rank <= n
+    return pd.DataFrame(
+        {"subject_id": ranked_subject[top], "item_id": item[order][top], "rank": rank[top]}
+    )
 
 
 def _anti_join(frame: pd.DataFrame, blocked: pd.DataFrame) -> pd.DataFrame:

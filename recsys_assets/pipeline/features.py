@@ -137,6 +137,7 @@ def compute_features(
     surface: str,
     score_time: pd.Timestamp | None = None,
     user_controls: EventSource | None = None,
+    item_state: pa.Table | None = None,
     step_seconds: dict[str, float] | None = None,
 ) -> pd.DataFrame:
     """Point-in-time features for each row of `pairs`, in the same order.
@@ -148,14 +149,22 @@ def compute_features(
     `con` is the caller's
     connection: work happens on a cursor of it (own temp tables), so parallel steps with
     their own database files never share state. `user_controls` (hide/unhide of creators
-    and categories) drives the suppression flags; without it they are 0. `step_seconds`,
+    and categories) drives the suppression flags; without it they are 0. `item_state`,
+    from `item_state_asof` at the same scalar `score_time`, spares each shard of a
+    partition from aggregating every item's engagement again. `step_seconds`,
     if given, receives wall times: build_state, asof_join (all lookups and the join back;
     per lookup as lookup_<key>) and assemble, for metadata and benchmarks.
     """
     frame = _pairs_frame(pairs)
     probe = _probe_table(frame, score_time)
+    if item_state is not None and score_time is None:
+        raise FeatureInputError(
+            "item_state holds item counts as of one score_time: pass that score_time too"
+        )
     with _cursor(con) as cur:
         cur.register("_fs_probe", probe)
+        if item_state is not None:
+            cur.register("_fs_item_state", item_state)
         cur.register("_fs_interactions", _as_arrow(interactions, "interactions"))
         cur.register("_fs_exposures", _as_arrow(exposures, "exposures"))
         cur.register("_fs_items", _as_arrow(items, "items"))
@@ -174,7 +183,11 @@ def compute_features(
         )
         cur.register("_fs_controls", controls)
         with _timed(step_seconds, "build_state"):
-            for statement in _build_tables_sql(surface, one_score_time=score_time is not None):
+            for statement in _build_tables_sql(
+                surface,
+                one_score_time=score_time is not None,
+                shared_item_state=item_state is not None,
+            ):
                 cur.execute(statement)
         with _timed(step_seconds, "asof_join"):
             for key, statement in _lookup_sql():
@@ -184,6 +197,20 @@ def compute_features(
                 computed = cur.sql(_ASSEMBLE_SQL).to_arrow_table()
     with _timed(step_seconds, "assemble"):
         return _assemble(frame, computed)
+
+
+def item_state_asof(
+    con: duckdb.DuckDBPyConnection, interactions: EventSource, score_time: pd.Timestamp
+) -> pa.Table:
+    """Every item's engagement counts and last event strictly before `score_time`: the item
+    state `compute_features` would aggregate per call, once for all shards of a partition."""
+    with _cursor(con) as cur:
+        cur.register("_fs_interactions", _as_arrow(interactions, "interactions"))
+        cur.execute(
+            "CREATE OR REPLACE TEMP TABLE fs_bounds AS SELECT CAST(? AS TIMESTAMP) AS horizon",
+            [_naive(score_time).to_pydatetime()],
+        )
+        return cur.sql(_ITEM_AGGREGATE_SELECT).to_arrow_table()
 
 
 def leakage_violations(features: pd.DataFrame) -> pd.DataFrame:
@@ -268,7 +295,9 @@ def _cursor(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnectio
 # -- SQL -----------------------------------------------------------------------------------
 
 
-def _build_tables_sql(surface: str, *, one_score_time: bool = False) -> list[str]:
+def _build_tables_sql(
+    surface: str, *, one_score_time: bool = False, shared_item_state: bool = False
+) -> list[str]:
     """Time-indexed state tables: one row per key and change point, all values as of then.
 
     An event at time e adds 1 to the totals and to each window from e on, and a second row
@@ -334,7 +363,7 @@ def _build_tables_sql(surface: str, *, one_score_time: bool = False) -> list[str
           AND e.ts + k.shift < (SELECT horizon FROM fs_bounds)
         WINDOW w AS (PARTITION BY e.user_id ORDER BY e.ts + k.shift)
         """,
-        _ITEM_AGGREGATE_SQL if one_score_time else _ITEM_STATE_SQL,
+        _item_state_sql(one_score_time=one_score_time, shared=shared_item_state),
         """
         CREATE OR REPLACE TEMP TABLE fs_controls AS
         SELECT CAST(user_id AS BIGINT) AS user_id, target_type,
@@ -416,8 +445,7 @@ _ITEM_STATE_SQL = f"""
         WINDOW w AS (PARTITION BY e.item_id ORDER BY e.ts + k.shift)
 """
 """Item state at every change point: for probes at many score_times (training rows)."""
-_ITEM_AGGREGATE_SQL = f"""
-CREATE OR REPLACE TEMP TABLE fs_item_state AS
+_ITEM_AGGREGATE_SELECT = f"""
 SELECT CAST(e.item_id AS BIGINT) AS item_id, max(CAST(e.ts AS TIMESTAMP)) AS changed_at,
        CAST(count(*) AS FLOAT) AS events_total,
        CAST(count(*) FILTER (WHERE CAST(e.ts AS TIMESTAMP) + {_DAY} >= b.horizon) AS FLOAT)
@@ -429,10 +457,22 @@ SELECT CAST(e.item_id AS BIGINT) AS item_id, max(CAST(e.ts AS TIMESTAMP)) AS cha
        max(CAST(e.ts AS TIMESTAMP)) AS last_event_ts
 FROM _fs_interactions e, fs_bounds b
 WHERE e.event_type <> 'hide' AND CAST(e.ts AS TIMESTAMP) < b.horizon
-  AND CAST(e.item_id AS BIGINT) IN (SELECT item_id FROM fs_probe_items)
 GROUP BY ALL
 """
-"""Item state as of the one score_time of the probe (scoring): one row per item."""
+"""Every item's state as of the one horizon in fs_bounds (scoring): one row per item."""
+
+
+def _item_state_sql(*, one_score_time: bool, shared: bool) -> str:
+    """fs_item_state for the probe's items: every change point (many score_times), or one
+    row per item as of the one score_time, aggregated here or taken from a shared
+    `item_state_asof` table registered as _fs_item_state."""
+    if not one_score_time:
+        return _ITEM_STATE_SQL
+    source = "SELECT * FROM _fs_item_state" if shared else _ITEM_AGGREGATE_SELECT
+    return (
+        f"CREATE OR REPLACE TEMP TABLE fs_item_state AS SELECT * FROM ({source}) "
+        "WHERE item_id IN (SELECT item_id FROM fs_probe_items)"
+    )
 
 
 def _lookup_sql() -> list[tuple[str, str]]:

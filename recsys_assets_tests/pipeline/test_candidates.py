@@ -13,6 +13,7 @@ from recsys_assets.config.settings import SOURCES
 from recsys_assets.pipeline.candidates import (
     RANK_COLUMNS,
     _merge_sources,
+    _top_n,
     build_context,
     generate_candidates,
     provenance_labels,
@@ -248,3 +249,20 @@ def test_merge_sources_matches_a_per_pair_reference(
         check_dtype=False,
         rtol=1e-6,
     )
+
+
+def test_top_n_ranks_by_score_then_item_per_subject() -> None:
+    frame = pd.DataFrame(
+        {
+            "subject_id": [2, 1, 1, 1, 2, 1],
+            "item_id": [5, 9, 3, 7, 4, 1],
+            "score": [0.1, 0.5, 0.9, 0.5, 0.1, 0.2],
+        }
+    )
+    top = _top_n(frame, "score", 3)
+    assert top.to_dict("list") == {
+        "subject_id": [1, 1, 1, 2, 2],
+        "item_id": [3, 7, 9, 4, 5],  # the 0.5 tie goes to the lower item_id
+        "rank": [1, 2, 3, 1, 2],
+    }
+    assert _top_n(frame.iloc[:0], "score", 3).empty

@@ -40,6 +40,7 @@ from recsys_assets.pipeline.scoring import ITEM_COLUMNS as SCORING_ITEM_COLUMNS
 from recsys_assets.pipeline.scoring import score_candidates
 from recsys_assets.pipeline.shards import (
     ShardWriteResult,
+    UniformSample,
     markdown_table,
     quantiles,
     raw_dataset,
@@ -64,6 +65,9 @@ SCORING_INPUT_COLUMNS = [
 """What scoring reads of features_asof: ids, the ranker's inputs and what utility needs."""
 FEATURE_ITEM_COLUMNS = ["item_id", "category", "creator_id", "stock", "is_sponsored", "created_at"]
 PIPELINE_GROUP = "pipeline"
+UTILITY_SAMPLE_ROWS = 1_000_000
+"""The utility quantiles in metadata come from a uniform sample of this many rows (exact below
+it), so scored_candidates' memory does not grow with the partition."""
 
 
 def _contract_check(asset: str) -> dg.AssetCheckSpec:
@@ -341,7 +345,7 @@ def scored_candidates(
         "feature_set_version": bundle.info.feature_set_version,
         "pipeline_run_id": context.run.run_id,
     }
-    utilities: list[np.ndarray] = []
+    utilities = UniformSample(UTILITY_SAMPLE_ROWS)
 
     def shards() -> Iterator[pd.DataFrame]:
         for _, features in read_parts(
@@ -350,7 +354,7 @@ def scored_candidates(
             scored = score_candidates(
                 features, items, bundle.score, popularity_percentile=popularity, lineage=lineage
             )
-            utilities.append(scored["utility"].to_numpy())
+            utilities.add(scored["utility"].to_numpy())
             yield scored
 
     result = write_shards(
@@ -360,13 +364,15 @@ def scored_candidates(
         shards(),
         lambda part: validate_stage("scored_candidates", part),
     )
-    values = np.concatenate(utilities) if utilities else np.array([])
     return _outcome(
         "scored_candidates",
         result,
         {
             **lineage,
-            "utility_distribution": dg.MetadataValue.json(quantiles(values, (0.05, 0.5, 0.95))),
+            "utility_distribution": dg.MetadataValue.json(
+                quantiles(utilities.values, (0.05, 0.5, 0.95))
+            ),
+            "utility_distribution_rows": len(utilities.values),
         },
     )
 

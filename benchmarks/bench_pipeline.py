@@ -1,7 +1,8 @@
-"""Benchmark: one partition's whole graph (subjects → … → slates) vs the raw ranker kernel.
+"""Benchmark: the batch pipeline's four targets, measured in one run, one JSON summary.
 
     python benchmarks/bench_pipeline.py [--scale medium] [--surface home_feed] [--region na]
-                                        [--skip-2x] [--fresh] [--workdir DIR]
+                                        [--skip-2x] [--skip-components] [--fresh]
+                                        [--workdir DIR]
 
 Seeds a warehouse at `--scale` (and one with twice its users), trains the model bundle once
 (the doubled warehouse gets a copy of it: same model, more users), then materializes the
@@ -13,7 +14,12 @@ side by side:
   whole materialization) vs the ranker kernel alone: the same bundle's network over the
   same number of rows × FEATURE_COLUMNS, torch only, in its own subprocess (target >= 0.5);
 - peak RSS of the partition run at the scale and at 2× its users (target ratio <= 1.3);
-- seconds per asset step, from the run's step events.
+- seconds per asset step, from the run's step events, and the scored_candidates step's own
+  rate (read features, score, utility, contract check, write) next to the kernel's;
+- unless `--skip-components`: exact retrieval vs faiss IndexFlatIP (benchmarks/
+  bench_retrieval.py: 100k items, d=64, k=500, 2 threads; target >= 1.0) and the feature
+  ASOF join vs a bare DuckDB ASOF JOIN (benchmarks/bench_features.py: 5M × 5M; target
+  >= 0.5), each in its own subprocess, their JSON summaries nested in this one.
 
 Seeded warehouses and the bundle are kept under `--workdir` (gitignored) and reused when
 their snapshot matches scale, seed and as_of; `--fresh` re-seeds. The last line is JSON.
@@ -222,6 +228,44 @@ def kernel_child(warehouse: str, rows: int, repeats: int) -> dict[str, Any]:
     }
 
 
+def run_components() -> dict[str, dict[str, Any]]:
+    """Retrieval vs faiss and features vs bare DuckDB, each its own script in a subprocess
+    (own threads and peak RSS); the ratio and the rates each compared, plus its summary."""
+    here = Path(__file__).resolve().parent
+    found: dict[str, dict[str, Any]] = {}
+    for name, script in (("retrieval", "bench_retrieval.py"), ("features", "bench_features.py")):
+        print(f"{name}: running benchmarks/{script}", flush=True)
+        child = subprocess.run(
+            [sys.executable, str(here / script)], capture_output=True, text=True, check=False
+        )
+        lines = child.stdout.strip().splitlines()
+        if child.returncode != 0 or not lines:
+            raise SystemExit(f"{script} failed ({child.returncode}):\n{child.stderr[-4000:]}")
+        summary = json.loads(lines[-1])
+        if name == "retrieval":
+            rates = summary["users_per_s"]
+            found[name] = {
+                "ours": rates["exact_top_k"],
+                "baseline": rates["faiss_flat_ip"],
+                "baseline_name": "faiss IndexFlatIP",
+                "unit": "users/s",
+                "ratio": summary["ratio_vs_faiss"],
+                "target": 1.0,
+                "summary": summary,
+            }
+        else:
+            found[name] = {
+                "ours": summary["pipeline_asof_join_rows_per_s"],
+                "baseline": summary["bare_asof_rows_per_s"],
+                "baseline_name": "bare DuckDB ASOF JOIN",
+                "unit": "probe rows/s",
+                "ratio": summary["ratio_vs_bare"],
+                "target": summary["target_ratio"],
+                "summary": summary,
+            }
+    return found
+
+
 # -- report ------------------------------------------------------------------------------
 
 
@@ -246,6 +290,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--region", default="na")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--skip-2x", action="store_true", help="no 2× users run (no RSS ratio)")
+    parser.add_argument(
+        "--skip-components",
+        action="store_true",
+        help="skip the retrieval vs faiss and features vs bare ASOF JOIN benchmarks",
+    )
     parser.add_argument("--fresh", action="store_true", help="re-seed and retrain")
     parser.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR)
     parser.add_argument("--kernel-repeats", type=int, default=3)
@@ -323,8 +372,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ],
         workdir / "kernel.json",
     )
+    components = {} if args.skip_components else run_components()
     pipeline_rate = scored_rows / base["wall_s"]
     throughput_ratio = pipeline_rate / kernel["rows_per_s"]
+    scoring_step_rate = scored_rows / max(base["steps_s"].get("scored_candidates", 0.0), 1e-9)
     rss_ratio = (
         runs[scales[1].name]["peak_rss_mib"] / base["peak_rss_mib"] if len(scales) > 1 else None
     )
@@ -338,6 +389,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 ("pipeline rows/s (end to end)", f"{pipeline_rate:,.0f}", ""),
                 ("ranker kernel rows/s", f"{kernel['rows_per_s']:,.0f}", ""),
                 ("pipeline / kernel", f"{throughput_ratio:.3f}", f">= {THROUGHPUT_TARGET}"),
+                ("scored_candidates step rows/s", f"{scoring_step_rate:,.0f}", ""),
+                (
+                    "scored_candidates step / kernel",
+                    f"{scoring_step_rate / kernel['rows_per_s']:.3f}",
+                    "",
+                ),
                 *(
                     (f"peak RSS {name} (MiB)", f"{run['peak_rss_mib']:,.0f}", "")
                     for name, run in runs.items()
@@ -359,6 +416,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("rows scored", *(f"{run['rows'].get('scored_candidates', 0):,}" for run in runs.values()))
     )
     print(_table(steps))
+    if components:
+        print()
+        print(
+            _table(
+                [
+                    ("component", "ours", "baseline", "ratio", "target"),
+                    *(
+                        (
+                            name,
+                            f"{found['ours']:,.0f} {found['unit']}",
+                            f"{found['baseline']:,.0f} ({found['baseline_name']})",
+                            f"{found['ratio']:.3f}",
+                            f">= {found['target']}",
+                        )
+                        for name, found in components.items()
+                    ),
+                ]
+            )
+        )
 
     summary: dict[str, Any] = {
         "benchmark": "pipeline_partition",
@@ -372,6 +448,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "kernel_device": kernel["device"],
         "kernel_torch_threads": kernel["torch_threads"],
         "throughput_ratio": round(throughput_ratio, 4),
+        "scoring_step_rows_per_s": round(scoring_step_rate),
+        "scoring_step_ratio": round(scoring_step_rate / kernel["rows_per_s"], 4),
         "throughput_target": THROUGHPUT_TARGET,
         "meets_throughput_target": throughput_ratio >= THROUGHPUT_TARGET,
         "peak_rss_mib": {name: round(run["peak_rss_mib"], 1) for name, run in runs.items()},
@@ -383,6 +461,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for name, run in runs.items()
         },
         "rows": {name: run["rows"] for name, run in runs.items()},
+        "components": components,
         "bench_peak_rss_mib": round(_rss_mib(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)),
     }
     print(json.dumps(summary))

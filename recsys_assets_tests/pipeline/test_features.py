@@ -158,29 +158,13 @@ def test_shared_item_state_gives_the_same_features_shard_by_shard(
     pairs = pd.DataFrame({"subject_id": [1, 1, 2, 3], "item_id": [10, 11, 12, 10]})
     shared = item_state_asof(duckdb.connect(), interactions, SCORE_TIME)
     assert set(shared.column("item_id").to_pylist()) == {10, 11}  # hides are not engagement
+    tables = (interactions, exposures, items, user_controls)
     for shard in (pairs.iloc[:2], pairs.iloc[2:]):
-        alone = _features(
-            shard, interactions, exposures, items, user_controls, score_time=SCORE_TIME
-        )
-        with_shared = _features(
-            shard,
-            interactions,
-            exposures,
-            items,
-            user_controls,
-            score_time=SCORE_TIME,
-            item_state=shared,
-        )
+        alone = _features(shard, *tables, score_time=SCORE_TIME)
+        with_shared = _features(shard, *tables, score_time=SCORE_TIME, item_state=shared)
         pd.testing.assert_frame_equal(with_shared, alone)
     with pytest.raises(FeatureInputError, match="item_state"):
-        _features(
-            pairs.assign(score_time=SCORE_TIME),
-            interactions,
-            exposures,
-            items,
-            user_controls,
-            item_state=shared,
-        )
+        _features(pairs.assign(score_time=SCORE_TIME), *tables, item_state=shared)
 
 
 def test_unhide_lifts_suppression_only_after_it_happened(

@@ -11,14 +11,15 @@ two-tower model splits at the same instant.
 
 Features pass through a signed log1p (counts are heavy-tailed) and a standardisation whose
 statistics live in the model, so a loaded model needs nothing but the feature frame.
-Features constant in training (e.g. source ranks, which logged events do not carry) get a
-zero scale: they cannot move a prediction at scoring time through weights never trained.
+Features constant in training (e.g. source ranks and the embedding dot, which logged
+events do not carry) get a zero scale: they cannot move a prediction at scoring time
+through weights never trained.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -39,9 +40,6 @@ TRAINING_SURFACE = "home_feed"
 _OVERSAMPLE = 3
 UNIFORM_NEGATIVE_SHARE = 0.8
 _MIN_SCALE = 1e-6
-
-RetrievalScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
-"""(subject_ids, item_ids) -> two-tower dot products, one per pair."""
 
 
 class RankerTrainingError(ValueError):
@@ -303,14 +301,13 @@ def train_ranker(
     validation_fraction: float,
     config: RankerConfig | None = None,
     user_controls: pd.DataFrame | None = None,
-    retrieval_scorer: RetrievalScorer | None = None,
     surface: str = TRAINING_SURFACE,
     device: torch.device | None = None,
 ) -> RankerResult:
     """Train on rows before the validation start, validate on the rest of the window.
 
-    `retrieval_scorer` fills retrieval_score (the embedding-dot feature) as the two-tower
-    model would at scoring time; without it that feature is constant and unused.
+    Training pairs carry no retrieval_score, so the embedding-dot features are constant in
+    training and, with a zero scale, unused at scoring time.
     """
     config = config or RankerConfig()
     seed_everything(config.seed)
@@ -323,11 +320,6 @@ def train_ranker(
         max_positives=config.max_positives,
         seed=config.seed,
     )
-    if retrieval_scorer is not None:
-        pairs["retrieval_score"] = np.asarray(
-            retrieval_scorer(pairs["subject_id"].to_numpy(), pairs["item_id"].to_numpy()),
-            dtype=np.float32,
-        )
     features = compute_features(
         con,
         pairs,

@@ -29,6 +29,7 @@ import pandas as pd
 
 from recsys_assets.config import SurfaceConfig
 from recsys_assets.config.settings import SOURCES
+from recsys_assets.pipeline.runs import rank_within_runs
 from recsys_assets.rules.eligibility import item_rejection_reasons
 from recsys_assets.rules.tombstones import person_tombstones, tombstoned_items
 
@@ -442,8 +443,7 @@ def _top_n(frame: pd.DataFrame, score: str, n: int) -> pd.DataFrame:
     item = frame["item_id"].to_numpy(dtype=np.int64)
     order = np.lexsort((item, -frame[score].to_numpy(dtype=np.float64), subject))
     ranked_subject = subject[order]
-    first = np.flatnonzero(np.r_[True, ranked_subject[1:] != ranked_subject[:-1]])
-    rank = np.arange(len(order)) - np.repeat(first, np.diff(np.r_[first, len(order)])) + 1
+    rank = rank_within_runs(ranked_subject) + 1
     top = rank <= n
     return pd.DataFrame(
         {"subject_id": ranked_subject[top], "item_id": item[order][top], "rank": rank[top]}
@@ -496,10 +496,7 @@ def _merge_sources(proposed: pd.DataFrame, quota: dict[str, int], budget: int) -
 
     # Stable: pairs are in (subject, item) order, so equal relative ranks keep item order.
     by_preference = np.lexsort((best_relative, pair_subject))
-    ordered_subject = pair_subject[by_preference]
-    first = np.flatnonzero(np.r_[True, ordered_subject[1:] != ordered_subject[:-1]])
-    sizes = np.diff(np.r_[first, len(ordered_subject)])
-    within = np.arange(len(ordered_subject)) - np.repeat(first, sizes)
+    within = rank_within_runs(pair_subject[by_preference])
     kept = np.sort(by_preference[within < budget])
 
     merged = pd.DataFrame(

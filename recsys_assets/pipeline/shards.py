@@ -138,23 +138,19 @@ class UniformSample:
     def __init__(self, capacity: int, seed: int = 0) -> None:
         self.capacity = capacity
         self.seen = 0
-        self._rng = np.random.default_rng(seed)
-        self._values = np.empty(0, dtype=np.float64)
+        self.values = np.empty(0, dtype=np.float64)
         self._keys = np.empty(0, dtype=np.float64)
+        self._rng = np.random.default_rng(seed)
 
     def add(self, values: np.ndarray | pd.Series) -> None:
         batch = np.asarray(values, dtype=np.float64).ravel()
         self.seen += batch.size
-        values_all = np.concatenate((self._values, batch))
+        values_all = np.concatenate((self.values, batch))
         keys_all = np.concatenate((self._keys, self._rng.random(batch.size)))
         if values_all.size > self.capacity:
             kept = np.argpartition(keys_all, self.capacity - 1)[: self.capacity]
             values_all, keys_all = values_all[kept], keys_all[kept]
-        self._values, self._keys = values_all, keys_all
-
-    @property
-    def values(self) -> np.ndarray:
-        return self._values
+        self.values, self._keys = values_all, keys_all
 
 
 def markdown_table(rows: dict[str, object], headers: tuple[str, str]) -> str:

@@ -49,6 +49,7 @@ import numpy as np
 import pandas as pd
 
 from recsys_assets.config.settings import SlatePolicyConfig, SurfaceConfig
+from recsys_assets.pipeline.runs import rank_within_runs, run_lengths, run_starts
 
 LINEAGE_COLUMNS = (
     "model_version",
@@ -148,23 +149,6 @@ def exploration_gumbel_noise(exploration_seeds: np.ndarray, item_ids: np.ndarray
     return -np.log(-np.log(uniform))
 
 
-def _run_starts(sorted_keys: np.ndarray) -> np.ndarray:
-    """Indices where a run of equal values begins in a grouped array."""
-    if sorted_keys.size == 0:
-        return np.zeros(0, dtype=np.int64)
-    return np.flatnonzero(np.concatenate(([True], sorted_keys[1:] != sorted_keys[:-1])))
-
-
-def _run_lengths(starts: np.ndarray, size: int) -> np.ndarray:
-    return np.diff(np.append(starts, size))
-
-
-def _rank_within_runs(sorted_keys: np.ndarray) -> np.ndarray:
-    """0-based position of each element within its run of equal keys (a cumcount)."""
-    starts = _run_starts(sorted_keys)
-    return np.arange(sorted_keys.size) - np.repeat(starts, _run_lengths(starts, sorted_keys.size))
-
-
 @dataclass(frozen=True)
 class _Cap:
     """One greedy cap: the ranked rows it constrains, ordered by (group, rank), and its limit."""
@@ -176,8 +160,8 @@ class _Cap:
 
     @classmethod
     def over(cls, rows: np.ndarray, group: np.ndarray, limit: int) -> _Cap:
-        starts = _run_starts(group)
-        return cls(rows, group, np.repeat(starts, _run_lengths(starts, group.size)), limit)
+        starts = run_starts(group)
+        return cls(rows, group, np.repeat(starts, run_lengths(starts, group.size)), limit)
 
     def blocked_rows(self, keep: np.ndarray) -> np.ndarray:
         """Rows whose group already has `limit` kept rows ranked above them."""
@@ -325,10 +309,10 @@ def _high_confidence_items(
     if calibrated.size == 0:
         return chosen
     calibrated = np.where(np.isnan(calibrated), -np.inf, calibrated)
-    starts = _run_starts(subject)
-    best = np.repeat(np.maximum.reduceat(calibrated, starts), _run_lengths(starts, subject.size))
+    starts = run_starts(subject)
+    best = np.repeat(np.maximum.reduceat(calibrated, starts), run_lengths(starts, subject.size))
     at_best = np.flatnonzero(calibrated == best)
-    first_best = at_best[_run_starts(subject[at_best])]
+    first_best = at_best[run_starts(subject[at_best])]
     chosen[first_best[calibrated[first_best] >= threshold]] = True
     return chosen
 
@@ -354,7 +338,7 @@ def _draw_exploration(
     noise = exploration_gumbel_noise(seeds[pool], item_id[pool])
     by_key = np.lexsort((-(pool_utility / temperature + noise), subject[pool]))
     pool, pool_utility = pool[by_key], pool_utility[by_key]
-    step = _rank_within_runs(subject[pool])
+    step = rank_within_runs(subject[pool])
     rows_per_subject = np.bincount(subject, minlength=int(subject.max(initial=-1)) + 1)
     limit = np.minimum(draws, rows_per_subject - 1)[subject[pool]]
     propensity = np.ones(utility.size)
@@ -362,8 +346,8 @@ def _draw_exploration(
         remaining = np.flatnonzero((step >= current) & (limit > current))
         if remaining.size == 0:
             break
-        starts = _run_starts(subject[pool[remaining]])
-        lengths = _run_lengths(starts, remaining.size)
+        starts = run_starts(subject[pool[remaining]])
+        lengths = run_lengths(starts, remaining.size)
         top = np.repeat(np.maximum.reduceat(pool_utility[remaining], starts), lengths)
         weight = np.exp((pool_utility[remaining] - top) / temperature)
         propensity[pool[remaining[starts]]] = weight[starts] / np.add.reduceat(weight, starts)
@@ -387,14 +371,14 @@ def _layout(
     """
     fills = np.setdiff1d(np.arange(subject.size), drawn, assume_unique=True)
     fills = fills[np.lexsort((~high_confidence[fills], subject[fills]))]
-    fill_index = _rank_within_runs(subject[fills])
+    fill_index = rank_within_runs(subject[fills])
     fills, fill_index = fills[fill_index < store_depth], fill_index[fill_index < store_depth]
     rows = np.concatenate((fills, drawn))
     before = np.concatenate((fill_index, slot_positions[drawn_step] - 1 - drawn_step))
     slot_first = np.concatenate((np.ones(fills.size, np.int64), np.zeros(drawn.size, np.int64)))
     draw_order = np.concatenate((np.zeros(fills.size, np.int64), drawn_step))
     rows = rows[np.lexsort((draw_order, slot_first, before, subject[rows]))]
-    position = _rank_within_runs(subject[rows]) + 1
+    position = rank_within_runs(subject[rows]) + 1
     stored = position <= store_depth
     return rows[stored], position[stored]
 

@@ -25,8 +25,8 @@ from implicit.nearest_neighbours import CosineRecommender
 from implicit.utils import ParameterWarning
 from threadpoolctl import threadpool_limits
 
-from recsys_assets.evaluation.split import POSITIVE_RATING
 from recsys_assets.rules.eligibility import item_rejection_reasons
+from recsys_assets.rules.engagement import POSITIVE_RATING
 
 BASELINES = ("popularity", "item_knn", "als")
 SIGNAL_WEIGHTS = {"view": 0.25, "click": 1.0, "purchase": 2.0, "rating": 1.0}

@@ -32,10 +32,10 @@ from recsys_assets.config import Settings, load_settings
 from recsys_assets.config.settings import SOURCES
 from recsys_assets.contracts.raw import RAW_CONTRACTS
 from recsys_assets.data import read_raw, read_snapshot
+from recsys_assets.data.holdout import HoldoutSplit, temporal_holdout
 from recsys_assets.data.snapshot import RawSnapshotWriter
 from recsys_assets.evaluation.baselines import BASELINES, baseline_lists, build_catalog
 from recsys_assets.evaluation.metrics import ListMetrics, evaluate_lists
-from recsys_assets.evaluation.split import HoldoutSplit, temporal_holdout
 from recsys_assets.warehouse import Warehouse
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from recsys_assets.data.holdout import temporal_holdout
 from recsys_assets.evaluation.baselines import (
     baseline_lists,
     build_catalog,
@@ -14,7 +15,6 @@ from recsys_assets.evaluation.baselines import (
     training_matrices,
 )
 from recsys_assets.evaluation.metrics import evaluate_lists
-from recsys_assets.evaluation.split import temporal_holdout
 
 NOW = pd.Timestamp("2026-11-01")
 N_ITEMS = 120

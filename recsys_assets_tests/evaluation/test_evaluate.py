@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 from recsys_assets.data import read_snapshot
+from recsys_assets.data.holdout import temporal_holdout
 from recsys_assets.evaluation import commands
 from recsys_assets.evaluation.evaluate import training_tables
-from recsys_assets.evaluation.split import temporal_holdout
 from recsys_assets.warehouse import Warehouse
 
 

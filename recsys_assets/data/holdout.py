@@ -1,14 +1,19 @@
 """Per-user temporal holdout: what each user did last is what the lists must predict.
 
+Used twice: `recsys evaluate` splits the warehouse's data with it, and the model bundle
+splits its own training window with it (a nested holdout) to train the ranker on candidate
+pools and to tune the collaborative model, on exactly the task the lists are judged on.
+
 For each user, interactions are ordered by time (equal timestamps in an order drawn from
 `seed`, so ties never depend on file order) and the last `round(holdout × n)` of the user's
 `n` interactions are held out, at most `n - 1`: every user keeps at least one training
 interaction, and a user with a single interaction holds nothing out. Rounding is half up,
 so with holdout 0.2 a user needs 3 interactions to hold one out.
 
-The ground truth (`relevant`) is every held-out item with a positive signal — a click, a
-purchase or a rating of at least 4 — that the user had not interacted with at all (any event
-type, views included) in the training part: re-finding a known item is not a prediction.
+The ground truth (`relevant`) is every held-out item with a positive signal
+(`rules.engagement.positive_signal`: a click, a purchase or a rating of at least 4) that
+the user had not interacted with at all (any event type, views included) in the training
+part: re-finding a known item is not a prediction.
 Users whose held-out part has no such item cannot be scored and are excluded (counted).
 
 The lists are computed as of `split_time`, the latest training interaction: every training
@@ -22,16 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-POSITIVE_EVENTS = ("click", "purchase")
-POSITIVE_RATING = 4.0
-"""A rating counts as a positive signal from this value up (MovieLens' 'liked it')."""
-
-
-def positive_signal(interactions: pd.DataFrame) -> np.ndarray:
-    """True where an interaction says the user liked the item."""
-    event = interactions["event_type"]
-    liked_rating = (event == "rating") & (interactions["value"] >= POSITIVE_RATING)
-    return (event.isin(POSITIVE_EVENTS) | liked_rating).to_numpy(dtype=bool)
+from recsys_assets.rules.engagement import positive_signal
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recsys_assets.evaluation.split import held_out_counts, positive_signal, temporal_holdout
+from recsys_assets.data.holdout import held_out_counts, temporal_holdout
+from recsys_assets.rules.engagement import positive_signal
 
 T0 = pd.Timestamp("2026-10-01")
 

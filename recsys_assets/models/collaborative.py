@@ -1,0 +1,217 @@
+"""Collaborative filtering with EASE (Steck, 2019): one closed-form item × item model.
+
+EASE learns item-to-item weights B (zero diagonal) that reconstruct each user's engagement
+row from the rest of it: B = I - P / diag(P) with P = (XᵀX + λI)⁻¹. It is a strong, cheap
+model on implicit data, and it serves three roles here, all from this one module:
+
+- a candidate source (`collaborative` in the candidate pools): a subject's scores are the
+  sum of B's rows over the items in their history;
+- ranker inputs: the same sum over the full history and over the most recent items only
+  (the latter carries what the user is into *now*, which full-history models blur);
+- the EASE baseline of `recsys evaluate`.
+
+λ is not a constant tuned to one data set: `choose_l2` tries multiples of the mean item
+degree (the scale of XᵀX's diagonal, so the grid follows the data's density) on a
+per-user holdout and keeps the best by Recall@K. The matrix is dense (items²), so the
+model covers at most `max_items` items, the most engaged ones; other items get no
+collaborative score (0) and are covered by the other sources.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from recsys_assets.rules.engagement import engagement_events
+
+L2_DEGREE_MULTIPLES = (1.0, 4.0, 16.0)
+"""λ candidates as multiples of the mean item degree (mean diagonal of XᵀX)."""
+DEFAULT_MAX_ITEMS = 6000
+"""Items covered by the dense B (6,000² float32 = 144 MB): the most engaged ones."""
+TUNING_K = 20
+_USER_BATCH = 1024
+
+
+@dataclass(frozen=True)
+class CollaborativeModel:
+    """EASE weights over `item_ids` (sorted), and the λ they were fitted with."""
+
+    item_ids: np.ndarray
+    weights: np.ndarray
+    """float32 (len(item_ids) × len(item_ids)), zero diagonal: row = history item."""
+    l2: float
+
+    @property
+    def size(self) -> int:
+        return len(self.item_ids)
+
+    def columns(self, item_ids: np.ndarray) -> np.ndarray:
+        """Column of each item id in `weights`; -1 for items the model does not cover."""
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        if self.size == 0:
+            return np.full(len(item_ids), -1, dtype=np.int64)
+        found = np.minimum(np.searchsorted(self.item_ids, item_ids), self.size - 1)
+        return np.where(self.item_ids[found] == item_ids, found, -1)
+
+    def history_matrix(self, subject_ids: np.ndarray, history: pd.DataFrame) -> sp.csr_matrix:
+        """Binary subjects × model-items matrix of `history` (subject_id, item_id rows)."""
+        subject_ids = np.asarray(subject_ids, dtype=np.int64)
+        rows = np.searchsorted(subject_ids, history["subject_id"].to_numpy(dtype=np.int64))
+        rows = np.minimum(rows, max(len(subject_ids) - 1, 0))
+        columns = self.columns(history["item_id"].to_numpy(dtype=np.int64))
+        keep = (columns >= 0) & (len(subject_ids) > 0)
+        if len(subject_ids):
+            keep &= subject_ids[rows] == history["subject_id"].to_numpy(dtype=np.int64)
+        matrix = sp.csr_matrix(
+            (np.ones(int(keep.sum()), dtype=np.float32), (rows[keep], columns[keep])),
+            shape=(len(subject_ids), self.size),
+        )
+        matrix.data[:] = 1.0  # duplicates summed: back to binary
+        return matrix
+
+    def scores(self, matrix: sp.csr_matrix) -> np.ndarray:
+        """Dense scores (rows of `matrix` × model items)."""
+        return np.asarray(matrix @ self.weights, dtype=np.float32)
+
+    def pair_scores(
+        self, matrix: sp.csr_matrix, rows: np.ndarray, item_ids: np.ndarray
+    ) -> np.ndarray:
+        """Score of each (matrix row, item id) pair; 0 for items the model does not cover."""
+        columns = self.columns(item_ids)
+        out = np.zeros(len(rows), dtype=np.float32)
+        covered = columns >= 0
+        if not covered.any():
+            return out
+        rows, columns = np.asarray(rows)[covered], columns[covered]
+        # Σ over the row's history items h of weights[h, column], without a dense block.
+        picked = matrix[rows]
+        values = np.zeros(len(rows), dtype=np.float32)
+        for start in range(0, len(rows), 65_536):
+            chunk = slice(start, start + 65_536)
+            block = picked[chunk]
+            owner = np.repeat(np.arange(block.shape[0]), np.diff(block.indptr))
+            contributions = self.weights[block.indices, columns[chunk][owner]]
+            values[chunk] = np.bincount(owner, weights=contributions, minlength=block.shape[0])
+        out[covered] = values
+        return out
+
+    def to_bytes(self) -> bytes:
+        buffer = io.BytesIO()
+        np.savez(buffer, item_ids=self.item_ids, weights=self.weights, l2=np.float64(self.l2))
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> CollaborativeModel:
+        with np.load(io.BytesIO(data), allow_pickle=False) as saved:
+            return cls(
+                item_ids=saved["item_ids"].astype(np.int64),
+                weights=np.ascontiguousarray(saved["weights"], dtype=np.float32),
+                l2=float(saved["l2"]),
+            )
+
+
+def engaged_pairs(interactions: pd.DataFrame) -> pd.DataFrame:
+    """Distinct (subject_id, item_id) pairs with any engagement (rules.engagement)."""
+    engaged = interactions.loc[
+        engagement_events(interactions), ["user_id", "item_id"]
+    ].drop_duplicates()
+    return engaged.rename(columns={"user_id": "subject_id"}).astype("int64")
+
+
+def covered_items(pairs: pd.DataFrame, max_items: int) -> np.ndarray:
+    """The `max_items` most engaged items (ties: lower id), sorted by id."""
+    counts = pairs["item_id"].value_counts()
+    ranked = counts.reset_index().sort_values(["count", "item_id"], ascending=[False, True])
+    return np.sort(ranked["item_id"].to_numpy(dtype=np.int64)[:max_items])
+
+
+def _gram(matrix: sp.csr_matrix) -> np.ndarray:
+    return np.asarray((matrix.T @ matrix).toarray(), dtype=np.float64)
+
+
+def ease_weights(gram: np.ndarray, l2: float) -> np.ndarray:
+    """B = I - P / diag(P), P = (G + λI)⁻¹, zero diagonal (float32)."""
+    regularised = gram.copy()
+    regularised[np.diag_indices_from(regularised)] += l2
+    inverse = np.linalg.inv(regularised)
+    weights = inverse / -np.diag(inverse)
+    weights[np.diag_indices_from(weights)] = 0.0
+    return weights.astype(np.float32)
+
+
+def l2_grid(gram: np.ndarray, multiples: Sequence[float] = L2_DEGREE_MULTIPLES) -> list[float]:
+    """λ candidates scaled by the mean item degree (at least 1)."""
+    degree = float(np.mean(np.diag(gram))) if len(gram) else 1.0
+    return [max(degree, 1.0) * multiple for multiple in multiples]
+
+
+def fit_collaborative(
+    interactions: pd.DataFrame,
+    *,
+    l2: float | None = None,
+    max_items: int = DEFAULT_MAX_ITEMS,
+    tuning: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+) -> CollaborativeModel:
+    """EASE on `interactions`' engagement. λ: `l2`, else chosen on `tuning`, else 4 × degree.
+
+    `tuning` is (training interactions, relevant (user_id, item_id) pairs) of a per-user
+    holdout inside `interactions`' window; `choose_l2` picks λ there.
+    """
+    if l2 is None and tuning is not None:
+        l2 = choose_l2(tuning[0], tuning[1], max_items=max_items)
+    pairs = engaged_pairs(interactions)
+    item_ids = covered_items(pairs, max_items)
+    model = CollaborativeModel(item_ids, np.zeros((len(item_ids), len(item_ids)), "float32"), 0.0)
+    subjects = np.unique(pairs["subject_id"].to_numpy(dtype=np.int64))
+    gram = _gram(model.history_matrix(subjects, pairs))
+    chosen = float(l2) if l2 is not None else l2_grid(gram, (4.0,))[0]
+    return CollaborativeModel(item_ids, ease_weights(gram, chosen), chosen)
+
+
+def choose_l2(
+    train: pd.DataFrame,
+    relevant: pd.DataFrame,
+    *,
+    max_items: int = DEFAULT_MAX_ITEMS,
+    k: int = TUNING_K,
+) -> float:
+    """The λ of `l2_grid` with the best Recall@k of EASE fitted on `train` against `relevant`."""
+    pairs = engaged_pairs(train)
+    item_ids = covered_items(pairs, max_items)
+    probe = CollaborativeModel(item_ids, np.zeros((0, 0), dtype=np.float32), 0.0)
+    subjects = np.unique(pairs["subject_id"].to_numpy(dtype=np.int64))
+    history = probe.history_matrix(subjects, pairs)
+    gram = _gram(history)
+    grid = l2_grid(gram)
+    targets = relevant.rename(columns={"user_id": "subject_id"})
+    targets = targets[targets["subject_id"].isin(subjects)]
+    if targets.empty or len(item_ids) == 0:
+        return grid[len(grid) // 2]
+    evaluated = np.unique(targets["subject_id"].to_numpy(dtype=np.int64))
+    rows = np.searchsorted(subjects, evaluated)
+    truth = probe.history_matrix(evaluated, targets)
+    wanted = np.asarray(
+        targets.groupby("subject_id").size().reindex(evaluated).to_numpy(), dtype=np.float64
+    )
+    best, best_recall = grid[0], -1.0
+    for l2 in grid:
+        weights = ease_weights(gram, l2)
+        found = 0.0
+        for start in range(0, len(rows), _USER_BATCH):
+            chunk = slice(start, start + _USER_BATCH)
+            seen = history[rows[chunk]]
+            scores = np.asarray(seen @ weights)
+            scores[seen.nonzero()] = -np.inf
+            depth = min(k, scores.shape[1])
+            top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
+            hits = np.take_along_axis(truth[chunk].toarray(), top, axis=1).sum(axis=1)
+            found += float((hits / wanted[chunk]).sum())
+        recall = found / len(rows)
+        if recall > best_recall:
+            best, best_recall = l2, recall
+    return best

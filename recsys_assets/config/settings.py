@@ -22,6 +22,7 @@ CONFIG_ENV_VAR = "RECSYS_CONFIG"
 
 SOURCES = (
     "two_tower",
+    "collaborative",
     "item_to_item",
     "content",
     "trending",
@@ -66,7 +67,15 @@ class _Strict(BaseModel):
 
 class TrainingConfig(_Strict):
     cutoff_days_before_snapshot: int = Field(7, ge=0)
+    holdout: float = Field(0.2, gt=0, lt=1)
+    """Share of each user's latest interactions the bundle holds out of its own window: the
+    ranker's labels, the collaborative λ and the retrieval metrics come from them."""
     validation_fraction: float = Field(0.15, gt=0, lt=0.5)
+    """Share of the ranker's training subjects kept out to validate it and fit calibration."""
+    max_training_subjects: int = Field(20_000, ge=10)
+    """Subjects whose candidate pools train the ranker (a seeded sample above this)."""
+    collaborative_max_items: int = Field(6000, ge=10, le=30_000)
+    """Items the collaborative model (dense items × items) covers: the most engaged ones."""
     embedding_dim: int = Field(32, ge=4, le=512)
     epochs: int = Field(4, ge=1)
     seed: int = 7
@@ -76,7 +85,11 @@ class PipelineConfig(_Strict):
     shard_subjects: int = Field(4000, ge=1)
     retrieval_item_chunk: int = Field(50000, ge=1)
     recent_items_per_user: int = Field(20, ge=1)
+    recent_history_items: int = Field(5, ge=1)
+    """The subject's latest items behind the `*_recent_score` ranker inputs."""
     trending_window_days: int = Field(3, ge=1)
+    """Shortest trending window; it widens until it holds trending_min_share of the events."""
+    trending_min_share: float = Field(0.05, gt=0, le=1)
 
 
 class EligibilityConfig(_Strict):
@@ -123,6 +136,9 @@ class SurfaceConfig(_Strict):
     slate_policy: SlatePolicyConfig
     stale_policy: StalePolicyConfig
     channel_rules: ChannelRulesConfig = ChannelRulesConfig()
+    repeat_consumption: bool = False
+    """True lets items the subject already engaged with back into the candidates (groceries,
+    music, re-watching); False (default) never recommends an item twice to the same person."""
 
     @model_validator(mode="after")
     def _depths(self) -> SurfaceConfig:

@@ -18,7 +18,7 @@ from pandera.typing import Series
 
 from recsys_assets.config.settings import SOURCES
 from recsys_assets.contracts.errors import ContractViolation, violations_from_pandera
-from recsys_assets.pipeline.features import FEATURE_COLUMNS
+from recsys_assets.pipeline.features import FEATURE_COLUMNS, HISTORY_SCORES
 
 RANK_COLUMNS = tuple(f"rank_{source}" for source in SOURCES)
 UTILITY_COMPONENTS = (
@@ -123,9 +123,17 @@ _RankedCandidates = _with_fields(
         for column in RANK_COLUMNS
     },
 )
+_ScoredHistory = _with_fields(
+    "_ScoredHistory",
+    _RankedCandidates,
+    {
+        column: (np.float32, pa.Field(description="History score (pipeline/features.py)"))
+        for column in HISTORY_SCORES
+    },
+)
 
 
-class CandidatePools(_RankedCandidates):  # type: ignore[misc, valid-type]
+class CandidatePools(_ScoredHistory):  # type: ignore[misc, valid-type]
     """Merged multi-source candidates, one row per (subject, item)."""
 
     subject_id: Series[np.int64] = pa.Field(ge=0)
@@ -145,6 +153,10 @@ class CandidatePools(_RankedCandidates):  # type: ignore[misc, valid-type]
     @pa.check("retrieval_score", error="must be finite or NaN (not ±inf)")
     def retrieval_score_not_infinite(cls, score: Series[np.float32]) -> Series[bool]:
         return _finite(score) | score.isna()
+
+    @pa.check(*HISTORY_SCORES, error="must be finite (no NaN or ±inf)")
+    def history_scores_finite(cls, values: Series[np.float32]) -> Series[bool]:
+        return _finite(values)
 
     @pa.dataframe_check(error=PROVENANCE_MATCHES_RANKS)
     def provenance_matches_ranks(cls, frame: pd.DataFrame) -> Series[bool]:

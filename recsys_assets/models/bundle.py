@@ -1,16 +1,24 @@
-"""The versioned model bundle: two-tower retrieval, ranker and calibrator, trained together.
+"""The versioned model bundle: two-tower retrieval, collaborative model, ranker, calibrator.
 
 Training window: everything strictly before the cutoff, which is the raw snapshot's
 `as_of` (or an explicit `as_of`). Every table is cut at the cutoff before any model sees
-it, so nothing after it can leak in. The window runs from the first interaction to the
-cutoff; its last `training.validation_fraction` by time is the validation split: the
-models train on the earlier part, offline metrics come from the later part, and the
-calibrator is fitted on it. `training.cutoff_days_before_snapshot` is left to offline
-evaluation, which holds out the days after its own cutoff.
+it, so nothing after it can leak in. `training.cutoff_days_before_snapshot` is left to
+offline evaluation, which holds out the days after its own cutoff.
 
-Layout (warehouse-relative): `models/<model_version>/{two_tower.pt, ranker.pt,
-calibration.json, bundle.json}`, then `models/current.json` last, so a reader that
-finds current.json finds a complete bundle. A version folder is never rewritten:
+Inside the window, a per-user holdout (`training.holdout` of each user's latest
+interactions, `data.holdout`) gives the task the lists are judged on:
+
+1. on its training part, the retrieval models are fitted (two-tower; EASE with λ chosen
+   on the holdout), their recall on the held-out positives is reported, and the candidate
+   pools of a sample of users are built and labelled with what they did next
+   (`pipeline.training_rows`): the ranker learns on candidate-pool rows and the calibrator
+   is fitted on its validation subjects;
+2. the served retrieval models are then fitted again on the *whole* window, so every user
+   has a vector and a history, and the newest interactions count.
+
+Layout (warehouse-relative): `models/<model_version>/{two_tower.pt, collaborative.npz,
+ranker.pt, calibration.json, bundle.json}`, then `models/current.json` last, so a reader
+that finds current.json finds a complete bundle. A version folder is never rewritten:
 `model_version` is `mb_<UTC YYYYmmddTHHMMSS>_<content hash8>`.
 """
 
@@ -28,16 +36,25 @@ import torch
 
 from recsys_assets.config import Settings
 from recsys_assets.data import read_raw, read_snapshot
+from recsys_assets.data.holdout import temporal_holdout
 from recsys_assets.models.calibration import Calibrator, fit_calibrator
+from recsys_assets.models.collaborative import CollaborativeModel, fit_collaborative
 from recsys_assets.models.device import pick_device, seed_everything
 from recsys_assets.models.ranker import RankerConfig, RankerModel, train_ranker
-from recsys_assets.models.two_tower import TwoTowerConfig, TwoTowerModel, train_two_tower
+from recsys_assets.models.two_tower import (
+    TwoTowerConfig,
+    TwoTowerModel,
+    retrieval_recall,
+    train_two_tower,
+)
 from recsys_assets.pipeline.features import FEATURE_SET_VERSION
+from recsys_assets.pipeline.training_rows import RetrievalModels, pool_training_rows
 from recsys_assets.warehouse import Warehouse
 
 MODELS_PREFIX = "models"
 CURRENT_PATH = f"{MODELS_PREFIX}/current.json"
 TWO_TOWER_FILE = "two_tower.pt"
+COLLABORATIVE_FILE = "collaborative.npz"
 RANKER_FILE = "ranker.pt"
 CALIBRATION_FILE = "calibration.json"
 BUNDLE_FILE = "bundle.json"
@@ -75,6 +92,7 @@ class ModelBundle:
     """A loaded bundle: what scoring and retrieval need, plus its metadata."""
 
     two_tower: TwoTowerModel
+    collaborative: CollaborativeModel
     ranker: RankerModel
     calibrator: Calibrator
     info: BundleInfo
@@ -102,11 +120,11 @@ def train_bundle(
     con: duckdb.DuckDBPyConnection | None = None,
     device: torch.device | None = None,
 ) -> BundleInfo:
-    """Train two-tower, ranker and calibrator on data before the cutoff; publish the bundle.
+    """Train the retrieval models, then the ranker on candidate pools, then calibration.
 
     Deterministic per `settings.training.seed` (same data, same device → same weights and
-    the same content hash). `con` is the DuckDB connection for the point-in-time features
-    (the asset passes its per-step one); an in-memory one otherwise.
+    the same content hash). `con` is the DuckDB connection for the features (the asset
+    passes its per-step one); an in-memory one otherwise.
     """
     training = settings.training
     seed_everything(training.seed)
@@ -117,41 +135,69 @@ def train_bundle(
         table: _before(read_raw(warehouse, table), cutoff)
         for table in ("interactions", "exposures", "user_controls")
     }
-    items = read_raw(warehouse, "items")
+    tables.update({table: read_raw(warehouse, table) for table in ("users", "items", "editorial")})
     interactions = tables["interactions"]
     if interactions.empty:
         raise ValueError(
             f"no interactions before the training cutoff {cutoff} in {warehouse.uri('raw')}: "
             "seed or import data, or pass a later as_of"
         )
+    items = tables["items"]
     window_start = pd.Timestamp(interactions["ts"].min())
+    nested = temporal_holdout(interactions, holdout=training.holdout, seed=training.seed)
+    two_tower_config = TwoTowerConfig(
+        embedding_dim=training.embedding_dim, epochs=training.epochs, seed=training.seed
+    )
 
-    two_tower = train_two_tower(
-        interactions,
-        items,
-        cutoff=cutoff,
-        validation_fraction=training.validation_fraction,
-        config=TwoTowerConfig(
-            embedding_dim=training.embedding_dim, epochs=training.epochs, seed=training.seed
-        ),
-        device=device,
+    # 1. Models as of the holdout: the ranker's training pools, and the reported recall.
+    inner_collaborative = fit_collaborative(
+        nested.train,
+        max_items=training.collaborative_max_items,
+        tuning=(nested.train, nested.relevant),
+    )
+    inner_two_tower = train_two_tower(
+        nested.train, items, cutoff=cutoff, config=two_tower_config, device=device
+    )
+    rows = pool_training_rows(
+        con if con is not None else duckdb.connect(":memory:"),
+        nested,
+        tables=tables,
+        models=RetrievalModels(inner_two_tower.model, inner_collaborative),
+        settings=settings,
     )
     ranker = train_ranker(
-        con if con is not None else duckdb.connect(":memory:"),
-        interactions=interactions,
-        exposures=tables["exposures"],
-        items=items,
-        cutoff=cutoff,
+        rows,
         validation_fraction=training.validation_fraction,
-        config=RankerConfig(epochs=training.epochs, seed=training.seed),
-        user_controls=tables["user_controls"],
+        config=RankerConfig(seed=training.seed),
         device=device,
     )
     calibrator, calibration = fit_calibrator(
         ranker.validation.labels, ranker.validation.predictions, ranker.validation.score_time
     )
+
+    # 2. The served retrieval models, on the whole window.
+    collaborative = fit_collaborative(
+        interactions, l2=inner_collaborative.l2, max_items=training.collaborative_max_items
+    )
+    two_tower = train_two_tower(
+        interactions, items, cutoff=cutoff, config=two_tower_config, device=device
+    )
+    recall = retrieval_recall(
+        inner_two_tower.model,
+        nested.train,
+        nested.relevant,
+        items["item_id"].to_numpy(dtype=np.int64),
+        max_users=two_tower_config.max_validation_users,
+        seed=training.seed,
+    )
+    labelled = rows["label"].to_numpy(dtype=np.float64) if len(rows) else np.zeros(0)
     metrics = {
+        **{f"two_tower_{name}": float(value) for name, value in recall.items()},
         **{f"two_tower_{name}": float(value) for name, value in two_tower.metrics.items()},
+        "collaborative_l2": collaborative.l2,
+        "collaborative_items": float(collaborative.size),
+        "ranker_training_subjects": float(rows["subject_id"].nunique()) if len(rows) else 0.0,
+        "ranker_pool_recall": float(labelled.sum() / max(len(nested.relevant), 1)),
         "ranker_auc": ranker.metrics["auc"],
         "ranker_log_loss": ranker.metrics["log_loss"],
         "ranker_log_loss_before_calibration": calibration.log_loss_before,
@@ -163,6 +209,7 @@ def train_bundle(
     }
     artifacts = {
         TWO_TOWER_FILE: two_tower.model.to_bytes(),
+        COLLABORATIVE_FILE: collaborative.to_bytes(),
         RANKER_FILE: ranker.model.to_bytes(),
         CALIBRATION_FILE: calibrator.to_json().encode("utf-8"),
     }
@@ -178,7 +225,7 @@ def train_bundle(
         feature_set_version=FEATURE_SET_VERSION,
         training_window={
             "start": window_start.isoformat(),
-            "validation_start": ranker.window["validation_start"].isoformat(),
+            "holdout_split": nested.split_time.isoformat(),
             "cutoff": cutoff.isoformat(),
         },
         data_snapshot=str(snapshot.get("snapshot_id", "")),
@@ -230,6 +277,9 @@ def load_bundle(
     device = torch.device(device) if device is not None else pick_device()
     return ModelBundle(
         two_tower=TwoTowerModel.from_bytes(warehouse.read_bytes(f"{folder}/{TWO_TOWER_FILE}")),
+        collaborative=CollaborativeModel.from_bytes(
+            warehouse.read_bytes(f"{folder}/{COLLABORATIVE_FILE}")
+        ),
         ranker=RankerModel.from_bytes(
             warehouse.read_bytes(f"{folder}/{RANKER_FILE}"), device=device
         ),

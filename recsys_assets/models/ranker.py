@@ -1,19 +1,22 @@
-"""The ranker: a small MLP over FEATURE_COLUMNS, trained on point-in-time labelled pairs.
+"""The ranker: a small MLP over FEATURE_COLUMNS, trained on candidate-pool rows.
 
-Training rows go through `compute_features` with score_time = the label's event time, the
-same code that builds scoring rows with score_time = now, so training and serving features
-cannot drift apart. Positives are clicks, purchases and ratings >= 4 before the cutoff;
-each gets `negatives_per_positive` items drawn by popularity at the same timestamp, among
-items that existed then and that the subject had not interacted with before. The split is
-by time: rows at or after the instant that leaves the newest `validation_fraction` of the
-interactions validate (AUC, log loss) and are what the calibrator is fitted on; the
-two-tower model splits at the same instant.
+Learning to rank the way production systems do it: the training rows are candidate pools
+built by the pipeline's own code as of an earlier moment (a per-user holdout of the bundle's
+window, `models/bundle.py`), with the same features scoring uses, labelled 1 where the
+subject engaged positively with the item afterwards (`rules.engagement.positive_signal`).
+So the ranker sees exactly the rows it will score — retrieval scores, source ranks and
+history scores included — and learns how much each source's evidence is worth. Logged
+events with sampled negatives (the earlier design) carry none of that: every retrieval
+input was constant in training, and the ranker reduced to popularity.
+
+The loss is pointwise (binary cross-entropy): the calibrated probability is the relevance
+of the utility, so the prediction must be a probability, and on MovieLens 100k a listwise
+softmax per subject ranked no better (docs/EVALUATION.md).
 
 Features pass through a signed log1p (counts are heavy-tailed) and a standardisation whose
 statistics live in the model, so a loaded model needs nothing but the feature frame.
-Features constant in training (e.g. source ranks and the embedding dot, which logged
-events do not carry) get a zero scale: they cannot move a prediction at scoring time
-through weights never trained.
+Features constant in training get a zero scale: they cannot move a prediction at scoring
+time through weights never trained.
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-import duckdb
 import numpy as np
 import pandas as pd
 import torch
@@ -31,14 +33,8 @@ from torch import nn
 
 from recsys_assets.models.calibration import log_loss, roc_auc
 from recsys_assets.models.device import pick_device, seed_everything
-from recsys_assets.pipeline.features import FEATURE_COLUMNS, FEATURE_SET_VERSION, compute_features
+from recsys_assets.pipeline.features import FEATURE_COLUMNS, FEATURE_SET_VERSION
 
-POSITIVE_EVENTS = ("click", "purchase")
-POSITIVE_RATING = 4.0
-TRAINING_SURFACE = "home_feed"
-"""Surface whose exposures feed the frequency features of training rows."""
-_OVERSAMPLE = 3
-UNIFORM_NEGATIVE_SHARE = 0.8
 _MIN_SCALE = 1e-6
 
 
@@ -51,12 +47,10 @@ class RankerConfig:
     """Architecture and training knobs; the defaults train on tiny data in about a second."""
 
     hidden_sizes: tuple[int, ...] = (64, 32)
-    epochs: int = 4
-    batch_size: int = 512
+    epochs: int = 8
+    batch_size: int = 1024
     learning_rate: float = 3e-3
     weight_decay: float = 1e-5
-    negatives_per_positive: int = 4
-    max_positives: int = 100_000
     seed: int = 7
 
 
@@ -170,11 +164,12 @@ class RankerModel:
 
 @dataclass
 class ValidationScores:
-    """The validation split's labels and raw predictions, in time order (for calibration)."""
+    """The validation split's labels and raw predictions (for calibration)."""
 
     labels: np.ndarray
     predictions: np.ndarray
     score_time: np.ndarray
+    """The order the calibration report splits on (earlier half fits, later half reports)."""
 
 
 @dataclass
@@ -182,165 +177,37 @@ class RankerResult:
     model: RankerModel
     metrics: dict[str, float]
     validation: ValidationScores = field(repr=False)
-    window: dict[str, pd.Timestamp] = field(default_factory=dict)
-
-
-def positive_events(interactions: pd.DataFrame, *, cutoff: pd.Timestamp) -> pd.DataFrame:
-    """Clicks, purchases and ratings >= 4 strictly before `cutoff`: (subject_id, item_id, ts)."""
-    before = interactions[pd.to_datetime(interactions["ts"]) < cutoff]
-    positive = before["event_type"].isin(POSITIVE_EVENTS) | (
-        (before["event_type"] == "rating") & (before["value"] >= POSITIVE_RATING)
-    )
-    chosen = before.loc[positive.to_numpy(), ["user_id", "item_id", "ts"]]
-    return chosen.rename(columns={"user_id": "subject_id", "ts": "score_time"}).reset_index(
-        drop=True
-    )
-
-
-def training_pairs(
-    interactions: pd.DataFrame,
-    items: pd.DataFrame,
-    *,
-    cutoff: pd.Timestamp,
-    negatives_per_positive: int,
-    max_positives: int,
-    seed: int,
-) -> pd.DataFrame:
-    """Labelled (subject_id, item_id, score_time, label) rows, built point-in-time.
-
-    Negatives share their positive's timestamp and are drawn from a mixture: with
-    probability UNIFORM_NEGATIVE_SHARE uniformly over the catalog, otherwise by popularity
-    (engagements before the cutoff, +1), among items created before that time that the
-    subject had not interacted with before it. Popularity-only negatives would teach the
-    ranker that popular items are bad (they are over-represented among negatives), which
-    measurably inverted its popularity signal in offline evaluation (`recsys evaluate`:
-    home_feed Recall@20 on seeded small data 0.17 with popularity-only negatives, 0.28 at
-    share 0.5, 0.30 at 0.8; on a MovieLens-style import 0.04, 0.20, 0.23).
-
-    Beyond `max_positives` positives, a seeded uniform sample of them is kept: it spans the
-    whole window, so the time split (`validation_start`) leaves rows on both sides of it.
-    Keeping the newest ones instead put every kept positive in the validation split once
-    the window held more than about max_positives / validation_fraction positives.
-    """
-    positives = positive_events(interactions, cutoff=cutoff)
-    if positives.empty:
-        raise RankerTrainingError(
-            f"no clicks, purchases or ratings >= {POSITIVE_RATING:g} before {cutoff}: "
-            "seed or import interactions first"
-        )
-    rng = np.random.default_rng(seed)
-    if len(positives) > max_positives:
-        kept = np.sort(rng.choice(len(positives), size=max_positives, replace=False))
-        positives = positives.iloc[kept]
-    positives = positives.sort_values("score_time", kind="stable").reset_index(drop=True)
-    item_ids = items["item_id"].to_numpy(dtype=np.int64)
-    engaged = interactions.loc[
-        (interactions["event_type"] != "hide").to_numpy()
-        & (pd.to_datetime(interactions["ts"]) < cutoff).to_numpy(),
-        "item_id",
-    ]
-    popularity = (
-        engaged.value_counts().reindex(item_ids, fill_value=0).to_numpy(dtype=np.float64) + 1.0
-    )
-    draws = negatives_per_positive * _OVERSAMPLE
-    mixture = (1.0 - UNIFORM_NEGATIVE_SHARE) * popularity / popularity.sum() + (
-        UNIFORM_NEGATIVE_SHARE / len(item_ids)
-    )
-    drawn = rng.choice(item_ids, size=(len(positives), draws), p=mixture)
-    candidates = pd.DataFrame(
-        {
-            "positive": np.repeat(np.arange(len(positives)), draws),
-            "subject_id": np.repeat(positives["subject_id"].to_numpy(dtype=np.int64), draws),
-            "item_id": drawn.ravel(),
-            "score_time": np.repeat(positives["score_time"].to_numpy(), draws),
-        }
-    )
-    first_touch = (
-        interactions.groupby(["user_id", "item_id"], sort=False)["ts"]
-        .min()
-        .rename("first_touch")
-        .reset_index()
-        .rename(columns={"user_id": "subject_id"})
-    )
-    created = items[["item_id", "created_at"]]
-    candidates = candidates.merge(first_touch, on=["subject_id", "item_id"], how="left")
-    candidates = candidates.merge(created, on="item_id", how="left")
-    untouched = candidates["first_touch"].isna() | (
-        candidates["first_touch"] > candidates["score_time"]
-    )
-    existed = candidates["created_at"] < candidates["score_time"]
-    valid = candidates[(untouched & existed).to_numpy()]
-    valid = valid.drop_duplicates(subset=["positive", "item_id"])
-    valid = valid[valid.groupby("positive").cumcount() < negatives_per_positive]
-    negatives = valid[["subject_id", "item_id", "score_time"]].assign(label=np.float32(0))
-    labelled = pd.concat(
-        [positives.assign(label=np.float32(1)), negatives], ignore_index=True
-    ).sort_values(["score_time", "subject_id", "label"], kind="stable", ignore_index=True)
-    labelled["subject_id"] = labelled["subject_id"].astype(np.int64)
-    labelled["item_id"] = labelled["item_id"].astype(np.int64)
-    labelled["score_time"] = pd.to_datetime(labelled["score_time"]).astype("datetime64[ns]")
-    return labelled
-
-
-def validation_start(
-    interactions: pd.DataFrame, cutoff: pd.Timestamp, validation_fraction: float
-) -> pd.Timestamp:
-    """Start of the validation split: the newest `validation_fraction` of the interactions
-    before the cutoff, by time (the same instant the two-tower model splits at)."""
-    before = pd.to_datetime(interactions["ts"])
-    return pd.Timestamp(before[before < cutoff].quantile(1.0 - validation_fraction))
 
 
 def train_ranker(
-    con: duckdb.DuckDBPyConnection,
+    rows: pd.DataFrame,
     *,
-    interactions: pd.DataFrame,
-    exposures: pd.DataFrame,
-    items: pd.DataFrame,
-    cutoff: pd.Timestamp,
     validation_fraction: float,
     config: RankerConfig | None = None,
-    user_controls: pd.DataFrame | None = None,
-    surface: str = TRAINING_SURFACE,
     device: torch.device | None = None,
 ) -> RankerResult:
-    """Train on rows before the validation start, validate on the rest of the window.
+    """Train on labelled candidate-pool rows; validate on a seeded share of the subjects.
 
-    Training pairs carry no retrieval_score, so the embedding-dot features are constant in
-    training and, with a zero scale, unused at scoring time.
+    `rows` are FEATURE_COLUMNS plus `subject_id` and `label` (1 = the subject engaged with
+    the item after the pools were built), as `pipeline.training_rows.pool_training_rows`
+    makes them. The validation subjects' rows never train the network: they give AUC and
+    log loss and are what the calibrator is fitted on.
     """
     config = config or RankerConfig()
     seed_everything(config.seed)
     device = torch.device(device) if device is not None else pick_device()
-    pairs = training_pairs(
-        interactions,
-        items,
-        cutoff=cutoff,
-        negatives_per_positive=config.negatives_per_positive,
-        max_positives=config.max_positives,
-        seed=config.seed,
-    )
-    features = compute_features(
-        con,
-        pairs,
-        interactions=interactions,
-        exposures=exposures,
-        items=items,
-        surface=surface,
-        user_controls=user_controls,
-    )
-    times = pd.to_datetime(interactions["ts"])
-    window_start = pd.Timestamp(times[times < cutoff].min())
-    split_at = validation_start(interactions, cutoff, validation_fraction)
-    is_validation = (features["score_time"] >= split_at).to_numpy()
-    labels = features["label"].to_numpy(dtype=np.float32)
-    _require_both_classes(labels[~is_validation], "training", window_start, split_at)
-    _require_both_classes(labels[is_validation], "validation", split_at, cutoff)
+    subjects = np.unique(rows["subject_id"].to_numpy(dtype=np.int64))
+    rng = np.random.default_rng(config.seed)
+    held = rng.permutation(subjects)[: max(1, round(len(subjects) * validation_fraction))]
+    is_validation = rows["subject_id"].isin(held).to_numpy()
+    labels = rows["label"].to_numpy(dtype=np.float32)
+    _require_both_classes(labels[~is_validation], "training", len(subjects) - len(held))
+    _require_both_classes(labels[is_validation], "validation", len(held))
 
-    matrix = features[FEATURE_COLUMNS].to_numpy(dtype=np.float32)
+    matrix = rows[FEATURE_COLUMNS].to_numpy(dtype=np.float32)
     network = _fit(matrix[~is_validation], labels[~is_validation], config, device)
     model = RankerModel(network, hidden_sizes=config.hidden_sizes, device=device)
-    validation_rows = features.loc[is_validation]
+    validation_rows = rows.loc[is_validation]
     predictions = model.predict(validation_rows)
     validation_labels = labels[is_validation]
     metrics = {
@@ -350,26 +217,27 @@ def train_ranker(
         "validation_rows": float(is_validation.sum()),
         "validation_positive_rate": float(validation_labels.mean()),
     }
+    # Calibration is reported on a later half of the validation rows: order them by a
+    # seeded shuffle of their subjects, so both halves hold whole, random subjects.
+    subject_order = pd.Series(rng.permutation(len(held)), index=np.sort(held))
     return RankerResult(
         model=model,
         metrics=metrics,
         validation=ValidationScores(
             labels=validation_labels,
             predictions=predictions,
-            score_time=validation_rows["score_time"].to_numpy(),
+            score_time=subject_order.reindex(validation_rows["subject_id"]).to_numpy(),
         ),
-        window={"start": window_start, "validation_start": split_at, "cutoff": cutoff},
     )
 
 
-def _require_both_classes(
-    labels: np.ndarray, split: str, start: pd.Timestamp, end: pd.Timestamp
-) -> None:
+def _require_both_classes(labels: np.ndarray, split: str, subjects: int) -> None:
     if len(labels) == 0 or labels.min() == labels.max():
         raise RankerTrainingError(
-            f"the {split} split [{start}, {end}) has {len(labels)} row(s) and not both "
-            "positives and negatives: widen the window (more interactions before the cutoff) "
-            "or change training.validation_fraction"
+            f"the ranker's {split} split ({subjects} subject(s), {len(labels)} candidate "
+            "row(s)) has not both engaged and unengaged candidates: the training window needs "
+            "more users whose later interactions hit their candidate pools (more data, or a "
+            "larger training.holdout / training.validation_fraction)"
         )
 
 

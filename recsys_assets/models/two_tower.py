@@ -11,9 +11,10 @@ positives of a batch are the negatives, with the logQ correction (subtract log o
 share of the examples) so popular items are not punished for being sampled as negatives
 more often, and "accidental hits" (the same item elsewhere in the batch) masked out.
 
-Validation is by time inside the window: the last `validation_fraction` of it is held out,
-and recall@50 / recall@100 are measured for its positives against all catalog items,
-excluding what each user already interacted with in the training part.
+The served model trains on the whole window, so every user with a positive has a vector.
+`retrieval_recall` reports recall@50 / recall@100 of a model trained on less (the bundle's
+per-user holdout) for its held-out positives against all catalog items, excluding what each
+user already interacted with.
 
 Fallbacks, so every id gets a usable unit vector:
 - an unknown user (no training positives) gets the popularity direction, the
@@ -36,9 +37,9 @@ from torch import nn
 
 from recsys_assets.models.device import pick_device, seed_everything
 from recsys_assets.pipeline.retrieval import exact_top_k, exclusions_from_pairs
+from recsys_assets.rules.engagement import POSITIVE_EVENTS as STRONG_EVENTS
+from recsys_assets.rules.engagement import POSITIVE_RATING
 
-STRONG_EVENTS = ("click", "purchase")
-POSITIVE_RATING = 4.0
 RECALL_AT = (50, 100)
 FORMAT_VERSION = 1
 _INIT_STD = 0.05
@@ -262,14 +263,12 @@ def train_two_tower(
     items: pd.DataFrame,
     *,
     cutoff: pd.Timestamp,
-    validation_fraction: float,
     config: TwoTowerConfig,
     device: torch.device | str | None = None,
 ) -> TwoTowerResult:
-    """Train on interactions strictly before `cutoff`; validate on the window's last part."""
+    """Train on every interaction strictly before `cutoff` (the whole window: the served
+    model must know every user; `retrieval_recall` measures a model trained on less)."""
     started = time.perf_counter()
-    if not 0.0 < validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be in (0, 1); got {validation_fraction}")
     target = pick_device() if device is None else torch.device(device)
     seed_everything(config.seed)
 
@@ -281,20 +280,17 @@ def train_two_tower(
             f"no interactions before the training cutoff {cutoff}; seed or import data, or "
             "lower training.cutoff_days_before_snapshot"
         )
-    split_at = window["ts"].quantile(1.0 - validation_fraction)
-    before_split = window[window["ts"] < split_at]
-    weights = positive_weights(before_split, config.view_weight)
+    weights = positive_weights(window, config.view_weight)
     examples = (
-        before_split.assign(weight=weights)[weights > 0]
+        window.assign(weight=weights)[weights > 0]
         .groupby(["user_id", "item_id"], sort=True)["weight"]
         .max()
         .reset_index()
     )
     if examples.empty:
         raise TwoTowerTrainingError(
-            f"no positive interactions (click, purchase, rating >= {POSITIVE_RATING}) between "
-            f"{window['ts'].min()} and the validation split {split_at}; the two-tower model "
-            "needs positives before the cutoff"
+            f"no positive interactions (click, purchase, rating >= {POSITIVE_RATING}) before "
+            f"the training cutoff {cutoff}; the two-tower model needs positives to learn from"
         )
 
     categories = sorted(items["category"].astype(str).unique().tolist())
@@ -333,14 +329,11 @@ def train_two_tower(
     model.towers.eval()
     model._popularity_direction = None
 
-    metrics = _validation_recall(
-        model, window, before_split, split_at, catalog_ids, config.max_validation_users, config.seed
-    )
-    metrics.update(
-        train_positives=float(len(examples)),
-        final_loss=final_loss,
-        train_seconds=time.perf_counter() - started,
-    )
+    metrics = {
+        "train_positives": float(len(examples)),
+        "final_loss": final_loss,
+        "train_seconds": time.perf_counter() - started,
+    }
     return TwoTowerResult(model=model, metrics=metrics)
 
 
@@ -403,27 +396,25 @@ def _fit(
     return epoch_loss
 
 
-def _validation_recall(
+def retrieval_recall(
     model: TwoTowerModel,
-    window: pd.DataFrame,
-    before_split: pd.DataFrame,
-    split_at: pd.Timestamp,
+    seen: pd.DataFrame,
+    relevant: pd.DataFrame,
     catalog_ids: np.ndarray,
+    *,
     max_users: int,
     seed: int,
 ) -> dict[str, float]:
-    """recall@K of the held-out positives against the whole catalog, per user, averaged.
+    """recall@K of `relevant` (user_id, item_id) against the whole catalog, per user, averaged,
+    next to popularity's for the same users.
 
-    Items a user interacted with before the split are excluded from their ranking and from
-    their held-out set (re-finding a known item is not retrieval).
+    `seen` (user_id, item_id) is what the model was trained on: those items are excluded
+    from each user's ranking (re-finding a known item is not retrieval).
     """
-    after = window[window["ts"] >= split_at]
-    held_out = after[positive_weights(after, 0.0) > 0][["user_id", "item_id"]].drop_duplicates()
-    held_out = held_out[held_out["item_id"].isin(catalog_ids)]
-    seen = before_split[["user_id", "item_id"]].drop_duplicates()
-    held_out = held_out.merge(seen.assign(_seen=True), on=["user_id", "item_id"], how="left")
-    held_out = held_out[held_out["_seen"].isna()].drop(columns="_seen")
+    held_out = relevant[relevant["item_id"].isin(catalog_ids)][["user_id", "item_id"]]
+    seen = seen[["user_id", "item_id"]].drop_duplicates()
     users = np.unique(held_out["user_id"].to_numpy(dtype=np.int64))
+    users = users[np.isin(users, model.user_ids)]
     empty = {
         f"{prefix}recall@{k}": float("nan") for prefix in ("", "popularity_") for k in RECALL_AT
     }
@@ -433,7 +424,6 @@ def _validation_recall(
         users = np.sort(np.random.default_rng(seed).choice(users, max_users, replace=False))
     held_out = held_out[held_out["user_id"].isin(users)]
     catalog = np.sort(catalog_ids)
-
     exclude = exclusions_from_pairs(
         users, catalog, seen[seen["user_id"].isin(users)].rename(columns={"user_id": "subject_id"})
     )

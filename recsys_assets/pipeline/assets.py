@@ -35,7 +35,7 @@ from recsys_assets.pipeline.partitions import (
     surface_region_partitions,
 )
 from recsys_assets.pipeline.resources import RecsysResource
-from recsys_assets.pipeline.retrieval import retrieve_two_tower
+from recsys_assets.pipeline.retrieval import two_tower_retriever
 from recsys_assets.pipeline.scoring import ITEM_COLUMNS as SCORING_ITEM_COLUMNS
 from recsys_assets.pipeline.scoring import score_candidates
 from recsys_assets.pipeline.shards import (
@@ -191,21 +191,15 @@ def candidate_pools(
         surface=surface,
         score_time=now,
         trending_window_days=settings.pipeline.trending_window_days,
+        trending_min_share=settings.pipeline.trending_min_share,
+        recent_history_items=settings.pipeline.recent_history_items,
+        collaborative=bundle.collaborative,
         tombstones=load_tombstones(warehouse),
     )
 
-    def two_tower(
-        ids: np.ndarray, item_ids: np.ndarray, k: int, blocked: pd.DataFrame
-    ) -> pd.DataFrame:
-        return retrieve_two_tower(
-            bundle.two_tower,
-            ids,
-            item_ids,
-            k,
-            exclude_pairs=blocked,
-            item_chunk=settings.pipeline.retrieval_item_chunk,
-        )
-
+    two_tower = two_tower_retriever(
+        bundle.two_tower, item_chunk=settings.pipeline.retrieval_item_chunk
+    )
     per_subject: list[np.ndarray] = []
     source_counts: Counter[str] = Counter()
 

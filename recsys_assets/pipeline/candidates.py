@@ -5,6 +5,7 @@ Sources (names from `config.settings.SOURCES`):
 | source | what it proposes |
 | --- | --- |
 | two_tower | exact top-K inner product of the subject's and the items' tower embeddings |
+| collaborative | top-K EASE scores of the subject's engagement history (models/collaborative.py) |
 | item_to_item | co-engagement neighbours (cosine over users) of the subject's recent items |
 | content | popular items of the subject's favourite categories, by affinity share |
 | trending | the region's fastest-growing items over the recent window |
@@ -12,10 +13,17 @@ Sources (names from `config.settings.SOURCES`):
 | new_item_exploration | items created recently, the subject's categories first |
 | long_tail_quality | outside the head of popularity, best smoothed engagement rate |
 
-Everything a subject must never see (consumed, hidden item/creator/category, ineligible
-in the region, another tenant's case) is removed before ranking, and each subject keeps
-at most the surface's candidate budget, preferring candidates with the best rank relative
-to their source's quota.
+Everything a subject must never see (hidden item/creator/category, ineligible in the
+region, another tenant's case, and items already consumed unless the surface sets
+`repeat_consumption`) is removed before ranking, and each subject keeps at most the
+surface's candidate budget, preferring candidates with the best rank relative to their
+source's quota.
+
+Every pool row also carries the subject's history scores for the item, whichever source
+proposed it (HISTORY_SCORES): the collaborative model's and the item neighbours' sums over
+the subject's whole engagement history and over their latest items. They are ranker inputs:
+the ranker is trained on pools built by this same code (models/bundle.py), so it learns how
+much each source's evidence is worth.
 """
 
 from __future__ import annotations
@@ -29,15 +37,19 @@ import pandas as pd
 
 from recsys_assets.config import SurfaceConfig
 from recsys_assets.config.settings import SOURCES
+from recsys_assets.models.collaborative import CollaborativeModel
+from recsys_assets.pipeline.features import HISTORY_SCORES
 from recsys_assets.pipeline.runs import rank_within_runs
 from recsys_assets.rules.eligibility import item_rejection_reasons
+from recsys_assets.rules.engagement import engagement_events
 from recsys_assets.rules.tombstones import person_tombstones, tombstoned_items
 
-CANDIDATE_POLICY_VERSION = "candidates_v1"
+CANDIDATE_POLICY_VERSION = "candidates_v2"
 POSITIVE_EVENTS = ("click", "purchase", "rating")
 """Engagement that counts as interest (ratings below 3 do not)."""
 CONSUMED_EVENTS = ("click", "purchase", "rating")
-"""Engagement after which an item is not recommended again to the same user."""
+"""Engagement after which an item is not recommended again to the same user (unless the
+surface sets `repeat_consumption`)."""
 NEW_ITEM_DAYS = 14
 LONG_TAIL_HEAD_SHARE = 0.1
 I2I_NEIGHBOURS = 50
@@ -59,6 +71,9 @@ class CandidateContext:
     created_at; most popular first."""
     history: pd.DataFrame
     """Positive engagement before score_time: user_id, item_id, ts, weight."""
+    engagement: pd.DataFrame
+    """subject_id, item_id, ts (latest) of every engaged pair before score_time: the input of
+    the collaborative model and of the history scores."""
     blocked: pd.DataFrame
     """(subject_id, item_id) pairs never to propose: consumed or hidden."""
     neighbours: pd.DataFrame
@@ -69,6 +84,8 @@ class CandidateContext:
     long_tail: np.ndarray
     tenant_items: bool
     """True for surfaces that recommend a tenant's own cases (enterprise queue)."""
+    collaborative: CollaborativeModel | None = None
+    recent_history_items: int = 5
 
 
 def build_context(
@@ -81,6 +98,9 @@ def build_context(
     surface: SurfaceConfig,
     score_time: pd.Timestamp,
     trending_window_days: int,
+    trending_min_share: float = 0.05,
+    recent_history_items: int = 5,
+    collaborative: CollaborativeModel | None = None,
     tombstones: pd.DataFrame | None = None,
 ) -> CandidateContext:
     """Region-level candidate ingredients, using only data from before `score_time`.
@@ -92,7 +112,9 @@ def build_context(
     tenant_items = "tenant_actor" in surface.eligibility.requires
     reasons = item_rejection_reasons(items, region=region, now=score_time)
     eligible = items[reasons.isna().to_numpy()]
-    blocked = _blocked_pairs(interactions, user_controls, items)
+    blocked = _blocked_pairs(
+        interactions, user_controls, items, repeat_consumption=surface.repeat_consumption
+    )
     if tombstones is not None and not tombstones.empty:
         eligible = eligible[~tombstoned_items(tombstones, eligible, region=region, now=score_time)]
         blocked = pd.concat(
@@ -128,16 +150,45 @@ def build_context(
     return CandidateContext(
         items=eligible.reset_index(drop=True),
         history=history,
+        engagement=_engagement(interactions),
         blocked=blocked,
         neighbours=_item_neighbours(history, eligible["item_id"].to_numpy()),
-        trending=_trending(history, eligible, score_time, trending_window_days),
+        trending=_trending(
+            history,
+            eligible,
+            score_time,
+            trending_window(history, trending_window_days, trending_min_share, score_time),
+        ),
         editorial=_editorial(editorial, eligible, region, score_time),
         new_items=eligible[eligible["created_at"] >= score_time - pd.Timedelta(days=NEW_ITEM_DAYS)]
         .sort_values(["created_at", "item_id"], ascending=[False, True])
         .reset_index(drop=True),
         long_tail=_long_tail(interactions, eligible),
         tenant_items=tenant_items,
+        collaborative=collaborative,
+        recent_history_items=recent_history_items,
     )
+
+
+def _engagement(interactions: pd.DataFrame) -> pd.DataFrame:
+    engaged = interactions.loc[engagement_events(interactions), ["user_id", "item_id", "ts"]]
+    latest = engaged.groupby(["user_id", "item_id"], sort=False)["ts"].max().reset_index()
+    return latest.rename(columns={"user_id": "subject_id"}).astype(
+        {"subject_id": "int64", "item_id": "int64"}
+    )
+
+
+def trending_window(
+    history: pd.DataFrame, min_days: int, min_share: float, score_time: pd.Timestamp
+) -> pd.Timedelta:
+    """The trending window: at least `min_days`, widened until it holds `min_share` of the
+    events, so data whose last days are nearly empty still has something trending."""
+    shortest = pd.Timedelta(days=min_days)
+    if history.empty:
+        return shortest
+    ages = (score_time - pd.to_datetime(history["ts"])).to_numpy(dtype="timedelta64[ns]")
+    needed = pd.Timedelta(np.quantile(ages, min(min_share, 1.0), method="higher"))
+    return max(shortest, needed + pd.Timedelta(seconds=1))
 
 
 def _person_tombstone_pairs(
@@ -155,10 +206,15 @@ def _person_tombstone_pairs(
 
 
 def _blocked_pairs(
-    interactions: pd.DataFrame, user_controls: pd.DataFrame, items: pd.DataFrame
+    interactions: pd.DataFrame,
+    user_controls: pd.DataFrame,
+    items: pd.DataFrame,
+    *,
+    repeat_consumption: bool,
 ) -> pd.DataFrame:
     consumed = interactions.loc[
-        interactions["event_type"].isin(CONSUMED_EVENTS), ["user_id", "item_id"]
+        interactions["event_type"].isin(CONSUMED_EVENTS) & (not repeat_consumption),
+        ["user_id", "item_id"],
     ]
     # The latest control per (user, target) wins: a later unhide lifts an earlier hide.
     latest = user_controls.sort_values("ts").drop_duplicates(
@@ -233,10 +289,9 @@ ORDER BY item_id, similarity DESC, neighbour_id
 
 
 def _trending(
-    history: pd.DataFrame, eligible: pd.DataFrame, score_time: pd.Timestamp, window_days: int
+    history: pd.DataFrame, eligible: pd.DataFrame, score_time: pd.Timestamp, window: pd.Timedelta
 ) -> np.ndarray:
     """Items ranked by recent-window engagement over (smoothed) previous-window engagement."""
-    window = pd.Timedelta(days=window_days)
     recent = history[history["ts"] > score_time - window]
     previous = history[
         (history["ts"] <= score_time - window) & (history["ts"] > score_time - 2 * window)
@@ -318,8 +373,12 @@ def generate_candidates(
             )
         )
     shard_history = context.history[context.history["user_id"].isin(subject_ids)]
+    shard_engagement = context.engagement[context.engagement["subject_id"].isin(subject_ids)]
     affinity = _category_affinity(shard_history, eligible_items)
     builders = {
+        "collaborative": lambda n: _from_collaborative(
+            context.collaborative, subject_ids, shard_engagement, eligible_items, shard_blocked, n
+        ),
         "item_to_item": lambda n: _from_neighbours(
             shard_history, context.neighbours, n, recent_items_per_user
         ),
@@ -343,7 +402,120 @@ def generate_candidates(
     if tenant_pairs is not None:
         proposed = proposed.merge(tenant_pairs, on=["subject_id", "item_id"])
     proposed = _anti_join(proposed, shard_blocked)
-    return _merge_sources(proposed, quota, surface.candidate_budget)
+    merged = _merge_sources(proposed, quota, surface.candidate_budget)
+    scores = history_scores(
+        merged[["subject_id", "item_id"]],
+        shard_engagement,
+        context.neighbours,
+        context.collaborative,
+        recent_items=context.recent_history_items,
+    )
+    for column in HISTORY_SCORES:
+        merged[column] = scores[column]
+    return merged
+
+
+def latest_items(engagement: pd.DataFrame, count: int) -> pd.DataFrame:
+    """Each subject's `count` most recently engaged items (ties: higher item_id first)."""
+    ordered = engagement.sort_values(
+        ["subject_id", "ts", "item_id"], ascending=[True, False, False], kind="stable"
+    )
+    return ordered.groupby("subject_id", sort=False).head(count)
+
+
+def history_scores(
+    pairs: pd.DataFrame,
+    engagement: pd.DataFrame,
+    neighbours: pd.DataFrame,
+    collaborative: CollaborativeModel | None,
+    *,
+    recent_items: int,
+) -> dict[str, np.ndarray]:
+    """HISTORY_SCORES for each (subject_id, item_id) row of `pairs`, in row order.
+
+    `*_recent_score` uses only the subject's `recent_items` latest items: what they are into
+    now, which a sum over a long history blurs.
+    """
+    recent = latest_items(engagement, recent_items)
+    found: dict[str, np.ndarray] = {}
+    for suffix, history in (("score", engagement), ("recent_score", recent)):
+        found[f"item_to_item_{suffix}"] = _neighbour_sums(pairs, history, neighbours)
+        if collaborative is None or collaborative.size == 0:
+            found[f"collaborative_{suffix}"] = np.zeros(len(pairs), dtype=np.float32)
+            continue
+        subjects = np.unique(pairs["subject_id"].to_numpy(dtype=np.int64))
+        matrix = collaborative.history_matrix(subjects, history)
+        rows = np.searchsorted(subjects, pairs["subject_id"].to_numpy(dtype=np.int64))
+        found[f"collaborative_{suffix}"] = collaborative.pair_scores(
+            matrix, rows, pairs["item_id"].to_numpy(dtype=np.int64)
+        )
+    return found
+
+
+def _neighbour_sums(
+    pairs: pd.DataFrame, history: pd.DataFrame, neighbours: pd.DataFrame
+) -> np.ndarray:
+    """Σ over the subject's history items h of similarity(h → item); 0 without neighbours."""
+    if pairs.empty or history.empty or neighbours.empty:
+        return np.zeros(len(pairs), dtype=np.float32)
+    linked = history[["subject_id", "item_id"]].merge(neighbours, on="item_id")
+    sums = linked.groupby(["subject_id", "neighbour_id"], sort=False)["similarity"].sum()
+    keys = pd.MultiIndex.from_arrays(
+        [pairs["subject_id"].to_numpy(dtype=np.int64), pairs["item_id"].to_numpy(dtype=np.int64)]
+    )
+    return sums.reindex(keys).fillna(0.0).to_numpy(dtype=np.float32)
+
+
+def _from_collaborative(
+    model: CollaborativeModel | None,
+    subject_ids: np.ndarray,
+    engagement: pd.DataFrame,
+    eligible_items: pd.DataFrame,
+    blocked: pd.DataFrame,
+    n: int,
+) -> pd.DataFrame:
+    """Each subject's n best eligible, unblocked items by EASE score (subjects with history)."""
+    if model is None or model.size == 0 or engagement.empty:
+        return _empty_proposals().drop(columns="source")
+    subjects = np.unique(subject_ids)
+    allowed = np.zeros(model.size, dtype=bool)
+    columns = model.columns(eligible_items["item_id"].to_numpy(dtype=np.int64))
+    allowed[columns[columns >= 0]] = True
+    matrix = model.history_matrix(subjects, engagement)
+    blocked_rows = np.searchsorted(subjects, blocked["subject_id"].to_numpy(dtype=np.int64))
+    blocked_rows = np.minimum(blocked_rows, len(subjects) - 1)
+    blocked_columns = model.columns(blocked["item_id"].to_numpy(dtype=np.int64))
+    known = (blocked_columns >= 0) & (
+        subjects[blocked_rows] == blocked["subject_id"].to_numpy(dtype=np.int64)
+    )
+    blocked_rows, blocked_columns = blocked_rows[known], blocked_columns[known]
+    depth = min(n, int(allowed.sum()))
+    has_history = np.diff(matrix.indptr) > 0
+    frames = []
+    batch = max(1, 4_000_000 // max(model.size, 1))
+    for start in range(0, len(subjects), batch):
+        stop = min(start + batch, len(subjects))
+        scores = model.scores(matrix[start:stop])
+        scores[:, ~allowed] = -np.inf
+        inside = (blocked_rows >= start) & (blocked_rows < stop)
+        scores[blocked_rows[inside] - start, blocked_columns[inside]] = -np.inf
+        if depth <= 0:
+            break
+        top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        rows = np.repeat(np.arange(start, stop), depth)
+        frame = pd.DataFrame(
+            {
+                "subject_id": subjects[rows],
+                "item_id": model.item_ids[top.ravel()],
+                "score": top_scores.ravel(),
+            }
+        )
+        keep = np.isfinite(frame["score"].to_numpy()) & has_history[rows]
+        frames.append(frame[keep])
+    if not frames:
+        return _empty_proposals().drop(columns="source")
+    return _top_n(pd.concat(frames, ignore_index=True), "score", n)
 
 
 def provenance_labels(present: np.ndarray) -> np.ndarray:

@@ -45,6 +45,10 @@ classes by the sampling rule rather than by preference.
 | category_match | cross | 1 if the subject engaged with the item's category before |
 | user_creator_events | cross | subject's engagement events with the item's creator |
 | user_creator_affinity | cross | user_creator_events / user_events_total |
+| collaborative_score | history | EASE score of the item from the subject's engagement history (candidate row) |
+| collaborative_recent_score | history | … from the subject's latest items only |
+| item_to_item_score | history | Σ item-neighbour similarity from the subject's history (candidate row) |
+| item_to_item_recent_score | history | … from the subject's latest items only |
 | from_<source> | source | 1 if the source proposed the item (rank_<source> > 0), per SOURCES |
 | rank_<source>_log1p | source | log1p(rank_<source>), 0 when not proposed, per SOURCES |
 | source_count | source | how many sources proposed the item |
@@ -68,7 +72,7 @@ import pyarrow.dataset as ds
 
 from recsys_assets.config.settings import SOURCES
 
-FEATURE_SET_VERSION = "fs_v1"
+FEATURE_SET_VERSION = "fs_v2"
 
 USER_FEATURES = (
     "user_events_total",
@@ -95,6 +99,14 @@ CROSS_FEATURES = (
     "user_creator_events",
     "user_creator_affinity",
 )
+HISTORY_SCORES = (
+    "collaborative_score",
+    "collaborative_recent_score",
+    "item_to_item_score",
+    "item_to_item_recent_score",
+)
+"""Computed with the candidate pool (pipeline/candidates.history_scores) and carried on its
+rows, like the two-tower retrieval_score: 0 on rows that lack them."""
 SOURCE_FEATURES = (
     *(f"from_{source}" for source in SOURCES),
     *(f"rank_{source}_log1p" for source in SOURCES),
@@ -107,6 +119,7 @@ FEATURE_COLUMNS: list[str] = [
     *USER_FEATURES,
     *ITEM_FEATURES,
     *CROSS_FEATURES,
+    *HISTORY_SCORES,
     *SOURCE_FEATURES,
     *EXPOSURE_FEATURES,
     *SUPPRESSION_FEATURES,
@@ -671,6 +684,12 @@ def _cross_and_source_features(frame: pd.DataFrame) -> dict[str, np.ndarray]:
         "embedding_dot": np.where(known, dot, 0.0).astype(np.float32),
         "has_embedding_dot": known.astype(np.float32),
     }
+    for column in HISTORY_SCORES:
+        found[column] = (
+            frame[column].fillna(0.0).to_numpy(dtype=np.float32)
+            if column in frame.columns
+            else np.zeros(rows, dtype=np.float32)
+        )
     proposed_by = np.zeros(rows, dtype=np.float32)
     for source, column in zip(SOURCES, RANK_COLUMNS, strict=True):
         if column in frame.columns:
@@ -688,6 +707,6 @@ def _cross_and_source_features(frame: pd.DataFrame) -> dict[str, np.ndarray]:
 _SQL_FEATURES = tuple(
     name
     for name in FEATURE_COLUMNS
-    if name not in ("embedding_dot", "has_embedding_dot", "source_count")
+    if name not in ("embedding_dot", "has_embedding_dot", "source_count", *HISTORY_SCORES)
     and not name.startswith(("from_", "rank_"))
 )

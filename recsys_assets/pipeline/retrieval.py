@@ -22,6 +22,7 @@ budget with at least `_MIN_SINGLE_CHUNK_USERS` users per batch, it is scored as 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -310,3 +311,21 @@ def _empty_retrieval() -> pd.DataFrame:
             "retrieval_score": pd.Series(dtype="float32"),
         }
     )
+
+
+def two_tower_retriever(
+    model: TwoTowerModel | None, *, item_chunk: int
+) -> Callable[[np.ndarray, np.ndarray, int, pd.DataFrame], pd.DataFrame] | None:
+    """`retrieve_two_tower` over `model` in the shape `generate_candidates` takes (None:
+    no two-tower source)."""
+    if model is None:
+        return None
+
+    def two_tower(
+        subject_ids: np.ndarray, item_ids: np.ndarray, k: int, blocked: pd.DataFrame
+    ) -> pd.DataFrame:
+        return retrieve_two_tower(
+            model, subject_ids, item_ids, k, exclude_pairs=blocked, item_chunk=item_chunk
+        )
+
+    return two_tower

@@ -25,6 +25,8 @@ from recsys_assets.publish.publisher import (
 PUBLISH_GROUP = "publish"
 PUBLISH_CHECK = "publish_validation"
 FALLBACK_CHECK = "fallback_validation"
+DIAGNOSIS_KEY = "short_lists_by_history"
+"""Metadata key of a refusal's short-list diagnosis (a Markdown table by history segment)."""
 PARTITIONS = surface_region_partitions()
 
 
@@ -109,16 +111,21 @@ def _report(
         metadata["coverage"] = float(metrics["coverage"])
     if outcome.manifest is not None:
         metadata["lineage"] = dg.MetadataValue.json(outcome.manifest.lineage)
+    check_metadata: dict[str, dg.RawMetadataValue] = {
+        "failures": dg.MetadataValue.md(
+            "\n".join(f"- {failure}" for failure in report.failures) or "none"
+        ),
+        "validation": dg.MetadataValue.md(report.to_markdown()),
+    }
+    if report.diagnosis:
+        metadata[DIAGNOSIS_KEY] = check_metadata[DIAGNOSIS_KEY] = dg.MetadataValue.md(
+            report.diagnosis
+        )
     check = dg.AssetCheckResult(
         check_name=check_name,
         passed=outcome.published,
         severity=dg.AssetCheckSeverity.ERROR,
-        metadata={
-            "failures": dg.MetadataValue.md(
-                "\n".join(f"- {failure}" for failure in report.failures) or "none"
-            ),
-            "validation": dg.MetadataValue.md(report.to_markdown()),
-        },
+        metadata=check_metadata,
     )
     if outcome.published:
         yield dg.MaterializeResult(metadata=metadata, check_results=[check])

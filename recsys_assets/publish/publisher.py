@@ -13,9 +13,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
+import pyarrow.dataset as ds
 
 from recsys_assets.config import Settings
 from recsys_assets.data import read_raw, read_snapshot
+from recsys_assets.data.snapshot import raw_table_path
+from recsys_assets.publish.diagnosis import explain_short_lists
 from recsys_assets.publish.fallback import compute_fallback_lists
 from recsys_assets.publish.lists import (
     LINEAGE_COLUMNS,
@@ -90,6 +93,7 @@ def publish_version(
     now: datetime | None = None,
     subjects: pd.DataFrame | None = None,
     candidates: pd.Series | None = None,
+    interactions: ds.Dataset | None = None,
     fallback: bool = False,
     tracking_secret: str | None = None,
     orphan_grace: timedelta = DEFAULT_ORPHAN_GRACE,
@@ -99,8 +103,10 @@ def publish_version(
     `lists` are list records (`lists_from_slates` or `compute_fallback_lists`); the version
     and list ids are stamped here. `items` is the current raw items table, `subjects` the
     partition's eligible subjects (coverage, tenants, timezones), `candidates` the candidate
-    count per subject for the decision log. A refused version keeps its folder (with
-    validation.json saying why) for inspection until garbage collection's grace period.
+    count per subject for the decision log, `interactions` the raw interactions (a lazy
+    dataset): given, a refusal for short or empty lists says which history segments are
+    short and why. A refused version keeps its folder (with validation.json saying why) for
+    inspection until garbage collection's grace period.
     """
     surface_config = settings.surface(surface)
     settings.check_region(region)
@@ -119,19 +125,34 @@ def publish_version(
     )
     write_version_data(warehouse, folder, lists=records, decision_log=log)
     thresholds = settings.publish.thresholds
+    limits = GateLimits.for_fallback(thresholds) if fallback else GateLimits.for_lists(thresholds)
+    judged = read_version_lists(warehouse, folder)  # judge the bytes serving will read
+    tombstones = load_tombstones(warehouse)
     report = validate_lists(
-        read_version_lists(warehouse, folder),  # judge the bytes serving will read
+        judged,
         surface=surface_config,
         region=region,
         items=items,
-        limits=GateLimits.for_fallback(thresholds)
-        if fallback
-        else GateLimits.for_lists(thresholds),
+        limits=limits,
         now=at,
         subjects=subjects,
         kind="fallback" if fallback else "personalized",
-        tombstones=load_tombstones(warehouse),
+        tombstones=tombstones,
     )
+    if interactions is not None and not fallback:
+        report = explain_short_lists(
+            report,
+            warehouse,
+            judged,
+            surface=surface_config,
+            region=region,
+            items=items,
+            subjects=subjects,
+            tombstones=tombstones,
+            now=at,
+            interactions=interactions,
+            short_below=limits.min_mean_list_length_ratio * surface_config.store_depth,
+        )
     record = VersionRecord(
         version=version,
         path=folder,
@@ -227,6 +248,7 @@ def publish_partition(
         now=now,
         subjects=subjects,
         candidates=candidate_counts(warehouse, surface, region),
+        interactions=warehouse.dataset(raw_table_path("interactions")),
         tracking_secret=tracking_secret,
     )
 

@@ -7,7 +7,7 @@ which serving would drop items from this version right now.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from typing import Any, Literal
 
@@ -44,6 +44,8 @@ class ValidationReport:
     checks: list[Check] = field(default_factory=list)
     invalid_by_reason: dict[str, int] = field(default_factory=dict)
     policy_violations_by_rule: dict[str, int] = field(default_factory=dict)
+    diagnosis: str = ""
+    """Why lists are short or empty, as a Markdown table ("" unless such a check failed)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,13 +55,32 @@ class ValidationReport:
             "checks": [asdict(check) for check in self.checks],
             "invalid_by_reason": self.invalid_by_reason,
             "policy_violations_by_rule": self.policy_violations_by_rule,
+            "diagnosis": self.diagnosis,
         }
 
     def summary(self) -> dict[str, Any]:
-        """The manifest's copy: verdict, metrics and failures (validation.json has the checks)."""
+        """The manifest's copy: verdict, metrics and failures (validation.json has the checks).
+
+        Only passing versions reach the manifest, and they carry no diagnosis.
+        """
         full = self.to_dict()
         full.pop("checks")
+        full.pop("diagnosis")
         return full
+
+    def failed_checks(self) -> set[str]:
+        return {check.name for check in self.checks if not check.passed}
+
+    def with_diagnosis(self, explanations: dict[str, str], table: str) -> ValidationReport:
+        """A copy whose failed checks named in `explanations` also say why, carrying `table`."""
+        checks = [
+            replace(check, message=f"{check.message}. {explanations[check.name]}")
+            if not check.passed and check.name in explanations
+            else check
+            for check in self.checks
+        ]
+        failures = [check.message for check in checks if not check.passed]
+        return replace(self, checks=checks, failures=failures, diagnosis=table)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ValidationReport:
@@ -70,6 +91,7 @@ class ValidationReport:
             checks=[Check(**check) for check in data.get("checks", [])],
             invalid_by_reason=dict(data.get("invalid_by_reason", {})),
             policy_violations_by_rule=dict(data.get("policy_violations_by_rule", {})),
+            diagnosis=str(data.get("diagnosis", "")),
         )
 
     def to_markdown(self) -> str:
@@ -212,7 +234,7 @@ def validate_lists(
         f"more than store_depth {surface.store_depth} items, e.g. {malformed[:3]}",
     )
 
-    reasons = _rejection_reasons(
+    reasons = rejection_reasons(
         lists, items, region=region, now=now_ts, subjects=subjects, tombstones=tombstones
     )
     invalid = reasons.notna().to_numpy()
@@ -379,7 +401,7 @@ def list_tenants(lists: pd.DataFrame, subjects: pd.DataFrame | None) -> tuple[pd
     return tenant.where(tenant.notna(), None), role.where(role.notna(), None)
 
 
-def _rejection_reasons(
+def rejection_reasons(
     lists: pd.DataFrame,
     items: pd.DataFrame,
     *,

@@ -1,4 +1,4 @@
-"""Small synthetic inputs for publish tests: raw items/users and slates that pass the gate."""
+"""Small synthetic inputs for publish tests: raw tables, candidate pools and slates."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 
 from recsys_assets.config import Settings, load_settings
+from recsys_assets.config.settings import SOURCES
 from recsys_assets.publish.lists import lists_from_slates
 
 NOW = datetime(2026, 11, 20, 12, 0, 0)
@@ -128,3 +129,45 @@ def make_lists(
 
 def later(minutes: float) -> datetime:
     return NOW + timedelta(minutes=minutes)
+
+
+def make_interactions(
+    events_per_subject: dict[int, int], *, before: datetime = NOW
+) -> pd.DataFrame:
+    """`n` clicks per subject, one an hour up to `before` (raw interactions rows)."""
+    rows = [
+        {
+            "user_id": subject_id,
+            "item_id": 1 + k % 60,
+            "event_type": "click",
+            "value": 1.0,
+            "ts": pd.Timestamp(before) - pd.Timedelta(hours=k + 1),
+        }
+        for subject_id, n in events_per_subject.items()
+        for k in range(n)
+    ]
+    return pd.DataFrame(rows, columns=["user_id", "item_id", "event_type", "value", "ts"])
+
+
+def make_pools(proposals: dict[int, dict[str, list[int]]]) -> pd.DataFrame:
+    """candidate_pools rows: per subject, the item ids each source proposed (in rank order).
+
+    Only the columns publish reads (the pipeline adds retrieval and per-source scores).
+    """
+    rows: dict[tuple[int, int], dict[str, int]] = {}
+    for subject_id, by_source in proposals.items():
+        for source, item_ids in by_source.items():
+            for rank, item_id in enumerate(item_ids, start=1):
+                rows.setdefault((subject_id, item_id), {})[source] = rank
+    return pd.DataFrame(
+        [
+            {
+                "subject_id": subject_id,
+                "item_id": item_id,
+                "source_provenance": "|".join(s for s in SOURCES if s in ranks),
+                **{f"rank_{s}": ranks.get(s, 0) for s in SOURCES},
+                "candidate_policy_version": "candidates_test",
+            }
+            for (subject_id, item_id), ranks in rows.items()
+        ]
+    )

@@ -5,25 +5,30 @@ from __future__ import annotations
 from datetime import datetime
 
 import dagster as dg
+import pandas as pd
 import pytest
 
 from recsys_assets.pipeline.partitions import SurfaceRegion
 from recsys_assets.pipeline.resources import RecsysResource
 from recsys_assets.publish import read_manifest
 from recsys_assets.publish.assets import (
+    DIAGNOSIS_KEY,
     FALLBACK_CHECK,
     PUBLISH_CHECK,
     fallback_lists,
     published_lists,
     rollback_job,
 )
+from recsys_assets.publish.versions import manifest_path
 from recsys_assets.warehouse import Warehouse
 from recsys_assets_tests.conftest import TINY_AS_OF
 from recsys_assets_tests.publish.builders import (
     REGION,
     SURFACE,
     later,
+    make_interactions,
     make_items,
+    make_pools,
     make_slates,
     make_subjects,
     settings,
@@ -40,6 +45,8 @@ def _stage(warehouse: Warehouse, *, banned: bool = False) -> None:
     if banned:
         items.loc[items["item_id"] <= 20, "policy_state"] = "banned"
     warehouse.write_parquet("raw/items/part-00000.parquet", items)
+    interactions = make_interactions(dict.fromkeys(subjects["subject_id"], 4))
+    warehouse.write_parquet("raw/interactions/part-00000.parquet", interactions)
     warehouse.write_json("raw/_snapshot.json", {"snapshot_id": "snap_assets"})
     warehouse.write_parquet(f"pipeline/subjects/{PARTITION.path}/part-00000.parquet", subjects)
     warehouse.write_parquet(f"pipeline/slates/{PARTITION.path}/part-00000.parquet", slates)
@@ -73,6 +80,8 @@ def test_published_lists_passes_the_gate_then_a_bad_batch_fails_the_run(
     active = read_manifest(local_warehouse, SURFACE, REGION).active_version
     metadata = good.asset_materializations_for_node("published_lists")[0].metadata
     assert metadata["active_version"].value == active
+    assert DIAGNOSIS_KEY not in metadata
+    assert DIAGNOSIS_KEY not in _check(good, PUBLISH_CHECK).metadata
     assert read_manifest(local_warehouse, SURFACE, REGION).lineage["source_data_snapshot"] == (
         "snap_assets"
     )
@@ -83,7 +92,76 @@ def test_published_lists_passes_the_gate_then_a_bad_batch_fails_the_run(
     evaluation = _check(bad, PUBLISH_CHECK)
     assert not evaluation.passed
     assert "invalid-item rate" in evaluation.metadata["failures"].value
+    # Banned items emptied 4 of 5 lists; every subject has 4 events, so one segment holds them.
+    assert "80% of subjects have no item eligible now: for subjects with 3-5 events" in (
+        evaluation.metadata["failures"].value
+    )
     assert read_manifest(local_warehouse, SURFACE, REGION).active_version == active
+
+
+def _stage_sparse(warehouse: Warehouse) -> None:
+    """Ten subjects: 3 without history and 3 with 1-2 events get one-item lists from a
+    trending-only pool; 4 with 12 events get full lists from two-tower and item-to-item."""
+    items = make_items(60)
+    subjects = make_subjects(10)
+    cold, warm = subjects.iloc[:6], subjects.iloc[6:]
+    slates = pd.concat(
+        [
+            make_slates(cold, items, depth=1),
+            make_slates(warm, items, depth=settings().surface(SURFACE).store_depth),
+        ]
+    )
+    history = {100: 0, 101: 0, 102: 0, 103: 1, 104: 2, 105: 2} | dict.fromkeys(range(106, 110), 12)
+    interactions = pd.concat(
+        [
+            make_interactions(history),
+            make_interactions({101: 5}).assign(event_type="hide"),  # hides are not engagement
+            make_interactions({102: 5}, before=later(600)).iloc[:3],  # after score time
+        ]
+    )
+    pools = make_pools(
+        {subject: {"trending": [subject % 60 + 1]} for subject in cold["subject_id"]}
+        | {
+            subject: {"two_tower": list(range(1, 31)), "item_to_item": list(range(31, 41))}
+            for subject in warm["subject_id"]
+        }
+    )
+    warehouse.write_parquet("raw/items/part-00000.parquet", items)
+    warehouse.write_parquet("raw/interactions/part-00000.parquet", interactions)
+    warehouse.write_json("raw/_snapshot.json", {"snapshot_id": "snap_sparse"})
+    warehouse.write_parquet(f"pipeline/subjects/{PARTITION.path}/part-00000.parquet", subjects)
+    warehouse.write_parquet(f"pipeline/slates/{PARTITION.path}/part-00000.parquet", slates)
+    warehouse.write_parquet(f"pipeline/candidate_pools/{PARTITION.path}/part-00000.parquet", pools)
+
+
+def test_short_lists_are_refused_naming_the_short_segments_and_starved_sources(
+    local_warehouse: Warehouse,
+) -> None:
+    _stage(local_warehouse)
+    assert _materialize(published_lists, local_warehouse, later(1), PARTITION).success
+    before = local_warehouse.read_bytes(manifest_path(SURFACE, REGION))
+    _stage_sparse(local_warehouse)
+
+    result = _materialize(published_lists, local_warehouse, later(2), PARTITION)
+
+    assert not result.success
+    evaluation = _check(result, PUBLISH_CHECK)
+    assert not evaluation.passed
+    failures = evaluation.metadata["failures"].value
+    assert "mean list length 4.6 is 0.460 of store_depth 10" in failures
+    assert "60% of subjects have < 5 items" in failures
+    cold = failures.split("60% of subjects have < 5 items: ")[1]
+    assert cold.startswith(
+        "for subjects with 0-2 events (6 subjects, 100% short, mean list length 1.0) "
+        "the candidate pool averaged 1.0 (sources: trending 1.0; starved: two_tower"
+    )
+    assert "item_to_item" in cold.split("starved: ")[1]
+    assert "11+ events" not in cold  # full lists: not where the short ones are
+    table = evaluation.metadata[DIAGNOSIS_KEY].value
+    assert "| events before score time | subjects | short (< 5 items) |" in table
+    assert "| 0 | 3 | 100% | 0% | 1.0 | 1.0 | 0.0 |" in table  # pool 1, two_tower 0
+    assert "| 11+ | 4 | 0% | 0% | 10.0 | 40.0 | 30.0 |" in table
+    assert local_warehouse.read_bytes(manifest_path(SURFACE, REGION)) == before
 
 
 def test_rollback_job_flips_back_and_refuses_an_unknown_target(local_warehouse: Warehouse) -> None:

@@ -44,7 +44,7 @@ RECALL_AT = (50, 100)
 FORMAT_VERSION = 1
 _INIT_STD = 0.05
 _SMALL_BATCH = 256
-_PARALLEL_BATCH = 1024
+_PARALLEL_BATCH = 2048
 _UNKNOWN = 0
 """Row 0 of the item and category tables: 'no id', kept at zero (padding)."""
 
@@ -59,7 +59,7 @@ class TwoTowerConfig:
 
     embedding_dim: int = 32
     epochs: int = 4
-    batch_size: int = 4096
+    batch_size: int = 1024
     learning_rate: float = 0.01
     temperature: float = 0.05
     seed: int = 7

@@ -18,7 +18,8 @@ The policy, per subject, in this order:
    (minus the high-confidence item). Up to `exploration_slots` items (at most
    `display_count - 1`, and always leaving the subject one kept item that was not drawn, so
    position 1 is never explored) are drawn without replacement with probability proportional to
-   `softmax(utility / temperature)` over what is left of the pool, i.e. Plackett-Luce,
+   `softmax(utility / (temperature × the subject's top utility))` over what is left of the
+   pool, i.e. Plackett-Luce,
    sampled with the Gumbel-top-k trick. `propensity` is the draw's probability at its step.
 5. **Layout.** Drawn items take fixed positions spread evenly over the display and never
    position 1 (`exploration_slot_positions`); the high-confidence item and the remaining
@@ -102,8 +103,11 @@ REASON_HIGH_CONFIDENCE = "high_confidence"
 REASON_EXPLORATION = "exploration"
 REASON_SPONSORED = "sponsored"
 DEFAULT_EXPLORATION_TEMPERATURE = 0.1
-"""Softmax temperature over utilities (calibrated probabilities plus small boosts, ~0..1):
-0.1 makes an item 0.1 utility better e (~2.7) times more likely to be explored."""
+"""Softmax temperature over utilities, relative to the subject's top utility: an item better
+by a tenth of that top is e (~2.7) times more likely to be explored. Relative, because
+calibrated probabilities are small on sparse data (a fixed 0.1 made every draw uniform, so
+exploration slots went to the least relevant items of the pool)."""
+_MIN_SCALE = 1e-6
 
 _GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _MIX_1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -317,6 +321,15 @@ def _high_confidence_items(
     return chosen
 
 
+def _utility_scale(utility: np.ndarray, subject: np.ndarray) -> np.ndarray:
+    """Per row, its subject's top utility (rows grouped by subject), at least _MIN_SCALE."""
+    if utility.size == 0:
+        return np.ones(0)
+    starts = run_starts(subject)
+    top = np.maximum.reduceat(np.nan_to_num(utility, nan=0.0), starts)
+    return np.repeat(np.maximum(top, _MIN_SCALE), run_lengths(starts, subject.size))
+
+
 def _draw_exploration(
     in_pool: np.ndarray,
     utility: np.ndarray,
@@ -324,9 +337,11 @@ def _draw_exploration(
     subject: np.ndarray,
     seeds: np.ndarray,
     draws: int,
-    temperature: float,
+    temperature: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Plackett-Luce draws without replacement from each subject's pool (Gumbel-top-k).
+
+    `temperature` is per row (constant within a subject).
 
     Arrays are aligned, grouped by subject. Returns the drawn rows (by subject, then draw
     step), their draw steps, and a propensity per row: the drawn item's probability at its
@@ -336,8 +351,10 @@ def _draw_exploration(
     pool = np.flatnonzero(in_pool)
     pool_utility = utility[pool]
     noise = exploration_gumbel_noise(seeds[pool], item_id[pool])
-    by_key = np.lexsort((-(pool_utility / temperature + noise), subject[pool]))
+    pool_temperature = temperature[pool]
+    by_key = np.lexsort((-(pool_utility / pool_temperature + noise), subject[pool]))
     pool, pool_utility = pool[by_key], pool_utility[by_key]
+    pool_temperature = pool_temperature[by_key]
     step = rank_within_runs(subject[pool])
     rows_per_subject = np.bincount(subject, minlength=int(subject.max(initial=-1)) + 1)
     limit = np.minimum(draws, rows_per_subject - 1)[subject[pool]]
@@ -349,7 +366,7 @@ def _draw_exploration(
         starts = run_starts(subject[pool[remaining]])
         lengths = run_lengths(starts, remaining.size)
         top = np.repeat(np.maximum.reduceat(pool_utility[remaining], starts), lengths)
-        weight = np.exp((pool_utility[remaining] - top) / temperature)
+        weight = np.exp((pool_utility[remaining] - top) / pool_temperature[remaining])
         propensity[pool[remaining[starts]]] = weight[starts] / np.add.reduceat(weight, starts)
     drawn = step < limit
     return pool[drawn], step[drawn], propensity
@@ -434,7 +451,7 @@ def build_slates(
         subject,
         seeds,
         slot_positions.size,
-        exploration_temperature,
+        exploration_temperature * _utility_scale(utility[source], subject),
     )
     explored = np.zeros(source.size, dtype=bool)
     explored[drawn] = True

@@ -93,6 +93,10 @@ def reference_slates(
             for r in kept
             if r["is_exploration_candidate"] and not r["is_sponsored"] and r is not first
         ]
+        # Relative temperature: scaled by the subject's top kept utility.
+        temperature = exploration_temperature * max(
+            max((float(r["utility"]) for r in kept), default=0.0), 1e-6
+        )
         subject_seed = int(subject_exploration_seeds(seed, np.array([subject_id]))[0])
         noise = exploration_gumbel_noise(
             np.full(len(pool), subject_seed), np.array([r["item_id"] for r in pool])
@@ -101,7 +105,7 @@ def reference_slates(
             r
             for r, _ in sorted(
                 zip(pool, noise, strict=True),
-                key=lambda pair: -(float(pair[0]["utility"]) / exploration_temperature + pair[1]),
+                key=lambda pair: -(float(pair[0]["utility"]) / temperature + pair[1]),
             )
         ]
         draws: list[tuple[dict[str, Any], float]] = []
@@ -110,7 +114,7 @@ def reference_slates(
                 break
             top = max(float(r["utility"]) for r in remaining)
             weights = [
-                math.exp((float(r["utility"]) - top) / exploration_temperature) for r in remaining
+                math.exp((float(r["utility"]) - top) / temperature) for r in remaining
             ]
             draws.append((remaining[0], weights[0] / sum(weights)))
             remaining = remaining[1:]
@@ -513,7 +517,9 @@ def test_exploration_draws_follow_the_logged_propensities() -> None:
     explored = slates[slates["exploration"]]
     assert len(explored) == subjects
     assert (explored["position"] == 4).all()
-    weights = np.exp(np.array(pool_utilities, dtype=np.float32).astype(np.float64) / 0.1)
+    # The temperature is relative to the subject's top utility (0.30 here).
+    utilities = np.array(pool_utilities, dtype=np.float32).astype(np.float64)
+    weights = np.exp(utilities / (0.1 * utilities.max()))
     expected = weights / weights.sum()
     frequency = explored["item_id"].value_counts(normalize=True).reindex(range(4), fill_value=0)
     tolerance = 4 * np.sqrt(expected * (1 - expected) / subjects)

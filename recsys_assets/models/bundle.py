@@ -48,7 +48,11 @@ from recsys_assets.models.two_tower import (
     train_two_tower,
 )
 from recsys_assets.pipeline.features import FEATURE_SET_VERSION
-from recsys_assets.pipeline.training_rows import RetrievalModels, pool_training_rows
+from recsys_assets.pipeline.training_rows import (
+    RetrievalModels,
+    pool_training_rows,
+    training_surface,
+)
 from recsys_assets.warehouse import Warehouse
 
 MODELS_PREFIX = "models"
@@ -168,6 +172,7 @@ def train_bundle(
     ranker = train_ranker(
         rows,
         validation_fraction=training.validation_fraction,
+        k=training_surface(settings).display_count,
         config=RankerConfig(seed=training.seed),
         device=device,
     )
@@ -206,6 +211,10 @@ def train_bundle(
         "ranker_ece_after_calibration": calibration.ece_after,
         "ranker_train_rows": ranker.metrics["train_rows"],
         "ranker_validation_rows": ranker.metrics["validation_rows"],
+        "ranker_validation_recall": ranker.metrics["validation_recall"],
+        "ranker_validation_recall_network": ranker.metrics["validation_recall_network"],
+        "ranker_validation_recall_prior_alone": ranker.metrics["validation_recall_prior_alone"],
+        "ranker_prior_weight": ranker.metrics["prior_weight"],
     }
     artifacts = {
         TWO_TOWER_FILE: two_tower.model.to_bytes(),

@@ -33,7 +33,7 @@ from torch import nn
 
 from recsys_assets.models.calibration import log_loss, roc_auc
 from recsys_assets.models.device import pick_device, seed_everything
-from recsys_assets.pipeline.features import FEATURE_COLUMNS, FEATURE_SET_VERSION
+from recsys_assets.pipeline.features import FEATURE_COLUMNS, FEATURE_SET_VERSION, HISTORY_SCORES
 
 _MIN_SCALE = 1e-6
 
@@ -61,6 +61,10 @@ class _Network(nn.Module):
         super().__init__()
         self.register_buffer("center", torch.zeros(feature_count))
         self.register_buffer("inverse_scale", torch.ones(feature_count))
+        # A standardised input added to the logit with a weight chosen on validation
+        # subjects (`choose_prior`); index -1 = none.
+        self.register_buffer("prior_index", torch.tensor(-1, dtype=torch.long))
+        self.register_buffer("prior_weight", torch.tensor(0.0))
         layers: list[nn.Module] = []
         width = feature_count
         for hidden in hidden_sizes:
@@ -73,9 +77,15 @@ class _Network(nn.Module):
     def transform(features: torch.Tensor) -> torch.Tensor:
         return torch.sign(features) * torch.log1p(features.abs())
 
+    def standardise(self, features: torch.Tensor) -> torch.Tensor:
+        return (self.transform(features) - self.center) * self.inverse_scale
+
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        standardised = (self.transform(features) - self.center) * self.inverse_scale
-        return self.mlp(standardised).squeeze(-1)
+        standardised = self.standardise(features)
+        logit = self.mlp(standardised).squeeze(-1)
+        if int(self.prior_index) < 0:
+            return logit
+        return logit + self.prior_weight * standardised[:, int(self.prior_index)]
 
     def fit_standardisation(self, features: torch.Tensor) -> None:
         transformed = self.transform(features)
@@ -179,10 +189,75 @@ class RankerResult:
     validation: ValidationScores = field(repr=False)
 
 
+PRIOR_CANDIDATES = (*HISTORY_SCORES, "embedding_dot")
+"""Single inputs that rank well on their own: the validation subjects pick the best one."""
+PRIOR_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 1000.0)
+"""Weights tried for the prior (1000: the prior decides, the network breaks its ties)."""
+
+
+def within_subject_recall(
+    scores: np.ndarray, labels: np.ndarray, subjects: np.ndarray, k: int
+) -> float:
+    """Mean over subjects with a positive row of (positives in their top k) / positives."""
+    order = np.lexsort((-scores, subjects))
+    ranked_subjects = subjects[order]
+    starts = np.flatnonzero(np.r_[True, ranked_subjects[1:] != ranked_subjects[:-1]])
+    position = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
+    ranked_labels = labels[order]
+    hits = np.add.reduceat(ranked_labels * (position < k), starts) if len(order) else []
+    positives = np.add.reduceat(ranked_labels, starts) if len(order) else []
+    hits, positives = np.asarray(hits), np.asarray(positives)
+    judged = positives > 0
+    return float(np.mean(hits[judged] / positives[judged])) if judged.any() else float("nan")
+
+
+def choose_prior(
+    network: _Network, rows: pd.DataFrame, labels: np.ndarray, k: int
+) -> dict[str, float]:
+    """Blend the network's logit with its strongest single input, as validation says.
+
+    A ranker trained on few labels (sparse logs, small catalogs) can rank worse than the
+    best source it is given. On the validation subjects this picks the input of
+    PRIOR_CANDIDATES that ranks best alone, then the weight of PRIOR_WEIGHTS with which
+    logit + weight × that standardised input ranks best (Recall@k within the pools; ties:
+    the smaller weight), and stores both in the network. Weight 0 leaves the network alone.
+    """
+    columns = list(FEATURE_COLUMNS)
+    matrix = torch.from_numpy(rows[columns].to_numpy(dtype=np.float32))
+    subjects = rows["subject_id"].to_numpy(dtype=np.int64)
+    with torch.inference_mode():
+        standardised = network.standardise(matrix.to(network.center.device)).cpu().numpy()
+        logit = network.mlp(torch.from_numpy(standardised).to(network.center.device))
+        logit = logit.squeeze(-1).cpu().numpy().astype(np.float64)
+    alone = {
+        name: within_subject_recall(standardised[:, columns.index(name)], labels, subjects, k)
+        for name in PRIOR_CANDIDATES
+        if name in columns
+    }
+    prior = max(alone, key=lambda name: (np.nan_to_num(alone[name], nan=-1.0), name))
+    values = standardised[:, columns.index(prior)].astype(np.float64)
+    recall = {
+        weight: within_subject_recall(logit + weight * values, labels, subjects, k)
+        for weight in PRIOR_WEIGHTS
+    }
+    weight = max(PRIOR_WEIGHTS, key=lambda w: (np.nan_to_num(recall[w], nan=-1.0), -w))
+    if weight > 0:
+        network.prior_index.fill_(columns.index(prior))
+        network.prior_weight.fill_(weight)
+    return {
+        "validation_recall_network": recall[0.0],
+        "validation_recall_prior_alone": alone[prior],
+        "validation_recall": recall[weight],
+        "prior_weight": weight,
+        "prior_input": float(columns.index(prior)),
+    }
+
+
 def train_ranker(
     rows: pd.DataFrame,
     *,
     validation_fraction: float,
+    k: int = 20,
     config: RankerConfig | None = None,
     device: torch.device | None = None,
 ) -> RankerResult:
@@ -206,8 +281,9 @@ def train_ranker(
 
     matrix = rows[FEATURE_COLUMNS].to_numpy(dtype=np.float32)
     network = _fit(matrix[~is_validation], labels[~is_validation], config, device)
-    model = RankerModel(network, hidden_sizes=config.hidden_sizes, device=device)
     validation_rows = rows.loc[is_validation]
+    blend = choose_prior(network, validation_rows, labels[is_validation], k)
+    model = RankerModel(network, hidden_sizes=config.hidden_sizes, device=device)
     predictions = model.predict(validation_rows)
     validation_labels = labels[is_validation]
     metrics = {
@@ -216,6 +292,7 @@ def train_ranker(
         "train_rows": float((~is_validation).sum()),
         "validation_rows": float(is_validation.sum()),
         "validation_positive_rate": float(validation_labels.mean()),
+        **blend,
     }
     # Calibration is reported on a later half of the validation rows: order them by a
     # seeded shuffle of their subjects, so both halves hold whole, random subjects.

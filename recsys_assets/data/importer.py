@@ -440,7 +440,11 @@ def _rows_violation(name: str, check: str, series: pd.Series, bad: pd.Series) ->
 def _item_defaults(
     interactions: pd.DataFrame, ids: pd.Series, as_of: datetime
 ) -> dict[str, Default]:
-    first_seen = interactions.groupby("item_id")["ts"].min()
+    # Creation time unknown: an interacted item is treated as existing from the start of the
+    # data, not from its own first interaction; that would make "new item" mean "about to be
+    # engaged with" (an item's first positive at age 0), a label leak for every age feature.
+    interacted = interactions["item_id"].unique()
+    data_start = pd.Series(interactions["ts"].min(), index=interacted)
     return {
         "item_type": "item",
         "title": None,
@@ -459,7 +463,7 @@ def _item_defaults(
         "tenant_id": None,
         "required_role": None,
         "case_state": None,
-        "created_at": lambda index: _seen(ids, first_seen, index, as_of),
+        "created_at": lambda index: _seen(ids, data_start, index, as_of),
     }
 
 
@@ -491,7 +495,7 @@ def _own_creator(ids: pd.Series, index: pd.Index) -> pd.Series:
 
 
 def _seen(ids: pd.Series, seen: pd.Series, index: pd.Index, as_of: datetime) -> pd.Series:
-    """Per row of `ids`: its first/last interaction time, else as_of (never seen)."""
+    """Per row of `ids`: its time in `seen` (indexed by id), else as_of (never seen)."""
     numeric = pd.to_numeric(ids, errors="coerce")
     looked_up = pd.Series(numeric.map(seen).to_numpy(), index=index)
     return looked_up.fillna(pd.Timestamp(as_of)).astype("datetime64[ns]")

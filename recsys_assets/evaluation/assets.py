@@ -32,7 +32,7 @@ class EvaluationConfig(dg.Config):
 def evaluation(
     context: dg.AssetExecutionContext, config: EvaluationConfig, recsys: RecsysResource
 ) -> dg.MaterializeResult:
-    """Offline evaluation on a temporal holdout: the lists vs popularity, item-kNN and ALS.
+    """Offline evaluation on a temporal holdout: the lists vs popularity, item-kNN, ALS, EASE.
 
     Runs its own split and its own pipeline run in a scratch warehouse (the warehouse is only
     read), so it needs no upstream asset. See docs/EVALUATION.md.

@@ -1,4 +1,4 @@
-"""Reference recommenders on the same split: popularity, item-kNN (cosine), ALS.
+"""Reference recommenders on the same split: popularity, item-kNN (cosine), ALS, EASE.
 
 They see exactly what the pipeline sees (the training part of the split) and obey the same
 item rules (`rules.eligibility` at the split time, the surface's tenant rule): a baseline
@@ -7,8 +7,10 @@ interacted with in training is filtered out, since it can never be relevant.
 
 Item-kNN and ALS are the `implicit` library's models (`CosineRecommender`,
 `AlternatingLeastSquares`), fitted on a user × item preference matrix where each training
-event adds its signal weight (SIGNAL_WEIGHTS). Scores are computed in user batches, so
-memory is bounded by batch × catalog, never users × catalog.
+event adds its signal weight (SIGNAL_WEIGHTS). EASE is the project's own collaborative model
+(`models.collaborative`, the one EASE implementation), with λ chosen on a nested holdout of
+the training part only. Scores are computed in user batches, so memory is bounded by
+batch × catalog, never users × catalog.
 """
 
 from __future__ import annotations
@@ -25,10 +27,16 @@ from implicit.nearest_neighbours import CosineRecommender
 from implicit.utils import ParameterWarning
 from threadpoolctl import threadpool_limits
 
+from recsys_assets.data.holdout import temporal_holdout
+from recsys_assets.models.collaborative import (
+    CollaborativeModel,
+    engaged_pairs,
+    fit_collaborative,
+)
 from recsys_assets.rules.eligibility import item_rejection_reasons
 from recsys_assets.rules.engagement import POSITIVE_RATING
 
-BASELINES = ("popularity", "item_knn", "als")
+BASELINES = ("popularity", "item_knn", "als", "ease")
 SIGNAL_WEIGHTS = {"view": 0.25, "click": 1.0, "purchase": 2.0, "rating": 1.0}
 """Preference added per training event; hides add nothing. A rating below POSITIVE_RATING
 counts like a view: the user found the item, but did not like it."""
@@ -38,6 +46,8 @@ ALS_REGULARIZATION = 0.05
 ALS_ALPHA = 10.0
 """Confidence scale for ALS (Hu, Koren & Volinsky): confidence = 1 + alpha × preference."""
 ALS_ITERATIONS = 20
+UNCOVERED_SCORE = -np.finfo(np.float64).max
+"""EASE score of an item outside the model: below every real score, yet still allowed."""
 _SCORE_CELLS_PER_BATCH = 4_000_000
 """Dense scores held at once (users in a batch × catalog items)."""
 
@@ -268,6 +278,34 @@ def _fit_als(matrices: TrainingMatrices, seed: int) -> Scorer:
     return score
 
 
+def fit_ease(train: pd.DataFrame, *, holdout: float, seed: int) -> CollaborativeModel:
+    """EASE (`models.collaborative`) on the training part, λ tuned without the test part.
+
+    λ is chosen by `choose_l2` on a per-user holdout *inside* `train` (same fraction and
+    seed as the evaluation's split), then the model is fitted on all of `train`: the
+    evaluation's held-out items never influence λ.
+    """
+    inner = temporal_holdout(train, holdout=holdout, seed=seed)
+    return fit_collaborative(train, tuning=(inner.train, inner.relevant))
+
+
+def ease_scorer(
+    model: CollaborativeModel, train: pd.DataFrame, matrices: TrainingMatrices, catalog: Catalog
+) -> Scorer:
+    """Sum of EASE weights over the user's engaged items; uncovered items score lowest."""
+    history = model.history_matrix(matrices.user_ids, engaged_pairs(train))
+    columns = model.columns(catalog.item_ids)
+    covered = np.flatnonzero(columns >= 0)
+    model_columns = columns[covered]
+
+    def score(rows: np.ndarray) -> np.ndarray:
+        scores = np.full((len(rows), len(catalog.item_ids)), UNCOVERED_SCORE)
+        scores[:, covered] = model.scores(history[rows])[:, model_columns]
+        return scores
+
+    return score
+
+
 def baseline_lists(
     train: pd.DataFrame,
     catalog: Catalog,
@@ -275,13 +313,19 @@ def baseline_lists(
     *,
     k: int,
     seed: int,
+    holdout: float,
 ) -> dict[str, pd.DataFrame]:
-    """Top-k lists of every baseline (BASELINES order) for `user_ids`."""
+    """Top-k lists of every baseline (BASELINES order) for `user_ids`.
+
+    `holdout` and `seed` are the evaluation split's: EASE tunes λ on a holdout of `train`
+    made the same way.
+    """
     matrices = training_matrices(train, catalog)
     scorers = {
         "popularity": popularity_scorer(matrices),
         "item_knn": item_knn_scorer(matrices),
         "als": als_scorer(matrices, seed=seed),
+        "ease": ease_scorer(fit_ease(train, holdout=holdout, seed=seed), train, matrices, catalog),
     }
     return {
         name: top_k_lists(scorer, matrices, catalog, user_ids, k)

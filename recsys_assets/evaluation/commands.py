@@ -26,8 +26,8 @@ def register(subparsers: Any) -> None:
         description=(
             "Hold out each user's last interactions (--holdout, by time), run the pipeline on "
             "the rest in a scratch warehouse (yours is only read), and score each surface's "
-            "lists against the held-out positives next to popularity, item-kNN and ALS "
-            "baselines on the same split: Recall, nDCG, hit rate, catalog coverage and "
+            "lists against the held-out positives next to popularity, item-kNN, ALS and "
+            "EASE baselines on the same split: Recall, nDCG, hit rate, catalog coverage and "
             "category diversity at K. Prints a table, then one JSON line. RECSYS_CONFIG "
             "picks the configuration to evaluate (e.g. a new slate policy) before you "
             "publish with it. See docs/EVALUATION.md."
@@ -51,7 +51,10 @@ def register(subparsers: Any) -> None:
         "--seed",
         type=int,
         default=DEFAULT_SEED,
-        help=f"seed for timestamp ties and the ALS baseline (default {DEFAULT_SEED})",
+        help=(
+            "seed for timestamp ties, the ALS baseline and EASE's tuning holdout "
+            f"(default {DEFAULT_SEED})"
+        ),
     )
     parser.set_defaults(handler=_evaluate)
 

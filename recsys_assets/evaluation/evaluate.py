@@ -1,10 +1,10 @@
 """Offline evaluation: split the warehouse's data, run the pipeline on the past, score the lists.
 
-1. `temporal_holdout` splits the interactions per user (split.py documents how).
+1. `temporal_holdout` splits the interactions per user (data/holdout.py documents how).
 2. The training part is written as the raw snapshot of a *scratch* warehouse in a temporary
    folder: interactions truncated per the split; exposures and user controls up to the split
-   time; items that did not exist yet (created after it, never interacted with) removed;
-   users' last_active_at capped at it. The user's own warehouse is only read.
+   time; only items known at the split time kept (see `training_tables`); users'
+   last_active_at capped at it. The user's own warehouse is only read.
 3. The pipeline (model bundle, then every chosen surface × every region) runs there on an
    ephemeral Dagster instance, its clock pinned to the split time.
 4. Each subject's stored list — the published version when publishing succeeded, else the
@@ -53,6 +53,7 @@ METHOD_LABELS = {
     "popularity": "popularity",
     "item_knn": "item-kNN (cosine)",
     "als": "ALS (implicit)",
+    "ease": "EASE",
 }
 QUALITY_METRICS = ("recall", "ndcg")
 """The lists must beat every baseline on these."""
@@ -73,6 +74,11 @@ class SurfaceEvaluation:
     """Users with relevant items who are not subjects of this surface (not evaluated here)."""
     metrics: dict[str, ListMetrics]
     """Method (LISTS, UNCONSTRAINED, baselines) → metrics."""
+    store_depth: int
+    """Positions the surface stores per subject (its configured store_depth)."""
+    mean_list_length: float
+    """Mean stored list length (before the cut to K) over subjects with a training
+    interaction; a subject without a list counts 0. Short lists mean thin candidate pools."""
     source_recall: dict[str, float] = field(default_factory=dict)
     """Share of relevant (user, item) pairs proposed by each candidate source, and 'any'."""
     notes: tuple[str, ...] = ()
@@ -157,6 +163,8 @@ class EvaluationReport:
                 evaluation.surface: {
                     "lists_source": evaluation.lists_source,
                     "users_not_subjects": evaluation.users_not_subjects,
+                    "store_depth": evaluation.store_depth,
+                    "mean_list_length": round(evaluation.mean_list_length, 2),
                     "metrics": {
                         method: metrics.as_dict() for method, metrics in evaluation.metrics.items()
                     },
@@ -185,12 +193,20 @@ def _policy_cost(evaluation: SurfaceEvaluation) -> dict[str, float]:
 def training_tables(
     tables: dict[str, pd.DataFrame], split: HoldoutSplit
 ) -> dict[str, pd.DataFrame]:
-    """The raw tables as they were at the split time, with interactions truncated per user."""
+    """The raw tables as they were at the split time, with interactions truncated per user.
+
+    Items kept: those in the training interactions, and those never interacted with at all
+    that were created by the split time. An item known only from held-out rows is dropped
+    whatever its created_at says: keeping it would tell the pipeline which items the
+    held-out users are about to engage with (imported created_at values are often derived
+    from the interactions themselves).
+    """
     cutoff = split.split_time
     train = split.train
     items = tables["items"]
-    existed = (items["created_at"] <= cutoff) | items["item_id"].isin(train["item_id"])
-    items = items[existed]
+    in_training = items["item_id"].isin(train["item_id"])
+    never_used = ~items["item_id"].isin(tables["interactions"]["item_id"])
+    items = items[in_training | (never_used & (items["created_at"] <= cutoff))]
     known = items["item_id"]
     users = tables["users"].assign(
         last_active_at=tables["users"]["last_active_at"].clip(upper=cutoff)
@@ -333,6 +349,19 @@ def _published_lists(
         frames.append(personal[["subject_id", "position", "item_id"]])
     lists = pd.concat(frames, ignore_index=True)
     return lists.rename(columns={"subject_id": "user_id", "position": "rank"})
+
+
+def mean_list_length(lists: pd.DataFrame, subjects: np.ndarray, train: pd.DataFrame) -> float:
+    """Mean distinct items per stored list over subjects with a training interaction (0 if none).
+
+    Subjects without history get whatever cold-start lists the surface has; they are left out
+    so the figure says how full personal lists are.
+    """
+    active = np.intersect1d(subjects, train["user_id"].to_numpy(dtype=np.int64))
+    if len(active) == 0:
+        return 0.0
+    lengths = lists.drop_duplicates(["user_id", "item_id"]).groupby("user_id").size()
+    return float(lengths.reindex(active, fill_value=0).mean())
 
 
 def surface_subjects(scratch: Warehouse, surface: str, regions: Sequence[str]) -> np.ndarray:
@@ -526,13 +555,16 @@ def _evaluate_surface(
     unconstrained = utility_ranking(scratch, surface, regions, k)
     if unconstrained is not None:
         metrics[UNCONSTRAINED] = score(unconstrained)
-    for name, baseline in baseline_lists(split.train, catalog, users, k=k, seed=seed).items():
+    baselines = baseline_lists(split.train, catalog, users, k=k, seed=seed, holdout=split.holdout)
+    for name, baseline in baselines.items():
         metrics[name] = score(baseline)
     return SurfaceEvaluation(
         surface=surface,
         lists_source=lists_source,
         users_not_subjects=len(np.setdiff1d(split.evaluated_users, subjects)),
         metrics=metrics,
+        store_depth=settings.surface(surface).store_depth,
+        mean_list_length=mean_list_length(lists, subjects, split.train),
         source_recall=source_recall(scratch, surface, regions, relevant),
         notes=tuple(notes),
     )

@@ -223,7 +223,7 @@ def choose_prior(
     the smaller weight), and stores both in the network. Weight 0 leaves the network alone.
     """
     columns = list(FEATURE_COLUMNS)
-    matrix = torch.from_numpy(rows[columns].to_numpy(dtype=np.float32))
+    matrix = torch.from_numpy(rows[columns].to_numpy(dtype=np.float32, copy=True))
     subjects = rows["subject_id"].to_numpy(dtype=np.int64)
     with torch.inference_mode():
         standardised = network.standardise(matrix.to(network.center.device)).cpu().numpy()

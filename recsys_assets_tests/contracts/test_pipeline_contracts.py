@@ -9,7 +9,7 @@ import pytest
 from recsys_assets.config.settings import SOURCES
 from recsys_assets.contracts import ContractViolation
 from recsys_assets.contracts.pipeline import PIPELINE_CONTRACTS, RANK_COLUMNS, validate_stage
-from recsys_assets.pipeline.features import FEATURE_COLUMNS, FEATURE_SET_VERSION
+from recsys_assets.pipeline.features import FEATURE_COLUMNS, FEATURE_SET_VERSION, HISTORY_SCORES
 
 T = pd.Timestamp
 NOW = T("2024-03-01 06:00")
@@ -48,7 +48,8 @@ def candidate_pools() -> pd.DataFrame:
             "source_provenance": ["two_tower", "two_tower|trending", "trending"],
             **ranks,
             "retrieval_score": np.array([0.9, 0.4, np.nan], dtype=np.float32),
-            "candidate_policy_version": "candidates_v1",
+            **{name: np.array([0.5, 0.0, 0.1], dtype=np.float32) for name in HISTORY_SCORES},
+            "candidate_policy_version": "candidates_v2",
         }
     )
 
@@ -166,6 +167,7 @@ def test_candidate_pools_check_provenance_against_ranks_and_key() -> None:
     bad.loc[1, "source_provenance"] = "trending|two_tower"  # not in SOURCES order
     bad.loc[2, "item_id"] = 10
     bad.loc[2, "subject_id"] = 1
+    bad.loc[0, "collaborative_score"] = np.inf
     found = _violations("candidate_pools", bad)
     assert (
         "source_provenance must list exactly the sources with rank > 0"
@@ -173,7 +175,8 @@ def test_candidate_pools_check_provenance_against_ranks_and_key() -> None:
     )
     assert "'|'-joined known sources in SOURCES order, no repeats" in found["source_provenance"]
     assert found["subject_id"] == ["duplicate key (subject_id, item_id)"]
-    assert set(found) == {"source_provenance", "subject_id"}
+    assert found["collaborative_score"] == ["must be finite (no NaN or ±inf)"]
+    assert set(found) == {"source_provenance", "subject_id", "collaborative_score"}
 
 
 def test_features_reject_future_values_and_non_finite_features() -> None:

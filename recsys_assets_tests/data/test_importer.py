@@ -16,6 +16,7 @@ from recsys_assets.contracts.raw import OPTIONAL_TABLES, RAW_CONTRACTS
 from recsys_assets.data import read_raw, read_snapshot
 from recsys_assets.data.importer import ImportMapping, MappingError, import_tables
 from recsys_assets.warehouse import Warehouse
+from recsys_assets_tests.realdata import import_into, ml100k
 
 SETTINGS = load_settings(DEFAULT_CONFIG_PATH)
 AS_OF = datetime(2026, 11, 20)
@@ -100,7 +101,10 @@ def test_movielens_files_import_with_a_yaml_mapping(warehouse: Warehouse, tmp_pa
     assert items["category"].to_dict() == {1: "Adventure", 2: "Adventure", 3: "Comedy", 4: "Action"}
     assert items.loc[4, "title"] == "Heat (1995)"
     assert (items["status"] == "active").all() and (items["regions"] == "*").all()
-    assert items.loc[3, "created_at"] == pd.Timestamp("2000-07-30 18:20:47")
+    # No creation time in the file: interacted items exist from the data's start (item 2's
+    # first rating is in 2015, yet it dates from the first rating of all).
+    data_start = pd.Timestamp("2000-07-30 18:20:47")
+    assert items.loc[[1, 2, 3], "created_at"].eq(data_start).all()
     assert items.loc[4, "created_at"] == pd.Timestamp(AS_OF)  # never interacted with
 
     events = tables["interactions"]
@@ -334,3 +338,20 @@ def test_unreadable_sources_are_reported(local_warehouse: Warehouse, tmp_path: P
             as_of=AS_OF,
         )
     assert not local_warehouse.exists("raw")
+
+
+def test_imported_items_are_not_created_at_their_first_interaction(tmp_path: Path) -> None:
+    """Regression (label leak): without a creation time in the file, an item used to be created
+    at its own first interaction, so its first positive always came at age 0."""
+    files = ml100k()
+    url = (tmp_path / "warehouse").as_uri()
+    import_into(url, files.interactions, files.mapping, items=files.items)
+    warehouse = Warehouse(url)
+    events = read_raw(warehouse, "interactions")
+    items = read_raw(warehouse, "items").set_index("item_id")
+    first = events.groupby("item_id")["ts"].min()
+    data_start = events["ts"].min()
+    created = items.loc[first.index, "created_at"]
+    at_first_interaction = (created == first) & (first != data_start)
+    assert not at_first_interaction.any(), first[at_first_interaction].head().to_dict()
+    assert created.eq(data_start).all()

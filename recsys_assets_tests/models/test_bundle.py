@@ -22,6 +22,7 @@ from recsys_assets.models.bundle import (
     train_bundle,
 )
 from recsys_assets.pipeline.features import FEATURE_SET_VERSION, compute_features
+from recsys_assets.rules.engagement import positive_signal
 from recsys_assets.warehouse import Warehouse
 
 AS_OF = datetime(2024, 3, 1)
@@ -54,7 +55,13 @@ def test_bundle_round_trip(warehouse: Warehouse) -> None:
     assert re.fullmatch(r"mb_\d{8}T\d{6}_[0-9a-f]{8}", info.model_version)
     assert current_model_version(warehouse) == info.model_version
     assert warehouse.read_json(CURRENT_PATH)["path"] == f"models/{info.model_version}"
-    for name in ("two_tower.pt", "ranker.pt", "calibration.json", "bundle.json"):
+    for name in (
+        "two_tower.pt",
+        "collaborative.npz",
+        "ranker.pt",
+        "calibration.json",
+        "bundle.json",
+    ):
         assert warehouse.exists(f"models/{info.model_version}/{name}")
     stored = warehouse.read_json(f"models/{info.model_version}/bundle.json")
     assert stored["model_version"] == info.model_version
@@ -62,13 +69,16 @@ def test_bundle_round_trip(warehouse: Warehouse) -> None:
     assert stored["data_snapshot"] == read_snapshot(warehouse)["snapshot_id"]
     assert stored["seed"] == load_settings().training.seed and stored["device"] == "cpu"
     window = {key: pd.Timestamp(value) for key, value in stored["training_window"].items()}
-    assert window["start"] < window["validation_start"] < window["cutoff"] == pd.Timestamp(AS_OF)
+    assert window["start"] < window["holdout_split"] < window["cutoff"] == pd.Timestamp(AS_OF)
     metrics = stored["metrics"]
     assert {"ranker_auc", "ranker_log_loss_before_calibration", "ranker_ece_after_calibration"} <= (
         set(metrics)
     )
     assert any(re.search(r"recall.*(50|100)", name) for name in metrics), metrics
     assert metrics["ranker_auc"] > 0.5
+    # The ranker learned on candidate pools that found some of what users did next.
+    assert metrics["ranker_training_subjects"] > 0 and metrics["ranker_pool_recall"] > 0.1
+    assert metrics["collaborative_items"] > 0 and metrics["collaborative_l2"] > 0
 
     bundle = load_bundle(warehouse, device=CPU)
     assert bundle.info == info
@@ -83,6 +93,11 @@ def test_bundle_round_trip(warehouse: Warehouse) -> None:
     users = features["subject_id"].unique()[:3]
     vectors = bundle.two_tower.user_embeddings(users)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    # The served retrieval models know every user with a positive in the whole window.
+    liked = read_raw(warehouse, "interactions")
+    liked = liked[positive_signal(liked) & (liked["ts"] < pd.Timestamp(AS_OF))]
+    assert set(liked["user_id"]) <= set(bundle.two_tower.user_ids)
+    assert bundle.collaborative.weights.shape == (bundle.collaborative.size,) * 2
 
 
 def test_same_seed_same_weights_and_hash(local_warehouse: Warehouse) -> None:

@@ -1,8 +1,7 @@
-"""Ranker training on planted preferences, and Platt calibration on miscalibrated scores."""
+"""Ranker training on labelled pool rows, the prior blend, and Platt calibration."""
 
 from __future__ import annotations
 
-import duckdb
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,167 +19,92 @@ from recsys_assets.models.ranker import (
     RankerModel,
     RankerTrainingError,
     train_ranker,
-    training_pairs,
-    validation_start,
+    within_subject_recall,
 )
-from recsys_assets.pipeline.features import FEATURE_COLUMNS, compute_features
+from recsys_assets.pipeline.features import FEATURE_COLUMNS, FEATURE_SET_VERSION
 
-CUTOFF = pd.Timestamp("2024-03-01")
-CATEGORIES = 6
+CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def planted() -> dict[str, pd.DataFrame]:
-    """Users click almost only in their favourite category; the ranker must find that."""
-    rng = np.random.default_rng(3)
-    users, items_per_category, events = 80, 15, 2_400
-    item_ids = np.arange(CATEGORIES * items_per_category)
-    items = pd.DataFrame(
-        {
-            "item_id": item_ids,
-            "category": [f"cat{i % CATEGORIES}" for i in item_ids],
-            "creator_id": [f"creator{i % 20}" for i in item_ids],
-            "stock": 10,
-            "is_sponsored": False,
-            "created_at": CUTOFF - pd.Timedelta(days=60),
-        }
+def pool_rows(
+    subjects: int, per_subject: int, *, seed: int, signal: str, strength: float
+) -> pd.DataFrame:
+    """Candidate rows with random features; `signal` drives which rows are engaged with."""
+    rng = np.random.default_rng(seed)
+    rows = subjects * per_subject
+    frame = pd.DataFrame(
+        rng.gamma(1.0, 1.0, size=(rows, len(FEATURE_COLUMNS))).astype(np.float32),
+        columns=FEATURE_COLUMNS,
     )
-    user_ids = rng.integers(0, users, events)
-    favourite = user_ids % CATEGORIES
-    in_favourite = rng.random(events) < 0.9
-    category = np.where(in_favourite, favourite, rng.integers(0, CATEGORIES, events))
-    item = category + CATEGORIES * rng.integers(0, items_per_category, events)
-    offsets = np.sort(rng.integers(0, 40 * 86_400, events))
-    interactions = pd.DataFrame(
-        {
-            "user_id": user_ids,
-            "item_id": item,
-            "event_type": rng.choice(np.array(["view", "click", "purchase"]), events),
-            "value": 1.0,
-            "ts": CUTOFF - pd.Timedelta(days=40) + pd.to_timedelta(offsets, unit="s"),
-        }
-    )
-    exposures = interactions[["user_id", "item_id", "ts"]].assign(surface="home_feed")
-    return {"items": items, "interactions": interactions, "exposures": exposures}
+    frame.insert(0, "subject_id", np.repeat(np.arange(subjects, dtype=np.int64), per_subject))
+    frame.insert(1, "item_id", np.tile(np.arange(per_subject, dtype=np.int64), subjects))
+    logit = strength * (frame[signal].to_numpy() - 1.0) - 3.0
+    frame["label"] = (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(np.float32)
+    frame["feature_set_version"] = FEATURE_SET_VERSION
+    return frame
 
 
-def test_training_pairs_are_point_in_time(planted: dict[str, pd.DataFrame]) -> None:
-    interactions, items = planted["interactions"], planted["items"]
-    pairs = training_pairs(
-        interactions, items, cutoff=CUTOFF, negatives_per_positive=3, max_positives=10_000, seed=1
-    )
-    positives = pairs[pairs["label"] == 1]
-    negatives = pairs[pairs["label"] == 0]
-    assert len(positives) == interactions["event_type"].isin(["click", "purchase"]).sum()
-    assert len(negatives) > 2 * len(positives)
-    assert set(negatives["score_time"]) <= set(positives["score_time"])
-    touched = negatives.merge(
-        interactions.rename(columns={"user_id": "subject_id"}), on=["subject_id", "item_id"]
-    )
-    assert not (touched["ts"] <= touched["score_time"]).any()  # never touched before then
-
-
-def test_ranker_learns_planted_preference_and_round_trips(
-    planted: dict[str, pd.DataFrame],
-) -> None:
-    config = RankerConfig(epochs=3, seed=5)
-    result = train_ranker(
-        duckdb.connect(),
-        interactions=planted["interactions"],
-        exposures=planted["exposures"],
-        items=planted["items"],
-        cutoff=CUTOFF,
-        validation_fraction=0.2,
-        config=config,
-        device=torch.device("cpu"),
-    )
+def test_ranker_learns_from_pool_rows_and_round_trips() -> None:
+    rows = pool_rows(300, 40, seed=3, signal="user_category_affinity", strength=2.5)
+    config = RankerConfig(epochs=4, seed=5)
+    result = train_ranker(rows, validation_fraction=0.2, k=5, config=config, device=CPU)
     assert result.metrics["auc"] > 0.75, result.metrics
-    assert result.metrics["validation_rows"] > 0 and result.metrics["train_rows"] > 0
-    assert result.window["start"] < result.window["validation_start"] < CUTOFF
-    assert (result.validation.score_time >= result.window["validation_start"]).all()
+    assert result.metrics["validation_rows"] == pytest.approx(0.2 * len(rows), rel=0.05)
+    assert result.validation.labels.shape == result.validation.predictions.shape
 
-    pairs = pd.DataFrame({"subject_id": [0, 0, 1], "item_id": [0, 1, 7]})
-    features = compute_features(
-        duckdb.connect(),
-        pairs,
-        interactions=planted["interactions"],
-        exposures=planted["exposures"],
-        items=planted["items"],
-        surface="home_feed",
-        score_time=CUTOFF,
-    )
+    features = rows.head(7)
     predictions = result.model.predict(features, batch_size=2)
-    assert predictions.dtype == np.float32 and predictions.shape == (3,)
+    assert predictions.dtype == np.float32 and predictions.shape == (7,)
     assert ((predictions > 0) & (predictions < 1)).all()
-    # user 0's favourite is cat0 (item 0), not cat1 (item 1)
-    assert predictions[0] > predictions[1]
-
-    restored = RankerModel.from_bytes(result.model.to_bytes(), device=torch.device("cpu"))
+    restored = RankerModel.from_bytes(result.model.to_bytes(), device=CPU)
     np.testing.assert_array_equal(restored.predict(features), result.model.predict(features))
-    np.testing.assert_allclose(restored.predict(features), predictions, rtol=1e-6)  # batching
+    np.testing.assert_allclose(result.model.predict(features), predictions, rtol=1e-6)
 
-    again = train_ranker(
-        duckdb.connect(),
-        interactions=planted["interactions"],
-        exposures=planted["exposures"],
-        items=planted["items"],
-        cutoff=CUTOFF,
-        validation_fraction=0.2,
-        config=config,
-        device=torch.device("cpu"),
-    )
+    again = train_ranker(rows, validation_fraction=0.2, k=5, config=config, device=CPU)
     np.testing.assert_array_equal(  # same seed, same model
         again.model.predict(features), result.model.predict(features)
     )
 
 
-def test_predict_names_missing_features_and_version_mismatch(
-    planted: dict[str, pd.DataFrame],
-) -> None:
+def test_validation_blends_in_the_strongest_input_when_the_network_ranks_worse() -> None:
+    """Few labels, one input that ranks well alone: the blend must not rank below it."""
+    rows = pool_rows(200, 30, seed=8, signal="collaborative_score", strength=4.0)
+    result = train_ranker(
+        rows, validation_fraction=0.3, k=5, config=RankerConfig(epochs=1, seed=1), device=CPU
+    )
+    metrics = result.metrics
+    assert FEATURE_COLUMNS[int(metrics["prior_input"])] == "collaborative_score"
+    assert metrics["validation_recall"] >= metrics["validation_recall_prior_alone"] - 1e-9
+    assert metrics["validation_recall"] >= metrics["validation_recall_network"]
+    restored = RankerModel.from_bytes(result.model.to_bytes(), device=CPU)
+    np.testing.assert_array_equal(restored.predict(rows), result.model.predict(rows))
+
+
+def test_within_subject_recall_counts_hits_per_subject() -> None:
+    scores = np.array([0.9, 0.1, 0.5, 0.8, 0.7, 0.0])
+    labels = np.array([1.0, 1.0, 0.0, 0.0, 1.0, 0.0])
+    subjects = np.array([0, 0, 0, 1, 1, 2])
+    # subject 0: top-1 holds 1 of 2 positives; subject 1: top-1 misses its positive;
+    # subject 2 has no positive and is not judged.
+    assert within_subject_recall(scores, labels, subjects, 1) == pytest.approx(0.25)
+    assert within_subject_recall(scores, labels, subjects, 3) == pytest.approx(1.0)
+
+
+def test_too_little_data_says_what_to_do() -> None:
+    rows = pool_rows(20, 10, seed=0, signal="user_events_total", strength=1.0)
+    with pytest.raises(RankerTrainingError, match=r"training\.holdout"):
+        train_ranker(rows.assign(label=np.float32(0)), validation_fraction=0.2, device=CPU)
+
+
+def test_predict_names_missing_features_and_version_mismatch() -> None:
     model = RankerModel.__new__(RankerModel)
     model.feature_columns = tuple(FEATURE_COLUMNS)
-    model.feature_set_version = "fs_v1"
+    model.feature_set_version = FEATURE_SET_VERSION
     with pytest.raises(ValueError, match="lacks"):
         model.predict(pd.DataFrame({"user_events_total": [1.0]}))
     frame = pd.DataFrame(np.zeros((1, len(FEATURE_COLUMNS)), np.float32), columns=FEATURE_COLUMNS)
     with pytest.raises(ValueError, match="rematerialize model_bundle"):
         model.predict(frame.assign(feature_set_version="fs_v0"))
-
-
-def test_capped_positives_span_the_window(planted: dict[str, pd.DataFrame]) -> None:
-    """A cap below the window's positives samples across time, so both splits get rows."""
-    interactions, items = planted["interactions"], planted["items"]
-
-    def capped(seed: int) -> pd.DataFrame:
-        pairs = training_pairs(
-            interactions,
-            items,
-            cutoff=CUTOFF,
-            negatives_per_positive=2,
-            max_positives=150,
-            seed=seed,
-        )
-        return pairs[pairs["label"] == 1]
-
-    positives = capped(seed=4)
-    assert len(positives) == 150
-    split_at = validation_start(interactions, CUTOFF, validation_fraction=0.2)
-    before = (positives["score_time"] < split_at).mean()
-    assert 0.6 < before < 0.95  # about the 0.8 of the window before the split, not 0
-    pd.testing.assert_frame_equal(positives, capped(seed=4))
-    assert not positives.reset_index(drop=True).equals(capped(seed=5).reset_index(drop=True))
-
-
-def test_too_little_data_says_what_to_do(planted: dict[str, pd.DataFrame]) -> None:
-    with pytest.raises(RankerTrainingError, match="seed or import"):
-        training_pairs(
-            planted["interactions"],
-            planted["items"],
-            cutoff=pd.Timestamp("2000-01-01"),
-            negatives_per_positive=2,
-            max_positives=10,
-            seed=0,
-        )
 
 
 def test_roc_auc_matches_pairwise_definition_with_ties() -> None:

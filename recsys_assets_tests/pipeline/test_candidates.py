@@ -8,16 +8,21 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recsys_assets.config import load_settings
+from recsys_assets.config import SurfaceConfig, load_settings
 from recsys_assets.config.settings import SOURCES
+from recsys_assets.models.collaborative import fit_collaborative
 from recsys_assets.pipeline.candidates import (
+    CANDIDATE_POLICY_VERSION,
     RANK_COLUMNS,
+    CandidateContext,
     _merge_sources,
     _top_n,
     build_context,
     generate_candidates,
     provenance_labels,
+    trending_window,
 )
+from recsys_assets.pipeline.features import HISTORY_SCORES
 
 NOW = pd.Timestamp("2026-11-20 00:00:00")
 
@@ -171,7 +176,8 @@ def test_budget_is_enforced() -> None:
 
 
 def test_provenance_labels_cover_every_combination() -> None:
-    present = np.array([[True, False, True, False, False, False, False], [False] * 7])
+    present = np.zeros((2, len(SOURCES)), dtype=bool)
+    present[0, [SOURCES.index("two_tower"), SOURCES.index("content")]] = True
     assert provenance_labels(present).tolist() == ["two_tower|content", ""]
 
 
@@ -240,7 +246,7 @@ def test_merge_sources_matches_a_per_pair_reference(
     ).astype({"subject_id": "int64", "item_id": "int64", "source": "int8", "rank": "int64"})
     merged = _merge_sources(proposed.astype({"retrieval_score": "float32"}), quota, budget)
     expected = _merge_reference(rows, quota, budget)
-    assert (merged["candidate_policy_version"] == "candidates_v1").all()
+    assert (merged["candidate_policy_version"] == CANDIDATE_POLICY_VERSION).all()
     assert merged[RANK_COLUMNS].dtypes.eq("int32").all()
     assert merged["retrieval_score"].dtype == np.float32
     pd.testing.assert_frame_equal(
@@ -266,3 +272,103 @@ def test_top_n_ranks_by_score_then_item_per_subject() -> None:
         "rank": [1, 2, 3, 1, 2],
     }
     assert _top_n(frame.iloc[:0], "score", 3).empty
+
+
+def _context(surface: SurfaceConfig, **options: object) -> CandidateContext:
+    interactions = _interactions()
+    return build_context(
+        items=_items(),
+        interactions=interactions,
+        user_controls=_controls(),
+        editorial=_editorial(),
+        region="na",
+        surface=surface,
+        score_time=NOW,
+        trending_window_days=3,
+        collaborative=fit_collaborative(interactions[interactions["ts"] <= NOW], l2=1.0),
+        **options,
+    )
+
+
+def _subjects() -> pd.DataFrame:
+    return pd.DataFrame(
+        {"subject_id": [1, 2, 3], "tenant_id": [None] * 3, "actor_role": [None] * 3}
+    )
+
+
+def test_collaborative_source_and_history_scores_on_every_row() -> None:
+    surface = load_settings().surface("home_feed")
+    context = _context(surface, recent_history_items=1)
+    pool = generate_candidates(
+        _subjects(), context, surface, two_tower=None, recent_items_per_user=5
+    )
+    assert (pool["rank_collaborative"] > 0).any()
+    model = context.collaborative
+    assert model is not None
+    weights = pd.DataFrame(model.weights, index=model.item_ids, columns=model.item_ids)
+    row = pool[(pool["subject_id"] == 1) & (pool["item_id"] == 2)].iloc[0]
+    # user 1 engaged with items 0, 1 (clicks) and, latest, 3 (a view): the full score sums
+    # all three rows of B, the recent one (1 latest item) only item 3's.
+    assert row["collaborative_score"] == pytest.approx(weights.loc[[0, 1, 3], 2].sum(), rel=1e-5)
+    assert row["collaborative_recent_score"] == pytest.approx(weights.loc[3, 2], rel=1e-5)
+    assert row["item_to_item_score"] >= row["item_to_item_recent_score"] >= 0
+    assert np.isfinite(pool[list(HISTORY_SCORES)].to_numpy()).all()
+
+
+@pytest.mark.parametrize("repeat", [False, True])
+def test_repeat_consumption_is_a_surface_setting(repeat: bool) -> None:
+    surface = load_settings().surface("home_feed").model_copy(update={"repeat_consumption": repeat})
+    pool = generate_candidates(
+        _subjects(), _context(surface), surface, two_tower=None, recent_items_per_user=5
+    )
+    by_subject = pool.groupby("subject_id")["item_id"].apply(set)
+    consumed_again = by_subject[1] & {0, 1}
+    assert bool(consumed_again) is repeat
+    # Hides hold either way: user 2 hid category c.
+    assert not by_subject[2] & {6, 7, 8, 11}
+
+
+def test_sparse_subjects_get_pools_of_store_depth() -> None:
+    """One event per subject: the pool still fills to the budget from the catalog."""
+    rng = np.random.default_rng(0)
+    n_items, n_users = 400, 300
+    items = pd.concat([_items().iloc[:1]] * n_items, ignore_index=True).assign(
+        item_id=np.arange(n_items, dtype="int64"),
+        category=[f"k{i % 7}" for i in range(n_items)],
+        creator_id=[f"c{i}" for i in range(n_items)],
+    )
+    interactions = pd.DataFrame(
+        {
+            "user_id": np.arange(n_users, dtype="int64"),
+            "item_id": rng.zipf(1.5, n_users) % n_items,
+            "event_type": "purchase",
+            "value": 1.0,
+            "ts": NOW - pd.Timedelta(days=400),  # long ago: every fixed window is empty
+        }
+    )
+    surface = load_settings().surface("home_feed")
+    context = build_context(
+        items=items,
+        interactions=interactions,
+        user_controls=_controls().head(0),
+        editorial=_editorial().head(0),
+        region="na",
+        surface=surface,
+        score_time=NOW,
+        trending_window_days=3,
+        collaborative=fit_collaborative(interactions, l2=1.0),
+    )
+    assert len(context.trending) > 0, "the trending window widens to hold recent events"
+    subjects = pd.DataFrame(
+        {"subject_id": np.arange(n_users), "tenant_id": None, "actor_role": None}
+    )
+    pool = generate_candidates(subjects, context, surface, two_tower=None, recent_items_per_user=5)
+    sizes = pool.groupby("subject_id").size().reindex(subjects["subject_id"], fill_value=0)
+    assert (sizes >= surface.store_depth).all(), sizes.describe()
+
+
+def test_trending_window_widens_to_hold_a_share_of_events() -> None:
+    history = pd.DataFrame({"ts": NOW - pd.to_timedelta(np.arange(100) * 10, unit="D")})
+    assert trending_window(history, 3, 0.05, NOW) > pd.Timedelta(days=40)
+    recent = pd.DataFrame({"ts": [NOW - pd.Timedelta(hours=1)] * 100})
+    assert trending_window(recent, 3, 0.05, NOW) == pd.Timedelta(days=3)

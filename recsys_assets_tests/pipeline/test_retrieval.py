@@ -118,9 +118,7 @@ def model() -> TwoTowerModel:
     )
     items = pd.DataFrame({"item_id": np.arange(100), "category": [f"c{i % 7}" for i in range(100)]})
     config = TwoTowerConfig(embedding_dim=8, epochs=1, min_steps=5)
-    return train_two_tower(
-        interactions, items, cutoff=cutoff, validation_fraction=0.2, config=config, device=CPU
-    ).model
+    return train_two_tower(interactions, items, cutoff=cutoff, config=config, device=CPU).model
 
 
 def test_retrieve_two_tower_schema_ranks_and_exclusions(model: TwoTowerModel) -> None:

@@ -113,9 +113,7 @@ def reference_slates(
             if not remaining or len(draws) >= len(kept) - 1:
                 break
             top = max(float(r["utility"]) for r in remaining)
-            weights = [
-                math.exp((float(r["utility"]) - top) / temperature) for r in remaining
-            ]
+            weights = [math.exp((float(r["utility"]) - top) / temperature) for r in remaining]
             draws.append((remaining[0], weights[0] / sum(weights)))
             remaining = remaining[1:]
 

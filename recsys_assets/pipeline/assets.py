@@ -333,7 +333,7 @@ def scored_candidates(
     items = read_raw(warehouse, "items", columns=["item_id", *SCORING_ITEM_COLUMNS]).set_index(
         "item_id"
     )
-    popularity = _popularity_percentile(raw_dataset(warehouse, "interactions"))
+    popularity = _popularity_percentile(raw_dataset(warehouse, "interactions"), items.index)
     lineage = {
         "model_version": bundle.info.model_version,
         "feature_set_version": bundle.info.feature_set_version,
@@ -421,14 +421,17 @@ def slates(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.Mate
     )
 
 
-def _popularity_percentile(interactions: ds.Dataset) -> pd.Series:
-    """Percentile of each item's interaction count, read from the item_id column alone."""
+def _popularity_percentile(interactions: ds.Dataset, item_ids: pd.Index) -> pd.Series:
+    """Percentile of each catalog item's interaction count (read from the item_id column
+    alone), over the whole catalog: an item nobody touched ranks with the other untouched
+    ones (their average rank), not as an unknown treated as the least popular of all."""
     counts = pc.value_counts(interactions.to_table(columns=["item_id"]).column("item_id"))
     per_item = pd.Series(
         counts.field("counts").to_numpy(),
         index=pd.Index(counts.field("values").to_numpy(), name="item_id"),
     )
-    return per_item.sort_index().rank(pct=True)
+    catalog = per_item.reindex(item_ids.union(per_item.index), fill_value=0)
+    return catalog.sort_index().rank(pct=True)
 
 
 PIPELINE_ASSETS = [

@@ -18,6 +18,7 @@ slate policy (the policy's cost), and how many relevant items each candidate sou
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -29,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from recsys_assets.config import Settings, load_settings
-from recsys_assets.config.settings import SOURCES
+from recsys_assets.config.settings import CONFIG_ENV_VAR, SOURCES
 from recsys_assets.contracts.raw import RAW_CONTRACTS
 from recsys_assets.data import read_raw, read_snapshot
 from recsys_assets.data.holdout import HoldoutSplit, temporal_holdout
@@ -498,7 +499,7 @@ def evaluate(
         split=summary,
         surfaces=evaluations,
         warehouse=warehouse.url,
-        config=str(config_path or "default"),
+        config=str(config_path or os.environ.get(CONFIG_ENV_VAR) or "default"),
         seconds=time.monotonic() - started,
     )
 

@@ -297,8 +297,12 @@ def _timed(into: dict[str, float] | None, step: str) -> Iterator[None]:
 
 @contextmanager
 def _cursor(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A cursor of `con`: its own temp tables and registrations, dropped on exit."""
+    """A cursor of `con`: its own temp tables and registrations, dropped on exit.
+
+    DuckDB's progress bar is off: it draws on stdout, where `recsys evaluate` prints JSON.
+    """
     cur = con.cursor()
+    cur.execute("SET enable_progress_bar = false")
     try:
         yield cur
     finally:

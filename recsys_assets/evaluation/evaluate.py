@@ -262,7 +262,7 @@ def run_pipeline_on(
     from recsys_assets.pipeline.assets import PIPELINE_ASSETS
     from recsys_assets.pipeline.jobs import refresh_lists_job, train_model_bundle_job
     from recsys_assets.pipeline.resources import RecsysResource
-    from recsys_assets.pipeline.runner import run_pipeline, select_partitions
+    from recsys_assets.pipeline.runner import quiet_migrations, run_pipeline, select_partitions
 
     assets: list[Any] = [*PIPELINE_ASSETS]
     try:
@@ -284,6 +284,7 @@ def run_pipeline_on(
         },
     )
     partitions = select_partitions(settings, surfaces, None)
+    quiet_migrations()
     instance = dg.DagsterInstance.ephemeral(tempdir=str(instance_dir))
     try:
         outcomes = run_pipeline(

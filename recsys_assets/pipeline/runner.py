@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import time
@@ -16,6 +17,9 @@ from recsys_assets.pipeline.jobs import MODEL_JOB, REFRESH_JOB
 from recsys_assets.pipeline.partitions import SurfaceRegion
 
 DEFAULT_DAGSTER_HOME = ".dagster_home"
+QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+"""Runs log warnings and errors to the terminal, not Dagster's ~50 DEBUG events per step:
+`recsys run` prints one line per partition instead; the events stay in the instance (UI)."""
 PROJECT_INSTANCE_CONFIG = Path(__file__).resolve().parents[2] / "dagster.yaml"
 
 
@@ -27,7 +31,14 @@ def local_instance() -> dg.DagsterInstance:
     if not config.exists() and PROJECT_INSTANCE_CONFIG.exists():
         shutil.copyfile(PROJECT_INSTANCE_CONFIG, config)
     os.environ["DAGSTER_HOME"] = str(home)
+    quiet_migrations()
     return dg.DagsterInstance.get()
+
+
+def quiet_migrations() -> None:
+    """A new SQLite instance runs its schema migrations through alembic, which logs ~100
+    INFO lines about them: keep its warnings only."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 @dataclass
@@ -68,7 +79,7 @@ def run_pipeline(
         started = time.monotonic()
         progress("model_bundle: training …")
         result = definitions.resolve_job_def(MODEL_JOB).execute_in_process(
-            instance=instance, raise_on_error=False
+            instance=instance, raise_on_error=False, run_config=QUIET_RUN_CONFIG
         )
         if not result.success:
             raise RuntimeError(f"model_bundle failed: {_first_error(result)}")
@@ -82,7 +93,10 @@ def run_pipeline(
     for index, partition in enumerate(partitions, start=1):
         started = time.monotonic()
         result = job.execute_in_process(
-            instance=instance, partition_key=partition.to_key(), raise_on_error=False
+            instance=instance,
+            partition_key=partition.to_key(),
+            raise_on_error=False,
+            run_config=QUIET_RUN_CONFIG,
         )
         outcome = PartitionOutcome(
             partition=partition,

@@ -5,7 +5,8 @@ The policy, per subject, in this order:
 1. **Rank and dedupe.** Candidates are ranked by utility (descending), ties by item_id, then
    input order; a duplicated item keeps its best-ranked row.
 2. **Caps, greedy in rank order.** An item is kept unless, among the items *kept* above it,
-   its category already has `max_per_category`, its creator `max_per_creator`, or (for a
+   its category already has `max_per_category` (known categories only:
+   `rules.categories`), its creator `max_per_creator`, or (for a
    sponsored item) `sponsored_cap` sponsored items are kept. Sponsored items beyond the cap
    are dropped rather than demoted: when serving's final check rejects items it fills the
    display from deeper in the stored list, so a demoted sponsored item could surface there.
@@ -51,6 +52,7 @@ import pandas as pd
 
 from recsys_assets.config.settings import SlatePolicyConfig, SurfaceConfig
 from recsys_assets.pipeline.runs import rank_within_runs, run_lengths, run_starts
+from recsys_assets.rules.categories import category_capped
 
 LINEAGE_COLUMNS = (
     "model_version",
@@ -294,7 +296,7 @@ def _kept_by_caps(
         subject,
         [
             (
-                everything,
+                category_capped(scored["category"])[ranked],
                 subject * len(categories) + category_code[ranked],
                 policy.max_per_category,
             ),

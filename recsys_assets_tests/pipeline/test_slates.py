@@ -23,6 +23,7 @@ from recsys_assets.pipeline.slates import (
     greedy_capped_keep,
     subject_exploration_seeds,
 )
+from recsys_assets.rules.categories import UNKNOWN_CATEGORY
 
 COMPARED_COLUMNS = [
     "subject_id",
@@ -69,8 +70,11 @@ def reference_slates(
             if candidate["item_id"] in seen:
                 continue
             seen.add(candidate["item_id"])
+            known_category = (
+                pd.notna(candidate["category"]) and candidate["category"] != UNKNOWN_CATEGORY
+            )
             if (
-                per_category[candidate["category"]] >= policy.max_per_category
+                (known_category and per_category[candidate["category"]] >= policy.max_per_category)
                 or per_creator[candidate["creator_id"]] >= policy.max_per_creator
                 or (candidate["is_sponsored"] and sponsored_kept >= policy.sponsored_cap)
             ):
@@ -571,3 +575,22 @@ def test_missing_columns_and_missing_utilities_are_named() -> None:
         build_slates(scored.assign(utility=np.nan), surface, seed=0)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         build_slates(scored, surface, seed=0, exploration_temperature=0.0)
+
+
+def test_uncategorised_items_are_not_capped_as_one_category() -> None:
+    """An import without categories gives every item 'unknown': lists still fill."""
+    rows = [
+        (0, item, 1.0 - item / 100, 0.1, UNKNOWN_CATEGORY, f"r{item}", False, False, "two_tower")
+        for item in range(12)
+    ]
+    surface = surface_with(
+        display_count=4,
+        store_depth=10,
+        max_per_category=2,
+        max_per_creator=5,
+        exploration_slots=0,
+        sponsored_cap=0,
+        high_confidence_first=False,
+    )
+    slates = build_slates(scored_frame(rows), surface, seed=0)
+    assert len(slates) == 10

@@ -52,8 +52,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args) or 0)
-    except (ConfigError, ContractViolation, WarehouseError, FileNotFoundError, ValueError) as error:
-        print(f"recsys {args.command}: error: {error}", file=sys.stderr)
+    except (ConfigError, ContractViolation, WarehouseError, OSError, ValueError) as error:
+        # The errors bad input and storage raise, each worded where it arises to name the
+        # file and the problem; anything else is a bug and keeps its traceback.
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        print(f"recsys {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -17,6 +17,7 @@ from moto.server import ThreadedMotoServer
 from recsys_assets.config import load_settings
 from recsys_assets.config.settings import DEFAULT_CONFIG_PATH
 from recsys_assets.data.seed import seed_warehouse
+from recsys_assets.publish.lists import TRACKING_SECRET_ENV_VAR
 from recsys_assets.warehouse import WAREHOUSE_ENV_VAR, Warehouse
 
 _S3_ENV = {
@@ -31,6 +32,18 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tracking_secret() -> Iterator[str]:
+    """Publishing email/push lists requires a tracking-token secret; tests use this one.
+
+    Session-wide, so session- and module-scoped fixtures that run the pipeline have it too.
+    """
+    secret = "test-only-tracking-secret"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(TRACKING_SECRET_ENV_VAR, secret)
+        yield secret
 
 
 @pytest.fixture(scope="session")

@@ -29,16 +29,21 @@ from datetime import datetime, timedelta
 from pathlib import PurePosixPath
 from typing import Any
 
+import pyarrow as pa
+
 from recsys_assets.automation.policy_changes import InvalidChange, PolicyChange, parse_change
 from recsys_assets.config import Settings
+from recsys_assets.data import read_raw
 from recsys_assets.pipeline.partitions import SurfaceRegion
 from recsys_assets.rules.tombstones import write_tombstones
-from recsys_assets.warehouse import Warehouse, WarehouseError
+from recsys_assets.warehouse import PreconditionFailed, Warehouse, WarehouseError
 
 POLICY_CHANGES = "policy_changes"
 INCOMING = f"{POLICY_CHANGES}/incoming"
 PROCESSED = f"{POLICY_CHANGES}/processed"
 QUARANTINE = f"{POLICY_CHANGES}/quarantine"
+APPLIED = f"{POLICY_CHANGES}/applied"
+"""One record per applied change_id (its content), so a reused id is caught, not dropped."""
 ERROR_REPORT_SUFFIX = ".errors.json"
 MAX_FILES_PER_TICK = 50
 """Bounds one tick's work (a sensor tick has a time limit); the rest wait for the next tick."""
@@ -46,6 +51,14 @@ CURSOR_RETENTION = timedelta(days=1)
 """How long an archived file's identity is remembered: a re-delivery of the same object
 within this window is archived without being applied again."""
 _ERROR_TEXT_LIMIT = 500
+_LINE_ERRORS = (ValueError, OverflowError, TypeError, pa.ArrowException)
+"""What a line's content can make applying it raise (InvalidChange, ConflictingChange and
+pandas/pyarrow conversion errors); storage errors (OSError, WarehouseError) are not among
+them and leave the whole file for the next tick."""
+
+
+class ConflictingChange(ValueError):
+    """A change_id already applied arrives again with different content."""
 
 
 @dataclass(frozen=True)
@@ -194,7 +207,7 @@ def parse_file(
 ) -> tuple[list[tuple[int, PolicyChange]], list[LineError]]:
     """Valid changes with their line numbers, and every rejected line with its reason."""
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")  # a BOM is accepted, as `recsys import` accepts it
     except UnicodeDecodeError as error:
         return [], [LineError(0, f"file is not UTF-8 text: {error}", "")]
     changes: list[tuple[int, PolicyChange]] = []
@@ -235,18 +248,25 @@ def apply_file(
     """
     data = warehouse.read_bytes(file.path)
     numbered, errors = parse_file(data, settings)
+    lines = data.decode("utf-8-sig").splitlines() if numbered else []
+    tenants: frozenset[str] | None = None
     changes: list[PolicyChange] = []
     tombstones: list[str] = []
     for number, change in numbered:
-        rows = change.tombstone_rows()
-        if rows:
-            try:
+        try:
+            if change.type == "tenant_permission_revoked":
+                tenants = known_tenants(warehouse) if tenants is None else tenants
+                _check_tenant(change, tenants)
+            _claim_change_id(warehouse, change, file, now=now)
+            rows = change.tombstone_rows()
+            if rows:
                 tombstones.append(
                     write_tombstones(warehouse, change.change_id, rows, created_at=now)
                 )
-            except ValueError as error:
-                errors.append(LineError(number, str(error), ""))
-                continue
+        except _LINE_ERRORS as error:
+            # The line's content cannot be applied: quarantine it, let the rest through.
+            errors.append(LineError(number, str(error), lines[number - 1][:_ERROR_TEXT_LIMIT]))
+            continue
         changes.append(change)
     errors.sort(key=lambda entry: entry.line)
     quarantined_as = None
@@ -259,6 +279,74 @@ def apply_file(
         )
     archived_as = _archive(warehouse, PROCESSED, file, data) if changes else quarantined_as or ""
     return FileOutcome(file, changes, errors, tombstones, archived_as, quarantined_as)
+
+
+def known_tenants(warehouse: Warehouse) -> frozenset[str]:
+    """Tenant ids of the raw users and items: the tenants a revocation can name."""
+    tenants: set[str] = set()
+    for table in ("users", "items"):
+        try:
+            column = read_raw(warehouse, table, columns=["tenant_id"])["tenant_id"]
+        except FileNotFoundError:  # no raw data yet: no tenant is known
+            continue
+        tenants.update(str(value) for value in column.dropna().unique())
+    return frozenset(tenants)
+
+
+def _check_tenant(change: PolicyChange, tenants: frozenset[str]) -> None:
+    if change.tenant_id not in tenants:
+        shown = sorted(tenants)[:10]
+        raise InvalidChange(
+            f"tenant_id {change.tenant_id!r} is not a tenant of the raw users or items "
+            f"(known: {shown}{' …' if len(tenants) > 10 else ''}); a typo here would revoke "
+            "nothing"
+        )
+
+
+def change_record_path(change_id: str) -> str:
+    return f"{APPLIED}/{change_id}.json"
+
+
+def _claim_change_id(
+    warehouse: Warehouse, change: PolicyChange, file: IncomingFile, *, now: datetime
+) -> None:
+    """Record the change under its id, once; a re-delivery must carry the same content.
+
+    An identical change (a retried tick, a re-sent file) passes, so applying stays
+    idempotent; the same id with other content raises ConflictingChange instead of being
+    dropped silently while reported as applied.
+    """
+    path = change_record_path(change.change_id)
+    record = {
+        "change": change.content(),
+        "first_file": file.identity,
+        "applied_at": now.isoformat(),
+    }
+    try:
+        warehouse.write_bytes_if(
+            path, json.dumps(record, indent=2, sort_keys=True).encode(), expected_etag=None
+        )
+        return
+    except PreconditionFailed:
+        pass
+    try:
+        earlier = json.loads(warehouse.read_bytes(path))
+        content = dict(earlier["change"])
+        first_file = earlier.get("first_file", "?")
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ConflictingChange(
+            f"change_id {change.change_id!r}: its record {path} is unreadable, so this line "
+            "cannot be told apart from the applied change; give it a new change_id"
+        ) from None
+    if content != record["change"]:
+        differing = sorted(
+            key for key, value in record["change"].items() if content.get(key) != value
+        )
+        raise ConflictingChange(
+            f"change_id {change.change_id!r} was already applied with other content (differs "
+            f"in {differing}; first applied from {first_file}); a change is never edited: "
+            "give this one a new change_id"
+        )
 
 
 def scan_inbox(
@@ -402,7 +490,7 @@ def _archive(warehouse: Warehouse, folder: str, file: IncomingFile, data: bytes)
 
 
 def _rejected_lines(data: bytes, errors: list[LineError]) -> bytes:
-    lines = data.decode("utf-8").splitlines(keepends=True)
+    lines = data.decode("utf-8-sig").splitlines(keepends=True)
     wanted = {error.line for error in errors}
     return "".join(line for number, line in enumerate(lines, start=1) if number in wanted).encode()
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from typing import Any, Literal
 
@@ -28,6 +28,7 @@ RegionRule = Literal["optional", "required", "forbidden"]
 RefreshScope = Literal["all_surfaces", "tenant_surfaces", "none"]
 
 _CHANGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]{0,199}$")
+MAX_ID = 2**63 - 1
 _COMMON_FIELDS = frozenset({"change_id", "type", "effective_at", "reason"})
 _SINGULAR_HINTS = {"item_id": "item_ids", "user_id": "user_ids", "creator_id": "creator_ids"}
 
@@ -162,6 +163,14 @@ class PolicyChange:
     def rule(self) -> ChangeRule:
         return CHANGE_RULES[self.type]
 
+    def content(self) -> dict[str, Any]:
+        """The change as plain JSON data: what a re-delivery must match to be the same change."""
+        data = asdict(self)
+        data["effective_at"] = self.effective_at.isoformat()
+        return {
+            key: list(value) if isinstance(value, tuple) else value for key, value in data.items()
+        }
+
     def tombstone_rows(self) -> list[dict[str, Any]]:
         """The tombstones this change writes (rules.tombstones columns); may be empty."""
         base = {"type": self.type, "effective_at": self.effective_at}
@@ -224,10 +233,12 @@ def parse_change(line: str, settings: Settings) -> PolicyChange:
         record = json.loads(line)
     except json.JSONDecodeError as error:
         raise InvalidChange(f"not valid JSON: {error.msg} at column {error.colno}") from None
+    except RecursionError:
+        raise InvalidChange("not valid JSON: nested too deeply") from None
     if not isinstance(record, dict):
         raise InvalidChange(f"expected a JSON object, got {type(record).__name__}")
     change_type = record.get("type")
-    if change_type not in CHANGE_RULES:
+    if not isinstance(change_type, str) or change_type not in CHANGE_RULES:
         raise InvalidChange(f"type {change_type!r} is not one of {list(CHANGE_TYPES)}")
     rule = CHANGE_RULES[change_type]
     allowed = _COMMON_FIELDS | rule.required | rule.optional
@@ -272,14 +283,16 @@ def _change_id(value: Any) -> str:
 
 
 def _timestamp(value: Any) -> datetime:
+    """ISO-8601 only (not pandas' "now"/"today", which would mean a different moment on
+    every retry), within the range tombstones can store (datetime64[ns])."""
     if not isinstance(value, str):
         raise InvalidChange(f"effective_at {value!r} must be an ISO-8601 text timestamp")
     try:
-        stamp = pd.Timestamp(value)
-    except ValueError:
-        raise InvalidChange(f"effective_at {value!r} is not an ISO-8601 timestamp") from None
-    if pd.isna(stamp):
-        raise InvalidChange(f"effective_at {value!r} is not an ISO-8601 timestamp")
+        stamp = pd.Timestamp(datetime.fromisoformat(value)).as_unit("ns")
+    except (ValueError, OverflowError):
+        raise InvalidChange(
+            f"effective_at {value!r} is not an ISO-8601 timestamp between years 1678 and 2261"
+        ) from None
     if stamp.tzinfo is not None:
         stamp = stamp.tz_convert("UTC").tz_localize(None)
     return stamp.floor("us").to_pydatetime()
@@ -294,6 +307,10 @@ def _ids(record: dict[str, Any], key: str) -> tuple[int, ...]:
     bad = [value for value in values if isinstance(value, bool) or not isinstance(value, int)]
     if bad or any(value < 0 for value in values):
         raise InvalidChange(f"{key} must hold non-negative integer ids; got {values[:5]!r}")
+    too_large = [value for value in values if value > MAX_ID]
+    if too_large:
+        # Ids are stored as int64: a larger one cannot name any item or person.
+        raise InvalidChange(f"{key} must hold ids of at most {MAX_ID} (int64); got {too_large[:5]}")
     return tuple(dict.fromkeys(values))
 
 

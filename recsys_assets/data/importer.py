@@ -21,8 +21,13 @@ else from its default.
 
 from __future__ import annotations
 
+import csv
+import gzip
 import io
+import lzma
 import time
+import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
@@ -30,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import fsspec
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -37,6 +43,7 @@ from recsys_assets.config import Settings
 from recsys_assets.contracts.errors import SAMPLE_ROWS, ContractViolation, Violation
 from recsys_assets.contracts.raw import RAW_CONTRACTS, check_foreign_keys, validate_table
 from recsys_assets.data.snapshot import RawSnapshotWriter, naive_utc
+from recsys_assets.rules.categories import UNKNOWN_CATEGORY
 from recsys_assets.warehouse import Warehouse
 
 IMPORTABLE_TABLES = ("interactions", "items", "users")
@@ -44,12 +51,19 @@ EPOCH_UNITS = ("s", "ms", "us", "ns")
 SPEC_OPTIONS = ("column", "constant", "unit", "format", "split", "take", "values")
 INTERACTIONS_PART_ROWS = 2_000_000
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
+_DECOMPRESSION_ERRORS = (EOFError, gzip.BadGzipFile, lzma.LZMAError, zlib.error, zipfile.BadZipFile)
+"""What reading a damaged compressed file raises, besides OSError."""
+_INT64_LIMIT = 2.0**63
 _TRUE = frozenset({"true", "t", "yes", "y", "1"})
 _FALSE = frozenset({"false", "f", "no", "n", "0"})
 
 
 class MappingError(ValueError):
     """The column mapping itself is wrong (unknown table, column or option)."""
+
+
+class SourceFileError(ValueError):
+    """A source path that is no readable file (a directory, no permission)."""
 
 
 @dataclass(frozen=True)
@@ -246,32 +260,44 @@ def read_source_file(path: str | Path, table: str) -> pd.DataFrame:
     lowered = name.lower()
     for suffix in _COMPRESSION_SUFFIXES:
         lowered = lowered.removesuffix(suffix)
+    if Path(name).is_dir():
+        raise SourceFileError(f"{table} file {name} is a directory; give the path of one file")
     try:
         with fsspec.open(name, "rb", compression="infer") as handle:
             data = handle.read()
     except FileNotFoundError:
         raise FileNotFoundError(f"{table} file not found: {name}") from None
+    except PermissionError:
+        raise SourceFileError(f"{table} file {name} cannot be read: permission denied") from None
+    except (*_DECOMPRESSION_ERRORS, OSError) as error:
+        # A truncated download, or a name ending in .gz that is not gzip (bz2 says OSError).
+        compressed = lowered != name.lower()
+        how = f" as {Path(name).suffix}" if compressed else ""
+        raise _file_violation(table, name, f"cannot be read{how}: {error}") from None
     if not data:
         raise ContractViolation(
             table, [Violation("(file)", "empty file: no header and no rows", 0)], name
         )
     if lowered.endswith((".parquet", ".pq")):
         try:
-            return pd.read_parquet(io.BytesIO(data))
+            frame = pd.read_parquet(io.BytesIO(data))
         except Exception as error:  # pyarrow raises several types for a corrupt file
             raise ContractViolation(
                 table, [Violation("(file)", f"not a readable Parquet file: {error}", 0)], name
             ) from None
+        _require_unique_columns([str(column) for column in frame.columns], table, name)
+        return frame
     if not lowered.endswith((".csv", ".tsv", ".txt")):
         raise ValueError(
             f"{table} file {name}: unsupported format; use .csv, .tsv or .parquet "
             "(optionally .gz/.bz2/.xz/.zst compressed)"
         )
     _require_utf8(data, table, name)
+    separator = "\t" if lowered.endswith(".tsv") else ","
+    header = next(csv.reader(io.StringIO(data.decode("utf-8-sig")), delimiter=separator), [])
+    _require_unique_columns(header, table, name)
     try:
-        return pd.read_csv(
-            io.BytesIO(data), sep="\t" if lowered.endswith(".tsv") else ",", encoding="utf-8-sig"
-        )
+        frame = pd.read_csv(io.BytesIO(data), sep=separator, encoding="utf-8-sig")
     except pd.errors.EmptyDataError:
         raise ContractViolation(
             table, [Violation("(file)", "empty file: no header and no rows", 0)], name
@@ -280,6 +306,28 @@ def read_source_file(path: str | Path, table: str) -> pd.DataFrame:
         raise ContractViolation(
             table, [Violation("(file)", f"not valid CSV: {error}", 1)], name
         ) from None
+    if not isinstance(frame.index, pd.RangeIndex):
+        # pandas reads the surplus leading fields as an index: every column would shift.
+        raise _file_violation(
+            table, name, f"data rows have more fields than the header's {len(header)} names"
+        )
+    return frame
+
+
+def _file_violation(table: str, name: str, check: str) -> ContractViolation:
+    return ContractViolation(table, [Violation("(file)", check, 0)], name)
+
+
+def _require_unique_columns(columns: list[str], table: str, name: str) -> None:
+    """A repeated header name would be read as `name.1` (or one column hide the other),
+    so which one a mapping means is ambiguous."""
+    positions: dict[str, list[int]] = {}
+    for position, column in enumerate(columns, start=1):
+        positions.setdefault(column.strip(), []).append(position)
+    repeated = {column: where for column, where in positions.items() if len(where) > 1}
+    if repeated:
+        shown = "; ".join(f"{column!r} at columns {where}" for column, where in repeated.items())
+        raise _file_violation(table, name, f"duplicate column names in the header: {shown}")
 
 
 def _require_utf8(data: bytes, table: str, name: str) -> None:
@@ -380,6 +428,33 @@ def _apply_spec(
         return _timestamps(name, series, spec)
     if dtype == "bool":
         return _booleans(name, series)
+    if dtype.startswith("int"):
+        return _integers(name, series)
+    if dtype.startswith("float"):
+        return _finite(name, series)
+    return series, None
+
+
+def _integers(name: str, series: pd.Series) -> tuple[pd.Series, Violation | None]:
+    """Whole numbers within int64: the contract's cast would truncate 1.9 to 1 (merging two
+    users into one) and wrap ids past 2^63. Text that is no number is the contract's to report."""
+    numbers = pd.to_numeric(series, errors="coerce").astype("float64")
+    out_of_range = numbers.notna() & ~(numbers.abs() < _INT64_LIMIT)  # inf included
+    fractional = numbers.notna() & ~out_of_range & (numbers % 1 != 0)
+    if fractional.any():
+        check = "not a whole number (the fraction would be truncated, merging distinct ids)"
+        return series, _rows_violation(name, check, series, fractional)
+    if out_of_range.any():
+        return series, _rows_violation(name, "outside the int64 range", series, out_of_range)
+    return series, None
+
+
+def _finite(name: str, series: pd.Series) -> tuple[pd.Series, Violation | None]:
+    """inf/-inf would pass as a float and break every score and mean computed from it."""
+    numbers = pd.to_numeric(series, errors="coerce")
+    infinite = pd.Series(np.isinf(numbers.to_numpy(dtype="float64")), index=series.index)
+    if infinite.any():
+        return series, _rows_violation(name, "not a finite number (inf)", series, infinite)
     return series, None
 
 
@@ -393,9 +468,9 @@ def _timestamps(
         return series, None
     if spec.unit is not None:
         numbers = pd.to_numeric(series, errors="coerce")
-        bad = numbers.isna() & series.notna()
-        check = f"not a number of {spec.unit} since the epoch"
-        converted = pd.to_datetime(numbers, unit=spec.unit)
+        converted = pd.to_datetime(numbers, unit=spec.unit, errors="coerce")  # out of range: NaT
+        bad = converted.isna() & series.notna()
+        check = f"not a number of {spec.unit} since the epoch (years 1678-2261)"
     elif pd.api.types.is_numeric_dtype(series):
         return series, Violation(
             name,
@@ -448,7 +523,7 @@ def _item_defaults(
     return {
         "item_type": "item",
         "title": None,
-        "category": "unknown",
+        "category": UNKNOWN_CATEGORY,
         # Each item its own creator: one shared placeholder would make every item the same
         # creator, and the slate policy's max_per_creator would cut every list to that cap.
         "creator_id": lambda index: _own_creator(ids, index),
@@ -490,7 +565,10 @@ def _user_defaults(
 
 def _own_creator(ids: pd.Series, index: pd.Index) -> pd.Series:
     """Per row of `ids`: `item:<item_id>`."""
-    numeric = pd.to_numeric(ids, errors="coerce").astype("Int64").astype(str)
+    numeric = pd.to_numeric(ids, errors="coerce")
+    # A bad id (fractional, out of range) is reported as such; it gets no creator here.
+    numeric = numeric.where((numeric % 1 == 0) & (numeric.abs() < _INT64_LIMIT))
+    numeric = numeric.astype("Int64").astype(str)
     return pd.Series(("item:" + numeric).to_numpy(), index=index)
 
 

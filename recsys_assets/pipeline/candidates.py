@@ -41,15 +41,11 @@ from recsys_assets.models.collaborative import CollaborativeModel
 from recsys_assets.pipeline.features import HISTORY_SCORES
 from recsys_assets.pipeline.runs import rank_within_runs
 from recsys_assets.rules.eligibility import item_rejection_reasons
-from recsys_assets.rules.engagement import engagement_events
+from recsys_assets.rules.engagement import engagement_events, interest_signal
+from recsys_assets.rules.person import CONSUMED_EVENTS
 from recsys_assets.rules.tombstones import person_tombstones, tombstoned_items
 
 CANDIDATE_POLICY_VERSION = "candidates_v2"
-POSITIVE_EVENTS = ("click", "purchase", "rating")
-"""Engagement that counts as interest (ratings below 3 do not)."""
-CONSUMED_EVENTS = ("click", "purchase", "rating")
-"""Engagement after which an item is not recommended again to the same user (unless the
-surface sets `repeat_consumption`)."""
 NEW_ITEM_DAYS = 14
 LONG_TAIL_HEAD_SHARE = 0.1
 I2I_NEIGHBOURS = 50
@@ -123,10 +119,7 @@ def build_context(
     owned = eligible["tenant_id"].notna()
     eligible = eligible[owned] if tenant_items else eligible[~owned]
 
-    positives = interactions[
-        interactions["event_type"].isin(POSITIVE_EVENTS)
-        & ~((interactions["event_type"] == "rating") & (interactions["value"] < 3))
-    ]
+    positives = interactions[interest_signal(interactions)]
     weights = positives["event_type"].map({"click": 1.0, "rating": 1.0, "purchase": 2.0})
     history = positives.assign(weight=weights.astype("float32"))[
         ["user_id", "item_id", "ts", "weight"]
@@ -250,6 +243,7 @@ def _item_neighbours(history: pd.DataFrame, eligible_ids: np.ndarray) -> pd.Data
     context time and memory (the pair table grows with users).
     """
     with duckdb.connect(":memory:") as con:
+        con.execute("SET enable_progress_bar = false")  # it draws on stdout
         con.register("i2i_history", history[["user_id", "item_id", "ts"]])
         con.register("i2i_eligible", pd.DataFrame({"item_id": np.asarray(eligible_ids, "int64")}))
         return (
@@ -324,7 +318,8 @@ def _long_tail(interactions: pd.DataFrame, eligible: pd.DataFrame) -> np.ndarray
     tail = eligible.iloc[head:]
     relevant = interactions[interactions["item_id"].isin(tail["item_id"])]
     views = relevant[relevant["event_type"] == "view"].groupby("item_id").size()
-    engaged = relevant[relevant["event_type"].isin(POSITIVE_EVENTS)].groupby("item_id").size()
+    # Consumption per view: clicked, bought or rated, whatever the rating.
+    engaged = relevant[relevant["event_type"].isin(CONSUMED_EVENTS)].groupby("item_id").size()
     ids = tail["item_id"]
     rate = (ids.map(engaged).fillna(0) + 1.0) / (
         ids.map(views).fillna(0) + ids.map(engaged).fillna(0) + 10.0

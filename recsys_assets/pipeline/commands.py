@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
 from recsys_assets.config import load_settings
+from recsys_assets.data.snapshot import read_snapshot
 from recsys_assets.pipeline.runner import (
     PartitionOutcome,
     local_instance,
     run_pipeline,
     select_partitions,
 )
+from recsys_assets.publish.lists import DEV_TRACKING_SECRET, TRACKING_SECRET_ENV_VAR
 from recsys_assets.warehouse import Warehouse
 
 
@@ -46,6 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     warehouse = Warehouse.from_env()
+    read_snapshot(warehouse)  # no raw data: say so in one line, before any run starts
     train = not (args.reuse_model and warehouse.exists("models/current.json"))
     outcomes = _execute(args.surface, args.region, train_model=train)
     return _report(outcomes)
@@ -54,6 +58,9 @@ def _run(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from recsys_assets.data.seed import seed_warehouse
 
+    # A demo publishes email and push lists too; their tracking tokens need a secret, and
+    # only the demo may use the development one (publishing refuses to run without one).
+    os.environ.setdefault(TRACKING_SECRET_ENV_VAR, DEV_TRACKING_SECRET)
     warehouse = Warehouse.from_env()
     started = time.monotonic()
     report = seed_warehouse(warehouse, scale="tiny", seed=args.seed, settings=load_settings())

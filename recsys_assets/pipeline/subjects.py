@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from recsys_assets.config import SurfaceConfig
+from recsys_assets.rules.person import CONSENT, EMAIL, PUSH, person_requirements
 
 SUBJECT_COLUMNS = [
     "subject_id",
@@ -28,11 +29,7 @@ NOT_TENANT_ACTOR = "not_tenant_actor"
 INACTIVE = "inactive"
 SUPPRESSED = "suppressed_by_policy_change"
 
-_REQUIREMENT_REASONS = {
-    "consent_personalization": NO_CONSENT,
-    "email_subscribed": NOT_SUBSCRIBED,
-    "push_enabled": PUSH_DISABLED,
-}
+_REQUIREMENT_REASONS = {CONSENT: NO_CONSENT, EMAIL: NOT_SUBSCRIBED, PUSH: PUSH_DISABLED}
 
 
 @dataclass(frozen=True)
@@ -52,8 +49,9 @@ def select_subjects(
 ) -> SubjectSelection:
     """Users of `region` eligible for `surface` at `now`, with exclusion counts by reason.
 
-    A personalized surface never selects a user without consent_personalization: such
-    users are served non-personalized fallback lists by the serving layer instead.
+    The person requirements are `rules.person.person_requirements` (a personalized surface
+    always needs consent_personalization), the ones serving checks: users without them are
+    served non-personalized fallback lists (or nothing) by the serving layer instead.
     `suppressed` users (consent revoked by a policy change not yet in the users table)
     are excluded the same way.
     """
@@ -67,15 +65,11 @@ def select_subjects(
         excluded[reason] = int(newly.sum())
         keep = keep & ~failing
 
-    requirements = set(surface.eligibility.requires)
-    if surface.personalized:
-        requirements.add("consent_personalization")
-    for requirement, reason in _REQUIREMENT_REASONS.items():
-        if requirement in requirements:
-            exclude(reason, ~in_region[requirement].astype(bool))
+    for requirement in person_requirements(surface):
+        exclude(_REQUIREMENT_REASONS[requirement], ~in_region[requirement].astype(bool))
     if surface.personalized and suppressed:
         exclude(SUPPRESSED, in_region["user_id"].isin(list(suppressed)))
-    if "tenant_actor" in requirements:
+    if "tenant_actor" in surface.eligibility.requires:
         exclude(NOT_TENANT_ACTOR, in_region["tenant_id"].isna() | in_region["actor_role"].isna())
     cutoff = now - pd.Timedelta(days=surface.eligibility.active_within_days)
     exclude(INACTIVE, in_region["last_active_at"] < cutoff)

@@ -32,7 +32,9 @@ def register(subparsers: Any) -> None:
         description=(
             "Flip the partition's manifest back to the newest previous version, or to "
             "--to VERSION. The version rolled back from is marked rolled_back. Refused "
-            "when the target is expired, invalid or already rolled back."
+            "when the target is expired, invalid, already rolled back, or its lists cannot "
+            "be read. --force --to VERSION --reason TEXT re-activates a version rolled back "
+            "by mistake."
         ),
     )
     _partition_arguments(rollback_parser)
@@ -40,7 +42,12 @@ def register(subparsers: Any) -> None:
         "--to", dest="to_version", help="version id to activate (default: newest previous)"
     )
     rollback_parser.add_argument(
-        "--reason", default="recsys rollback", help="recorded in the manifest history"
+        "--reason", help="recorded in the manifest history (required with --force)"
+    )
+    rollback_parser.add_argument(
+        "--force",
+        action="store_true",
+        help="allow --to a version marked rolled_back (a rollback made by mistake)",
     )
     rollback_parser.set_defaults(handler=_rollback)
 
@@ -88,8 +95,9 @@ def _rollback(args: argparse.Namespace) -> int:
         args.surface,
         args.region,
         to_version=args.to_version,
-        reason=args.reason,
+        reason=args.reason or ("" if args.force else "recsys rollback"),
         fallback=args.fallback,
+        force=args.force,
     )
     previous = before.active_version if before else "none"
     print(

@@ -8,25 +8,22 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import os
 from datetime import timedelta
 
 import numpy as np
 import pandas as pd
 
-from recsys_assets.config import SurfaceConfig
+from recsys_assets.config import ConfigError, SurfaceConfig
 from recsys_assets.warehouse import Warehouse, partition_path
-
-logger = logging.getLogger(__name__)
 
 PERSONALIZED_CONTEXT = "default"
 PERSONALIZED_LIST_PREFIX = "precomp"
 FALLBACK_LIST_PREFIX = "fallback"
 FALLBACK_SUBJECT_ID = -1
 TRACKING_SECRET_ENV_VAR = "RECSYS_TRACKING_SECRET"
-DEV_TRACKING_SECRET = "recsys-dev-tracking-secret"
-"""Used when RECSYS_TRACKING_SECRET is unset: fine for development, never for production."""
+DEV_TRACKING_SECRET = "recsys-dev-tracking-secret-not-for-production"
+"""What `recsys demo` sets explicitly; nothing falls back to it."""
 
 LINEAGE_COLUMNS = [
     "model_version",
@@ -160,15 +157,23 @@ def finalize_lists(
     return frame.reset_index(drop=True)
 
 
+class MissingTrackingSecret(ConfigError):
+    """Email/push lists cannot be published without a configured tracking-token secret."""
+
+
 def tracking_secret() -> str:
-    """The HMAC key for tracking tokens: RECSYS_TRACKING_SECRET, else the documented dev key."""
-    secret = os.environ.get(TRACKING_SECRET_ENV_VAR)
+    """The HMAC key for tracking tokens: RECSYS_TRACKING_SECRET, required.
+
+    No built-in fallback: tokens signed with a key in the source code could be forged by
+    anyone, so a deployment that forgot the variable must stop, not publish them.
+    """
+    secret = os.environ.get(TRACKING_SECRET_ENV_VAR, "").strip()
     if not secret:
-        logger.warning(
-            "%s is not set: tracking tokens use the development secret; set it in production",
-            TRACKING_SECRET_ENV_VAR,
+        raise MissingTrackingSecret(
+            f"{TRACKING_SECRET_ENV_VAR} is not set: email and push lists carry tracking tokens "
+            "signed with it, so they are not published without it. Set it to a secret value "
+            "(`recsys demo` sets a development one by itself)"
         )
-        return DEV_TRACKING_SECRET
     return secret
 
 

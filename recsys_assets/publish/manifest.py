@@ -19,9 +19,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 
+from recsys_assets.publish.lists import LIST_COLUMNS
 from recsys_assets.publish.versions import (
     LISTS_FILE,
+    VALIDATION_FILE,
     manifest_path,
     naive_utc,
     read_version_report,
@@ -41,10 +44,16 @@ DEFAULT_ORPHAN_GRACE = timedelta(hours=24)
 """Version folders not named by the manifest (a crashed or refused publish) are kept this
 long for inspection, and so that a publish still in flight is never collected under it."""
 _UPDATE_ATTEMPTS = 100
+_VERIFIED_COLUMNS = ["list_id", "subject_id", "position", "item_id", "score"]
+"""Read in full before a rollback: what serving needs from every row of a list."""
 
 
 class RollbackRefused(ValueError):
     """A rollback (or mark) was refused; the message says why and what to do instead."""
+
+
+class CorruptManifest(WarehouseError):
+    """A manifest.json that is not a manifest (bad JSON, wrong shape); names the file."""
 
 
 def iso(value: datetime | pd.Timestamp | None) -> str | None:
@@ -91,11 +100,25 @@ class Manifest:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True).encode("utf-8")
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+    def from_dict(cls, data: Any) -> Manifest:
+        """Raises ValueError saying what is wrong when `data` is not a manifest."""
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        for key in ("active_version", "active_path"):
+            if not isinstance(data.get(key), str) or not data[key]:
+                raise ValueError(f"{key} must be non-empty text, got {data.get(key)!r}")
         fields = {key: data.get(key) for key in cls.__dataclass_fields__ if key != "history"}
-        fields["lineage"] = fields["lineage"] or {}
-        fields["validation"] = fields["validation"] or {}
-        history = [HistoryEntry(**entry) for entry in data.get("history", [])]
+        for key in ("lineage", "validation"):
+            fields[key] = fields[key] or {}
+            if not isinstance(fields[key], dict):
+                raise ValueError(f"{key} must be an object, got {type(fields[key]).__name__}")
+        entries = data.get("history") or []
+        if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+            raise ValueError("history must be a list of objects")
+        try:
+            history = [HistoryEntry(**entry) for entry in entries]
+        except TypeError as error:  # a missing or unknown field in an entry
+            raise ValueError(f"history entry: {error}") from None
         return cls(**fields, history=history)
 
     def entry(self, version: str) -> HistoryEntry | None:
@@ -137,12 +160,27 @@ def read_manifest(
     warehouse: Warehouse, surface: str, region: str, *, fallback: bool = False
 ) -> Manifest | None:
     """The partition's manifest, or None if nothing was ever published there."""
+    path = manifest_path(surface, region, fallback=fallback)
     try:
-        return Manifest.from_dict(
-            json.loads(warehouse.read_bytes(manifest_path(surface, region, fallback=fallback)))
-        )
+        return parse_manifest(warehouse, path, warehouse.read_bytes(path))
     except FileNotFoundError:
         return None
+
+
+def parse_manifest(warehouse: Warehouse, path: str, data: bytes) -> Manifest:
+    """The manifest in `data`, or CorruptManifest naming the file and what is wrong."""
+    try:
+        return Manifest.from_dict(json.loads(data))
+    except json.JSONDecodeError as error:
+        problem = f"not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+    except UnicodeDecodeError:
+        problem = "not UTF-8 text"
+    except ValueError as error:
+        problem = f"not a manifest ({error})"
+    raise CorruptManifest(
+        f"{warehouse.uri(path)} is {problem}; restore it from a backup, or delete it and "
+        "publish the partition again (its history of versions is then lost)"
+    )
 
 
 def update_manifest(
@@ -164,7 +202,7 @@ def update_manifest(
         current = None
         if etag is not None:
             try:
-                current = Manifest.from_dict(json.loads(warehouse.read_bytes(path)))
+                current = parse_manifest(warehouse, path, warehouse.read_bytes(path))
             except FileNotFoundError:
                 continue
         updated = change(current)
@@ -257,35 +295,44 @@ def rollback(
     reason: str = "",
     now: datetime | None = None,
     fallback: bool = False,
+    force: bool = False,
 ) -> Manifest:
     """Make `to_version` (default: the newest `previous` version) active again.
 
     The version rolled back from is marked `rolled_back`, so no default rollback or retry
     goes back to it. Refused (RollbackRefused, manifest untouched) when the target is
-    unknown, expired, invalid, rolled back, already active, or its folder is incomplete.
+    unknown, expired, invalid, rolled back, already active, or its folder is incomplete,
+    unreadable or not a validated version: a flip to lists serving cannot read would lock
+    the good version out. `force` (with an explicit `to_version` and a reason) re-activates
+    a version rolled back by mistake; the reason is recorded in the history.
     """
     at = naive_utc(now) if now is not None else utc_now()
     where = f"surface={surface} region={region}" + (" (fallback lists)" if fallback else "")
+    if force and (to_version is None or not reason.strip()):
+        raise RollbackRefused(
+            f"cannot force a rollback of {where} without --to VERSION and a --reason: a forced "
+            "rollback re-activates one named version, and the history records why"
+        )
 
     def change(current: Manifest | None) -> Manifest:
         if current is None:
             raise RollbackRefused(
                 f"nothing is published for {where}: there is nothing to roll back"
             )
-        target = _rollback_target(warehouse, current, to_version, where, fallback=fallback)
+        target = _rollback_target(
+            warehouse, current, to_version, where, fallback=fallback, force=force
+        )
         expires = parse_time(target.expires_at)
         if expires is not None and expires < at:
             raise RollbackRefused(
                 f"cannot roll back {where} to {target.version}: it expired at {target.expires_at} "
                 f"(now {iso(at)}); serving would treat it as stale. Publish a fresh version instead"
             )
-        report = read_version_report(warehouse, target.path)
-        if report is None or not report.get("validation", {}).get("passed"):
-            raise RollbackRefused(
-                f"cannot roll back {where} to {target.version}: its folder {target.path} is "
-                "missing or not a validated version"
-            )
-        note = f"rolled back from {current.active_version}" + (f": {reason}" if reason else "")
+        report = _verified_report(warehouse, target, where)
+        forced = " (forced)" if force and target.status in (ROLLED_BACK, INVALID) else ""
+        note = f"rolled back from {current.active_version}{forced}" + (
+            f": {reason}" if reason else ""
+        )
         history = [replace(entry) for entry in current.history]
         for entry in history:
             if entry.version == current.active_version:
@@ -302,6 +349,31 @@ def rollback(
     return update_manifest(warehouse, surface, region, change, fallback=fallback)
 
 
+def _verified_report(warehouse: Warehouse, target: HistoryEntry, where: str) -> dict[str, Any]:
+    """The target's validation report, once its lists are known to be readable by serving."""
+    refused = f"cannot roll back {where} to {target.version}: its folder {target.path}"
+    try:
+        report = read_version_report(warehouse, target.path)
+    except (ValueError, UnicodeDecodeError):
+        raise RollbackRefused(f"{refused} has an unreadable {VALIDATION_FILE}") from None
+    if not isinstance(report, dict) or not isinstance(report.get("validation"), dict):
+        raise RollbackRefused(f"{refused} is missing or not a validated version")
+    if not report["validation"].get("passed") or report.get("version") != target.version:
+        raise RollbackRefused(f"{refused} is not a validated version of {target.version}")
+    lists = f"{target.path}/{LISTS_FILE}"
+    try:
+        schema = warehouse.dataset(lists).schema
+        warehouse.read_arrow(lists, columns=_VERIFIED_COLUMNS)
+    except FileNotFoundError:
+        raise RollbackRefused(f"{refused} has no {LISTS_FILE}") from None
+    except (pa.ArrowException, OSError, ValueError) as error:
+        raise RollbackRefused(f"{refused} has an unreadable {LISTS_FILE} ({error})") from None
+    missing = [column for column in LIST_COLUMNS if column not in schema.names]
+    if missing:
+        raise RollbackRefused(f"{refused}: {LISTS_FILE} lacks columns {missing}")
+    return report
+
+
 def _rollback_target(
     warehouse: Warehouse,
     manifest: Manifest,
@@ -309,6 +381,7 @@ def _rollback_target(
     where: str,
     *,
     fallback: bool,
+    force: bool,
 ) -> HistoryEntry:
     retained = ", ".join(f"{entry.version} ({entry.status})" for entry in manifest.history)
     if to_version is None:
@@ -336,10 +409,12 @@ def _rollback_target(
         raise RollbackRefused(
             f"cannot roll back {where} to {to_version}: not in the retained history ({retained})"
         )
-    if target.status in (ROLLED_BACK, INVALID):
+    if target.status == INVALID or (target.status == ROLLED_BACK and not force):
+        hint = " (or, if it was rolled back by mistake, add --force --reason TEXT)"
         raise RollbackRefused(
             f"cannot roll back {where} to {to_version}: it is marked {target.status} "
             f"({target.reason}); pick another version or publish a fresh one"
+            + (hint if target.status == ROLLED_BACK else "")
         )
     return target
 
@@ -426,8 +501,15 @@ def active_lists(
                 f"{warehouse.uri(manifest_path(surface, region, fallback=fallback))}; "
                 "materialize published_lists (or fallback_lists) for this partition first"
             )
+        lists = f"{manifest.active_path}/{LISTS_FILE}"
         try:
-            return warehouse.read_parquet(f"{manifest.active_path}/{LISTS_FILE}")
+            return warehouse.read_parquet(lists)
+        except pa.ArrowException as error:  # ArrowInvalid and kin: damaged bytes
+            raise WarehouseError(
+                f"the manifest for {where} names {manifest.active_version} but "
+                f"{warehouse.uri(lists)} is unreadable ({error}): roll back with "
+                f"`recsys rollback --surface {surface} --region {region}`"
+            ) from None
         except FileNotFoundError:
             latest = read_manifest(warehouse, surface, region, fallback=fallback)
             if latest is not None and latest.active_version != manifest.active_version:

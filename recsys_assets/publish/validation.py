@@ -16,7 +16,10 @@ import pandas as pd
 
 from recsys_assets.config import SurfaceConfig
 from recsys_assets.config.settings import PublishThresholds
+from recsys_assets.publish.lists import PERSONALIZED_CONTEXT
+from recsys_assets.rules.categories import category_capped
 from recsys_assets.rules.eligibility import TOMBSTONED, UNKNOWN_ITEM, item_rejection_reasons
+from recsys_assets.rules.person import PersonFacts, person_rejection_reasons
 from recsys_assets.rules.tombstones import tombstoned_list_rows
 
 ListKind = Literal["personalized", "fallback"]
@@ -156,13 +159,16 @@ def validate_lists(
     subjects: pd.DataFrame | None = None,
     kind: ListKind = "personalized",
     tombstones: pd.DataFrame | None = None,
+    person: PersonFacts | None = None,
 ) -> ValidationReport:
     """Measure a version's lists (lists.parquet rows) against `limits`.
 
     `items` is the current raw items table; `subjects` (subject_id, tenant_id, actor_role)
     are the partition's eligible subjects, the denominator of coverage (for fallback lists:
     the users they could be served to). An empty version passes only for an empty audience. Fallback lists
-    (`kind="fallback"`) skip coverage, slate policy and score spread.
+    (`kind="fallback"`) skip coverage, slate policy and score spread. With `person` (raw
+    users, interactions, user_controls), personalized rows are also judged by the person
+    rules serving applies (hidden, already consumed, consent).
     """
     now_ts = pd.Timestamp(now)
     checks: list[Check] = []
@@ -235,7 +241,14 @@ def validate_lists(
     )
 
     reasons = rejection_reasons(
-        lists, items, region=region, now=now_ts, subjects=subjects, tombstones=tombstones
+        lists,
+        items,
+        region=region,
+        now=now_ts,
+        subjects=subjects,
+        tombstones=tombstones,
+        surface=surface,
+        person=person if kind == "personalized" else None,
     )
     invalid = reasons.notna().to_numpy()
     invalid_rate = float(invalid.mean()) if len(lists) else 0.0
@@ -409,11 +422,15 @@ def rejection_reasons(
     now: pd.Timestamp,
     subjects: pd.DataFrame | None,
     tombstones: pd.DataFrame | None = None,
+    surface: SurfaceConfig | None = None,
+    person: PersonFacts | None = None,
 ) -> pd.Series:
     """The eligibility reason each list row would be rejected for now (None = eligible).
 
     Tombstones (policy changes not yet reflected in the raw tables) count as serving counts
-    them: an item withdrawn in the region, or from one person, is `tombstoned`.
+    them: an item withdrawn in the region, or from one person, is `tombstoned`. With
+    `surface` and `person`, the person rules (`rules/person.py`) judge the rows of
+    personalized lists the way serving's final check does.
     """
     reasons = pd.Series(None, index=lists.index, dtype=object, name="rejection_reason")
     if lists.empty:
@@ -437,6 +454,14 @@ def rejection_reasons(
     if tombstones is not None and not tombstones.empty:
         withdrawn = tombstoned_list_rows(lists, items, tombstones, region=region, now=now)
         reasons[withdrawn & reasons.isna().to_numpy()] = TOMBSTONED
+    if surface is not None and person is not None:
+        personal = (lists["context_key"] == PERSONALIZED_CONTEXT).to_numpy()
+        found = person_rejection_reasons(
+            lists.loc[personal], surface=surface, facts=person, items=items
+        )
+        open_rows = reasons.isna().to_numpy() & personal
+        reasons[open_rows] = found.reindex(lists.index)[open_rows].to_numpy()
+        reasons = reasons.where(reasons.notna(), None)
     return reasons
 
 
@@ -465,8 +490,9 @@ def _policy_violations(
             .astype(bool),
         }
     )
+    categorised = rows[category_capped(rows["category"])]
     rules = {
-        "max_per_category": rows.groupby(["list_id", "category"])
+        "max_per_category": categorised.groupby(["list_id", "category"])
         .size()
         .gt(policy.max_per_category),
         "max_per_creator": rows.groupby(["list_id", "creator_id"])

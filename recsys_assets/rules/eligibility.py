@@ -282,6 +282,8 @@ class ItemStateArrays:
         for the actor, exactly as `item_rejection_reasons` does with subject_tenant/role.
         """
         known = positions >= 0
+        if len(self.item_ids) == 0:  # no item state (raw snapshot missing): nothing is known
+            return np.full(len(positions), CODE_BY_REASON[UNKNOWN_ITEM], dtype=np.int8)
         safe = np.where(known, positions, 0)
         if actor_tenant is None and actor_role is None:
             codes = self.consumer_codes[region][safe]

@@ -44,6 +44,7 @@ TOMBSTONE_COLUMNS: dict[str, str] = {
 }
 _TARGETS = ("item_id", "user_id", "creator_id", "tenant_id")
 _CHANGE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]{0,199}$")
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 
 def tombstone_path(change_id: str) -> str:
@@ -98,6 +99,16 @@ def write_tombstones(
         )
     if "type" not in frame or frame["type"].isna().any():
         raise ValueError(f"policy change {change_id!r}: every tombstone needs a type")
+    for column in ("item_id", "user_id"):
+        out_of_range = [
+            value
+            for value in (frame[column].dropna() if column in frame else [])
+            if isinstance(value, int) and not _INT64_MIN <= value <= _INT64_MAX
+        ]
+        if out_of_range:  # int64 storage: such an id names nothing and would overflow
+            raise ValueError(
+                f"policy change {change_id!r}: {column} {out_of_range[:5]} out of the int64 range"
+            )
     present = [column for column in _TARGETS if column in frame]
     untargeted = frame[present].isna().all(axis=1) if present else pd.Series(True, frame.index)
     if untargeted.any():

@@ -4,8 +4,9 @@ The recommendation endpoint is `async` and answers with JSON it serializes itsel
 fill is CPU-only microseconds, so a thread hop or response-model re-validation would cost
 more than the work. The pydantic models still document the response in OpenAPI. Events
 do storage I/O, so that endpoint runs in the thread pool. Every client mistake is a 4xx
-with a message saying what to change; a body over `max_body_bytes` is refused before
-it is parsed.
+with a message saying what to change (ids must fit int64, as every table stores them); a
+body over `max_body_bytes` is refused before it is parsed, a request without the right
+bearer token before its body is validated (`serving/auth.py`).
 """
 
 from __future__ import annotations
@@ -15,17 +16,26 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from recsys_assets.serving.auth import (
+    ADMIN,
+    EVENTS_WRITE,
+    RECOMMENDATIONS_READ,
+    TOKENS_ENV_VAR,
+    ApiTokens,
+    allows,
+)
 from recsys_assets.serving.service import SERVED_FROM, RecommendationService, ServingRequestError
-from recsys_assets.serving.state import EVENT_TYPES, InvalidEvent, ServingEvent
+from recsys_assets.serving.state import EVENT_TYPES, INT64_MAX, InvalidEvent, ServingEvent
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +76,8 @@ class EventIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal[EVENT_TYPES]  # type: ignore[valid-type]
-    user_id: int = Field(ge=0)
-    item_id: int | None = Field(None, ge=0)
+    user_id: int = Field(ge=0, le=INT64_MAX)
+    item_id: int | None = Field(None, ge=0, le=INT64_MAX)
     creator_id: str | None = Field(None, min_length=1, max_length=200)
     category: str | None = Field(None, min_length=1, max_length=200)
     surface: str | None = Field(None, max_length=100)
@@ -151,13 +161,62 @@ def _describe(errors: list[dict[str, Any]]) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
+_bearer = HTTPBearer(auto_error=False)
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+class RequireScope:
+    """A dependency that returns the caller's scopes, or answers 401 / 403.
+
+    The tokens are the app's (`app.state.tokens`). Without configured tokens, a read is
+    open and a write is refused.
+    """
+
+    def __init__(self, scope: str, *, open_when_unconfigured: bool) -> None:
+        self.scope = scope
+        self.open_when_unconfigured = open_when_unconfigured
+
+    async def __call__(self, request: Request, credentials: Credentials) -> frozenset[str]:
+        tokens: ApiTokens = request.app.state.tokens
+        if not tokens.configured:
+            if self.open_when_unconfigured:
+                return frozenset()
+            raise HTTPException(
+                401,
+                f"writes need a bearer token and none is configured: set {TOKENS_ENV_VAR}",
+                headers=_CHALLENGE,
+            )
+        if credentials is None:
+            raise HTTPException(
+                401, "missing bearer token: send 'Authorization: Bearer TOKEN'", headers=_CHALLENGE
+            )
+        scopes = tokens.scopes_of(credentials.credentials)
+        if scopes is None:
+            raise HTTPException(401, "unknown bearer token", headers=_CHALLENGE)
+        if not allows(scopes, self.scope):
+            raise HTTPException(403, f"this token lacks the {self.scope!r} scope")
+        return scopes
+
+
+read_access = RequireScope(RECOMMENDATIONS_READ, open_when_unconfigured=True)
+write_access = RequireScope(EVENTS_WRITE, open_when_unconfigured=False)
+WriteScopes = Annotated[frozenset[str], Depends(write_access)]
+
+
 def create_app(
     service: RecommendationService | None = None,
     *,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    tokens: ApiTokens | None = None,
+    metrics_public: bool = False,
 ) -> FastAPI:
     """The serving app. Without `service`, one is built from the environment and the app
-    owns it: started with the app, closed (decision log flushed) at shutdown."""
+    owns it: started with the app, closed (decision log flushed) at shutdown.
+
+    `tokens` (default: not configured, the development default) decide who may call what;
+    `metrics_public` opens /metrics without a token.
+    """
     owned = service is None
     serving = service or RecommendationService()
 
@@ -178,6 +237,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.service = serving
+    app.state.tokens = tokens or ApiTokens.unconfigured()
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
@@ -190,7 +250,11 @@ def create_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"error": str(error.detail)}, status_code=error.status_code)
+        return JSONResponse(
+            {"error": str(error.detail)},
+            status_code=error.status_code,
+            headers=getattr(error, "headers", None),
+        )
 
     @app.exception_handler(ServingRequestError)
     async def bad_request(request: Request, error: ServingRequestError) -> JSONResponse:
@@ -201,7 +265,7 @@ def create_app(
         return JSONResponse({"error": f"invalid event: {error}"}, status_code=422)
 
     errors: dict[int | str, dict[str, Any]] = {
-        code: {"model": ErrorOut} for code in (404, 413, 422)
+        code: {"model": ErrorOut} for code in (401, 403, 404, 413, 422)
     }
 
     @app.get(
@@ -209,10 +273,11 @@ def create_app(
         response_model=RecommendationOut,
         responses=errors,
         summary="Recommendations for one subject on one surface",
+        dependencies=[Depends(read_access)],
     )
     async def recommendations(
         surface: str,
-        subject_id: int = Query(..., ge=0, description="user_id of the recipient"),
+        subject_id: int = Query(..., ge=0, le=INT64_MAX, description="user_id of the recipient"),
         region: str = Query(..., min_length=1, max_length=100),
         limit: int | None = Query(None, ge=1, description="at most the surface's display_count"),
     ) -> Response:
@@ -229,7 +294,12 @@ def create_app(
         responses={**errors, 503: {"model": ErrorOut}},
         summary="Report a hide, exposure, purchase or consent change",
     )
-    def events(event: EventIn) -> Any:
+    def events(event: EventIn, scopes: WriteScopes) -> Any:
+        if event.type == "consent_granted" and not allows(scopes, ADMIN):
+            return JSONResponse(
+                {"error": "a consent_granted event needs a token with the 'admin' scope"},
+                status_code=403,
+            )
         try:
             path = serving.record_events([ServingEvent(**event.model_dump())])
         except InvalidEvent:
@@ -242,12 +312,18 @@ def create_app(
             )
         return EventAccepted(accepted=1, path=path)
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics",
+        response_class=Response,
+        dependencies=[] if metrics_public else [Depends(read_access)],
+    )
     async def metrics() -> Response:
         return Response(serving.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/healthz", summary="Liveness")
-    async def healthz() -> Response:
-        return Response(b'{"status":"ok"}', media_type="application/json")
+    @app.get("/healthz", summary="Readiness: 503 with the reasons when requests cannot be answered")
+    async def healthz() -> JSONResponse:
+        ready, detail = serving.health()
+        return JSONResponse(detail, status_code=200 if ready else 503)
 
     return app

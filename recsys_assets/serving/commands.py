@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from recsys_assets.serving.auth import ApiTokens
 from recsys_assets.serving.service import RecommendationService
 from recsys_assets.warehouse import Warehouse
 
@@ -27,13 +28,20 @@ def register(subparsers: Any) -> None:
         "serve",
         help="run the HTTP API (FastAPI under uvicorn)",
         description="Serve GET /v1/recommendations/{surface}, POST /v1/events, /metrics, "
-        "/healthz and the OpenAPI docs at /docs.",
+        "/healthz and the OpenAPI docs at /docs. Bearer tokens come from RECSYS_API_TOKENS "
+        "(TOKEN:SCOPE[+SCOPE],... with scopes events:write, recommendations:read, admin); "
+        "without it every write is refused and reads are open (development default).",
     )
     serve.add_argument(
         "--host", default="127.0.0.1", help="interface to bind (default: %(default)s)"
     )
     serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.add_argument(
+        "--metrics-public",
+        action="store_true",
+        help="serve /metrics without a token (default: it needs recommendations:read)",
+    )
     serve.set_defaults(handler=_serve)
 
 
@@ -56,8 +64,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     from recsys_assets.serving.api import create_app
 
+    tokens = ApiTokens.from_env()  # a malformed RECSYS_API_TOKENS stops here, naming the entry
     uvicorn.run(
-        create_app(),
+        create_app(tokens=tokens, metrics_public=args.metrics_public),
         host=args.host,
         port=args.port,
         access_log=args.access_log,

@@ -5,7 +5,9 @@ costs a fill well under a microsecond. A background thread writes
 `serving/decision_log/date=YYYY-MM-DD/<uuid>.parquet` every `flush_interval_s` or as soon as
 `max_rows` responses wait; `close()` writes what is left. If the warehouse is down the
 rows wait for the next flush, up to `max_pending` of them; beyond that the oldest are
-dropped and counted, so a storage outage cannot exhaust memory.
+dropped and counted, so a storage outage cannot exhaust memory. A record that cannot be
+turned into a row (it should never happen: requests are validated first) is isolated and
+dropped alone, so one bad record can never stop the log.
 """
 
 from __future__ import annotations
@@ -110,11 +112,17 @@ class DecisionLog:
         self.max_pending = max_pending
         self.dropped = 0
         self.written = 0
+        self.write_failures = 0
+        self.rejected = 0
         self._pending: deque[DecisionRecord] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._flush_lock = threading.Lock()
         self._thread: threading.Thread | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
 
     def append(self, record: DecisionRecord) -> None:
         self._pending.append(record)
@@ -153,10 +161,14 @@ class DecisionLog:
             for day, records in sorted(by_day.items()):
                 date = str(pa.scalar(day * _DAY_NS, pa.timestamp("ns")).as_py().date())
                 path = f"{DECISION_LOG_PREFIX}/date={date}/{uuid.uuid4().hex}.parquet"
+                table = self._convertible(records)
+                if table is None:
+                    continue
                 try:
-                    self.warehouse.write_parquet(path, records_table(records))
-                    written += len(records)
-                except Exception as error:  # keep the rows for the next flush
+                    self.warehouse.write_parquet(path, table)
+                    written += table.num_rows
+                except Exception as error:  # storage: keep the rows for the next flush
+                    self.write_failures += 1
                     log.warning("decision log: cannot write %s: %s", path, error)
                     self._pending.extendleft(reversed(records))
             overflow = len(self._pending) - self.max_pending
@@ -165,6 +177,25 @@ class DecisionLog:
                 self.dropped += 1
             self.written += written
             return written
+
+    def _convertible(self, records: list[DecisionRecord]) -> pa.Table | None:
+        """The rows of `records` that convert; a record that cannot is isolated by halving
+        the batch, logged, counted in `rejected` and dropped, so it cannot wedge the log."""
+        try:
+            return records_table(records)
+        except Exception as error:
+            if len(records) == 1:
+                self.rejected += 1
+                log.error(
+                    "decision log: dropping unwritable record %s: %s",
+                    records[0].recommendation.request_id,
+                    error,
+                )
+                return None
+        middle = len(records) // 2
+        parts = [self._convertible(records[:middle]), self._convertible(records[middle:])]
+        tables = [part for part in parts if part is not None]
+        return pa.concat_tables(tables) if tables else None
 
     def close(self) -> None:
         """Stop the writer thread and write what is left."""

@@ -80,8 +80,8 @@ def final_reason_codes(
     personal: dict[int, int] = {}  # item index -> first personal reason
 
     def mark(indexes: list[int], code: int) -> None:
-        for index in indexes:
-            personal.setdefault(index, code)
+        for index in indexes:  # the first reason in REJECTION_REASONS order wins
+            personal[index] = min(personal.get(index, code), code)
 
     item_rules = (
         (filters.tombstoned_items, _TOMBSTONED),

@@ -9,9 +9,15 @@ Labelled children are cached: `labels()` takes a lock and a dict lookup per call
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from recsys_assets.serving.decision_log import DecisionLog
 
 _PARTITION = ["surface", "region", "model_version"]
 LATENCY_BUCKETS = (
@@ -134,5 +140,43 @@ class ServingMetrics:
         for (surface, region, kind), version in versions.items():
             self.active_versions.labels(surface, region, kind, version).set(1)
 
+    def watch_decision_log(self, decision_log: DecisionLog) -> None:
+        """Export the decision log's own counts (it keeps plain ints: no lock on append)."""
+        self.registry.register(_DecisionLogCollector(decision_log))
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _DecisionLogCollector(Collector):
+    """Decision-log counts read at scrape time: written, failed, dropped, waiting."""
+
+    def __init__(self, decision_log: DecisionLog) -> None:
+        self.decision_log = decision_log
+
+    def collect(self) -> Iterator[Metric]:
+        log = self.decision_log
+        failures = CounterMetricFamily(
+            "recsys_serving_decision_log_write_failures",
+            "Decision-log writes that failed: storage (file not written, rows kept and "
+            "retried) or bad_record (a record that cannot be written, isolated and dropped)",
+            labels=["cause"],
+        )
+        failures.add_metric(["storage"], log.write_failures)
+        failures.add_metric(["bad_record"], log.rejected)
+        yield failures
+        yield CounterMetricFamily(
+            "recsys_serving_decision_log_rows_written",
+            "Decision-log rows written to the warehouse",
+            value=log.written,
+        )
+        yield CounterMetricFamily(
+            "recsys_serving_decision_log_rows_dropped",
+            "Decision-log rows dropped because more than max_pending were waiting",
+            value=log.dropped,
+        )
+        yield GaugeMetricFamily(
+            "recsys_serving_decision_log_pending",
+            "Decision-log rows waiting for the next flush",
+            value=log.pending,
+        )

@@ -21,12 +21,13 @@ from typing import Any
 
 from recsys_assets.config import Settings, SurfaceConfig, load_settings
 from recsys_assets.rules.eligibility import CODE_BY_REASON, CONSENT_REVOKED
+from recsys_assets.rules.person import CONSENT, EMAIL, PUSH, person_requirements
 from recsys_assets.serving.decision_log import DecisionLog, DecisionRecord
 from recsys_assets.serving.fill import Fill, RecommendedItem
 from recsys_assets.serving.final_check import final_reason_codes
 from recsys_assets.serving.metrics import ServingMetrics
-from recsys_assets.serving.state import OnlineState, ServingEvent, Subject
-from recsys_assets.serving.store import ListStore, PublishedVersion
+from recsys_assets.serving.state import INT64_MAX, OnlineState, ServingEvent, Subject
+from recsys_assets.serving.store import STORE_OK, ListStore, PublishedVersion
 from recsys_assets.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ STALE_BEYOND_BOUND = "stale_beyond_bound"
 ALL_REJECTED = "all_rejected"
 NOTHING_QUALIFIED = "nothing_qualified"
 TOP_UP = "top_up"
+STATE_UNAVAILABLE = "state_unavailable"
 
 POPULAR_BY_REGION = "popular_by_region"
 NEW_USER_DEFAULT = "new_user_default"
@@ -68,6 +70,10 @@ class UnknownRegion(ServingRequestError):
 
 
 class InvalidLimit(ServingRequestError):
+    status_code = 422
+
+
+class InvalidSubject(ServingRequestError):
     status_code = 422
 
 
@@ -122,15 +128,16 @@ class SurfacePolicy:
     @classmethod
     def of(cls, surface: SurfaceConfig) -> SurfacePolicy:
         requires = set(surface.eligibility.requires)
+        person = person_requirements(surface)
         return cls(
             name=surface.name,
             display_count=surface.display_count,
             stale_mode=surface.stale_policy.mode,
             max_stale_ns=int(surface.stale_policy.max_stale.total_seconds() * _NS),
             frequency_cap=surface.channel_rules.frequency_cap_per_day,
-            requires_consent="consent_personalization" in requires,
-            requires_email="email_subscribed" in requires,
-            requires_push="push_enabled" in requires,
+            requires_consent=CONSENT in person,
+            requires_email=EMAIL in person,
+            requires_push=PUSH in person,
             enterprise="tenant_actor" in requires,
         )
 
@@ -171,6 +178,7 @@ class RecommendationService:
         self.state = OnlineState(self.warehouse, self.settings, clock=clock)
         self.metrics = metrics or ServingMetrics()
         self.decision_log = decision_log or DecisionLog(self.warehouse)
+        self.metrics.watch_decision_log(self.decision_log)
         self.poll_interval_s = poll_interval_s or self.settings.serving.manifest_poll_interval_s
         self.policies = {name: SurfacePolicy.of(s) for name, s in self.settings.surfaces.items()}
         self.regions = frozenset(self.settings.regions)
@@ -271,6 +279,50 @@ class RecommendationService:
             )
         return limit
 
+    @staticmethod
+    def check_subject(subject_id: int) -> None:
+        """Raise InvalidSubject unless `subject_id` is a user id (an int64, >= 0)."""
+        if isinstance(subject_id, bool) or not isinstance(subject_id, int):
+            raise InvalidSubject(f"subject_id must be an integer, got {subject_id!r}")
+        if not 0 <= subject_id <= INT64_MAX:
+            raise InvalidSubject(f"subject_id must be in 0..{INT64_MAX}, got {subject_id}")
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, detail): ready when requests can be answered with a final check.
+
+        Not ready before the first load and while there is no item state (no raw snapshot
+        was ever readable): every item would be refused. A missing manifest or a raw
+        snapshot that vanished after loading is reported but keeps serving what is loaded.
+        """
+        reasons = []
+        if not self._loaded:
+            reasons.append("not started: lists and state are not loaded yet")
+        if not self.state.ready:
+            reasons.append(self.state.problem or "no item state loaded")
+        warnings = [self.state.problem] if self.state.ready and self.state.problem else []
+        partitions: dict[str, dict[str, Any]] = {}
+        for (surface, region), lists in sorted(self.store.partitions().items()):
+            entry = {}
+            for kind, version, status in (
+                ("lists", lists.personalized, lists.personalized_status),
+                ("fallback", lists.fallback, lists.fallback_status),
+            ):
+                entry[kind] = {"version": version.version if version else None, "status": status}
+                if version is not None and status != STORE_OK:
+                    warnings.append(
+                        f"{surface}/{region} {kind}: {status}, serving loaded version "
+                        f"{version.version}"
+                    )
+            partitions[f"{surface}/{region}"] = entry
+        detail = {
+            "status": "ok" if not reasons else "not_ready",
+            "reasons": reasons,
+            "warnings": warnings,
+            "snapshot_id": self.state.snapshot_id,
+            "partitions": partitions,
+        }
+        return not reasons, detail
+
     def recommend(
         self,
         subject_id: int,
@@ -282,6 +334,7 @@ class RecommendationService:
     ) -> Recommendation:
         """The subject's recommendations on `surface` in `region`, checked and filled."""
         started = time.perf_counter()
+        self.check_subject(subject_id)
         want = self.check_request(surface, region, limit)
         policy = self.policies[surface]
         now_ns = self.clock()
@@ -312,13 +365,20 @@ class RecommendationService:
         )
         top_up_keys = tenant_key if policy.enterprise else [POPULAR_BY_REGION]
         fallback_keys = top_up_keys if policy.enterprise else [NEW_USER_DEFAULT, POPULAR_BY_REGION]
-        if not subject.known and policy.messaging:
+        if not state.ready:  # nothing can be checked: never serve blindly
+            cause, fallback_keys = STATE_UNAVAILABLE, []
+        elif not subject.known and policy.messaging:
             cause, fallback_keys = UNKNOWN_SUBJECT, []
         elif subject.known and not self._consented(policy, subject):
             cause = CONSENT_REVOKED
             if version is not None and list_index >= 0:
                 fill.reject_all(version, list_index, _CONSENT_REVOKED_CODE)
-            fallback_keys = [] if policy.messaging else [POPULAR_BY_REGION, NEW_USER_DEFAULT]
+            if policy.messaging:
+                fallback_keys = []
+            elif policy.enterprise:  # the tenant's default actions are not personal
+                fallback_keys = top_up_keys
+            else:
+                fallback_keys = [POPULAR_BY_REGION, NEW_USER_DEFAULT]
         elif version is None:
             cause = lists.personalized_status
         elif list_index < 0:

@@ -25,6 +25,12 @@ import pandas as pd
 from recsys_assets.config import Settings
 from recsys_assets.data.snapshot import RawDataMissing, read_raw, read_snapshot
 from recsys_assets.rules.eligibility import TOMBSTONED, ItemStateArrays
+from recsys_assets.rules.person import (
+    CONSUMED_EVENTS,
+    blocks_consumed,
+    consumed_mask,
+    latest_controls,
+)
 from recsys_assets.rules.tombstones import (
     PersonTombstones,
     empty_tombstones,
@@ -50,6 +56,9 @@ EVENT_TYPES = (
 )
 _ITEM_EVENTS = ("hide_item", "exposure", "purchase")
 FREQUENCY_WINDOW_NS = 24 * 3600 * 1_000_000_000
+INT64_MAX = int(np.iinfo(np.int64).max)
+"""Ids are int64 everywhere (raw tables, lists, logs): a larger one is a client error."""
+_FUTURE_SLACK_NS = 5 * 60 * 1_000_000_000
 EVENT_COLUMNS = [
     "event_id",
     "type",
@@ -89,9 +98,14 @@ class ServingEvent:
     ts: datetime | None = None
 
     def check(self, settings: Settings, *, now_ns: int) -> None:
-        """Raise InvalidEvent unless the event names what its type needs."""
+        """Raise InvalidEvent unless the event names what its type needs, with storable values."""
         if self.type not in EVENT_TYPES:
             raise InvalidEvent(f"type {self.type!r} is not one of {list(EVENT_TYPES)}")
+        for name, value in (("user_id", self.user_id), ("item_id", self.item_id)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= INT64_MAX
+            ):
+                raise InvalidEvent(f"{name} must be an integer in 0..{INT64_MAX}, got {value!r}")
         if self.type in _ITEM_EVENTS and self.item_id is None:
             raise InvalidEvent(f"a {self.type} event needs item_id")
         if self.type == "hide_creator" and not self.creator_id:
@@ -108,8 +122,13 @@ class ServingEvent:
             raise InvalidEvent(
                 f"unknown region {self.region!r}; configured regions: {list(settings.regions)}"
             )
-        if self.ts is not None and naive_utc_ns(self.ts) > now_ns + 5 * 60 * 1_000_000_000:
-            raise InvalidEvent(f"ts {self.ts} is in the future; send UTC timestamps")
+        if self.ts is not None:
+            try:
+                ts_ns = naive_utc_ns(self.ts)
+            except (OverflowError, ValueError) as error:  # outside datetime64[ns]: 1677..2262
+                raise InvalidEvent(f"ts {self.ts} is out of range ({error})") from error
+            if ts_ns > now_ns + _FUTURE_SLACK_NS:
+                raise InvalidEvent(f"ts {self.ts} is in the future; send UTC timestamps")
 
 
 class Catalog:
@@ -222,6 +241,23 @@ class PersonalState:
         elif user_id in sets:
             sets[user_id].discard(target)
 
+    @classmethod
+    def from_frames(cls, user_controls: pd.DataFrame, interactions: pd.DataFrame) -> PersonalState:
+        """Hides and consumed items from the raw tables, by the person rules."""
+        personal = cls()
+        for row in latest_controls(user_controls).itertuples(index=False):
+            personal.control(
+                int(row.user_id),
+                row.target_type,
+                str(row.target_id),
+                naive_utc_ns(row.ts),
+                row.action == "hide",
+            )
+        consumed = interactions[consumed_mask(interactions)]
+        for user_id, item_ids in consumed.groupby("user_id")["item_id"]:
+            personal.consumed[int(user_id)] = set(item_ids.astype(int).tolist())
+        return personal
+
     def set_consent(self, user_id: int, ts_ns: int, granted: bool) -> None:
         previous = self.consent.get(user_id)
         if previous is None or previous[0] <= ts_ns:
@@ -259,11 +295,18 @@ class OnlineState:
             for name, surface in settings.surfaces.items()
             if surface.channel_rules.frequency_cap_per_day > 0
         }
+        self.consumed_blocked = frozenset(
+            name for name, surface in settings.surfaces.items() if blocks_consumed(surface)
+        )
         self.catalog = Catalog.build(_no_items(), empty_tombstones(), settings.regions, _now(clock))
         self.users = UserDirectory(_no_users())
         self.personal = PersonalState()
         self.persons = PersonTombstones()
         self.snapshot_id: str | None = None
+        self.ready = False
+        """True once item and user state were loaded: without them nothing can be checked."""
+        self.problem: str | None = None
+        """Why the state is missing or may be out of date (for /healthz), or None."""
         self._items = _no_items()
         self._tombstone_files: tuple[str, ...] = ()
         self._next_tombstone_ns: int | None = None
@@ -305,7 +348,7 @@ class OnlineState:
             personal.hidden_items.get(user_id),
             personal.hidden_creators.get(user_id),
             personal.hidden_categories.get(user_id),
-            personal.consumed.get(user_id),
+            personal.consumed.get(user_id) if surface in self.consumed_blocked else None,
             personal.exposures.get((user_id, surface)) if surface in self.capped_surfaces else None,
         )
         if (
@@ -323,16 +366,30 @@ class OnlineState:
     # -- loading and syncing ----------------------------------------------------------------
 
     def load(self) -> None:
-        """Rebuild everything from the raw snapshot, tombstones and all serving events."""
+        """Rebuild everything from the raw snapshot, tombstones and all serving events.
+
+        If the raw data cannot be read, the state loaded before stays (degraded, reported
+        in `problem`); with nothing loaded yet, every item is unknown and `ready` is False.
+        """
         with self._lock:
             try:
                 snapshot = read_snapshot(self.warehouse)
                 items = read_raw(self.warehouse, "items")
                 users = read_raw(self.warehouse, "users")
                 personal = self._personal_from_raw()
-            except RawDataMissing as missing:
-                log.warning("serving without raw data (every item is unknown): %s", missing)
+            except Exception as error:  # missing or unreadable: never drop a loaded state
+                if self.ready:
+                    self.problem = (
+                        f"cannot reload raw data ({error}); serving the state of snapshot "
+                        f"{self.snapshot_id}"
+                    )
+                    log.warning("serving: %s", self.problem)
+                    return
+                self.problem = f"no item state, every item is refused: {error}"
+                log.warning("serving: %s", self.problem)
                 snapshot, items, users, personal = {}, _no_items(), _no_users(), PersonalState()
+            else:
+                self.ready, self.problem = True, None
             self._items = items
             self.users = UserDirectory(users)
             self.personal = personal
@@ -346,8 +403,13 @@ class OnlineState:
         with self._lock:
             try:
                 snapshot_id = read_snapshot(self.warehouse).get("snapshot_id")
-            except RawDataMissing:
-                snapshot_id = None
+            except RawDataMissing as missing:
+                snapshot_id = self.snapshot_id  # keep the loaded state (if any)
+                if self.ready:
+                    self.problem = f"{missing}; serving the state of snapshot {snapshot_id}"
+            else:
+                if snapshot_id == self.snapshot_id and self.ready:
+                    self.problem = None  # the snapshot we serve from is back
             if snapshot_id != self.snapshot_id:
                 self.load()
                 return True
@@ -364,22 +426,10 @@ class OnlineState:
             return changed
 
     def _personal_from_raw(self) -> PersonalState:
-        personal = PersonalState()
-        controls = read_raw(self.warehouse, "user_controls").sort_values("ts", kind="stable")
-        for row in controls.itertuples(index=False):
-            personal.control(
-                int(row.user_id),
-                row.target_type,
-                str(row.target_id),
-                naive_utc_ns(row.ts),
-                row.action == "hide",
-            )
-        interactions = read_raw(
-            self.warehouse, "interactions", columns=["user_id", "item_id", "event_type"]
+        personal = PersonalState.from_frames(
+            read_raw(self.warehouse, "user_controls"),
+            read_raw(self.warehouse, "interactions", columns=["user_id", "item_id", "event_type"]),
         )
-        purchases = interactions[interactions["event_type"] == "purchase"]
-        for user_id, item_ids in purchases.groupby("user_id")["item_id"]:
-            personal.consumed[int(user_id)] = set(item_ids.astype(int).tolist())
         if self.capped_surfaces:
             exposures = read_raw(self.warehouse, "exposures")
             cutoff = pd.Timestamp(_now(self.clock)) - pd.Timedelta(FREQUENCY_WINDOW_NS, "ns")
@@ -461,7 +511,7 @@ class OnlineState:
             personal.control(user_id, "creator", creator_id, ts_ns, True)
         elif event_type == "hide_category" and category is not None:
             personal.control(user_id, "category", category, ts_ns, True)
-        elif event_type == "purchase" and item_id is not None:
+        elif event_type in CONSUMED_EVENTS and item_id is not None:
             personal.consumed.setdefault(user_id, set()).add(item_id)
         elif event_type == "exposure" and item_id is not None and surface in self.capped_surfaces:
             personal.expose(user_id, surface, item_id, ts_ns)

@@ -5,6 +5,8 @@ A refresh reads each manifest; when its active version changed, the version's
 lists.parquet is loaded into a `PublishedVersion` (numpy arrays, indexed by subject or by
 fallback context key) and swapped in as one new immutable `PartitionLists` object. A
 request takes that object once, so a publish flip mid-request can never mix two versions.
+A manifest that cannot be read, or that disappeared, never unloads a version: the loaded
+one keeps serving (and /healthz says so) until a readable manifest names another.
 """
 
 from __future__ import annotations
@@ -203,6 +205,10 @@ class ListStore:
     def lists(self, surface: str, region: str) -> PartitionLists:
         return self._partitions.get((surface, region), _EMPTY)
 
+    def partitions(self) -> dict[tuple[str, str], PartitionLists]:
+        """Every partition's current lists (a snapshot of the references)."""
+        return dict(self._partitions)
+
     def refresh(self) -> list[str]:
         """Re-read every manifest; returns what changed (for logs)."""
         changes: list[str] = []
@@ -245,7 +251,14 @@ class ListStore:
         try:
             manifest = _read_manifest(self.warehouse, location)
         except FileNotFoundError:
-            return None, MANIFEST_MISSING
+            if loaded is not None:  # a deleted live manifest: keep serving what we had
+                self.refresh_errors += 1
+                log.warning(
+                    "%s is missing; still serving version %s",
+                    self.warehouse.uri(location),
+                    loaded.version,
+                )
+            return loaded, MANIFEST_MISSING
         except Exception as error:  # storage down or a torn manifest: keep serving what we had
             self.refresh_errors += 1
             log.warning("cannot read %s: %s", self.warehouse.uri(location), error)

@@ -8,7 +8,7 @@ Every object write is atomic for readers: locally the bytes go to a temp file in
 folder and are renamed over the target; on S3 an object becomes visible only when its PUT
 (or multipart upload) completes. Conditional writes (`write_bytes_if`) guard manifests
 against concurrent publishers: on S3 with `If-Match` / `If-None-Match`, locally with an
-exclusive lock file around compare-and-rename.
+exclusive OS file lock (flock) around compare-and-rename.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import contextlib
 import io
 import json
 import os
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,10 +29,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+from filelock import FileLock, Timeout
 
 WAREHOUSE_ENV_VAR = "RECSYS_WAREHOUSE_URL"
 DEFAULT_LOCAL_DIR = ".warehouse"
 _LOCK_TIMEOUT_S = 30.0
+_LOCK_PREFIX = ".lock-"
+"""Lock files stay in place (deleting a flock file would let two holders lock different
+inodes); the prefix keeps them out of listings, like temp files."""
+_HIDDEN_PREFIXES = (".tmp-", _LOCK_PREFIX)
 
 
 class WarehouseError(RuntimeError):
@@ -124,7 +128,7 @@ class Warehouse:
             for entry in entries
             if entry["type"] == "file" and entry["name"].endswith(suffix)
         ]
-        return sorted(name for name in names if not Path(name).name.startswith(".tmp-"))
+        return sorted(name for name in names if not Path(name).name.startswith(_HIDDEN_PREFIXES))
 
     def list_dirs(self, prefix: str) -> list[str]:
         """Names (not paths) of the folders directly under `prefix`, sorted."""
@@ -213,51 +217,20 @@ class Warehouse:
 
     @contextlib.contextmanager
     def _local_lock(self, target: str) -> Iterator[None]:
-        lock = f"{target}.lock"
-        os.makedirs(os.path.dirname(lock), exist_ok=True)
-        deadline = time.monotonic() + _LOCK_TIMEOUT_S
-        while True:
-            # The lock appears with its owner's pid already inside (written to a temp file,
-            # then hard-linked into place), so a holder killed at any point leaves a lock
-            # whose owner can be checked, never an empty one.
-            temp = os.path.join(os.path.dirname(lock), f".tmp-lock-{uuid.uuid4().hex}")
-            with open(temp, "w") as handle:
-                handle.write(str(os.getpid()))
-            try:
-                os.link(temp, lock)
-                break
-            except FileExistsError:
-                if self._lock_is_orphaned(lock):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(lock)
-                    continue
-                if time.monotonic() > deadline:
-                    raise WarehouseError(f"timed out waiting for lock {lock}") from None
-                time.sleep(0.005)
-            finally:
-                os.unlink(temp)
+        """An OS lock (flock) beside `target`: released by the kernel when its holder dies,
+        so a killed publisher never blocks the next one and no waiter has to judge whether
+        a lock is orphaned (two waiters judging at once could free a live holder's lock)."""
+        folder, name = os.path.split(target)
+        os.makedirs(folder, exist_ok=True)
+        lock = FileLock(os.path.join(folder, f"{_LOCK_PREFIX}{name}"), timeout=_LOCK_TIMEOUT_S)
+        try:
+            lock.acquire()
+        except Timeout:
+            raise WarehouseError(f"timed out waiting for lock {lock.lock_file}") from None
         try:
             yield
         finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(lock)
-
-    @staticmethod
-    def _lock_is_orphaned(lock: str) -> bool:
-        """A lock whose holder died (killed mid-publish) must not block publishing forever."""
-        try:
-            pid = int(Path(lock).read_text() or "0")
-        except (FileNotFoundError, ValueError):
-            return False
-        if pid <= 0:
-            return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+            lock.release()
 
     # -- JSON --------------------------------------------------------------------------
 

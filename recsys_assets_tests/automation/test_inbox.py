@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 from recsys_assets.automation.inbox import (
+    ERROR_REPORT_SUFFIX,
     INCOMING,
     PROCESSED,
     QUARANTINE,
@@ -15,7 +17,7 @@ from recsys_assets.config import load_settings
 from recsys_assets.pipeline.partitions import SurfaceRegion
 from recsys_assets.rules.tombstones import load_tombstones
 from recsys_assets.warehouse import Warehouse
-from recsys_assets_tests.automation.helpers import NOW, change, drop_file
+from recsys_assets_tests.automation.helpers import NOW, change, drop_file, write_users
 
 SETTINGS = load_settings()
 EU = {SurfaceRegion(surface, "eu") for surface in SETTINGS.surfaces}
@@ -155,3 +157,87 @@ def test_work_is_bounded_per_tick(local_warehouse: Warehouse) -> None:
     assert [o.file.name for o in tick.outcomes] == ["f0.jsonl", "f1.jsonl"] and tick.waiting == 1
     rest = scan_inbox(local_warehouse, SETTINGS, roundtrip(tick.cursor), now=NOW, max_files=2)
     assert [o.file.name for o in rest.outcomes] == ["f2.jsonl"] and rest.waiting == 0
+
+
+def quarantine_errors(warehouse: Warehouse, name: str) -> list[tuple[int, str]]:
+    report = warehouse.read_json(f"{QUARANTINE}/{name}{ERROR_REPORT_SUFFIX}")
+    return [(error["line"], error["error"]) for error in report["errors"]]
+
+
+def test_an_id_too_large_for_int64_quarantines_its_line_not_the_tick(
+    local_warehouse: Warehouse,
+) -> None:
+    """Regression: `item_ids: [99999999999999999999999]` raised OverflowError on every tick."""
+    drop_file(
+        local_warehouse,
+        "a-huge.jsonl",
+        change("huge", item_ids=[99999999999999999999999]),
+        change("ban-ok", item_ids=[3]),
+    )
+    drop_file(local_warehouse, "b-later.jsonl", change("ban-later", item_ids=[4]))
+    tick = scan_inbox(local_warehouse, SETTINGS, PolicyChangeCursor(), now=NOW)
+
+    assert sorted(load_tombstones(local_warehouse)["item_id"]) == [3, 4]
+    [(line, error)] = quarantine_errors(local_warehouse, "a-huge.jsonl")
+    assert line == 1 and "at most 9223372036854775807" in error
+    scan_inbox(local_warehouse, SETTINGS, roundtrip(tick.cursor), now=NOW)
+    assert local_warehouse.list(INCOMING) == []
+
+
+def test_a_reused_change_id_with_other_content_is_quarantined(local_warehouse: Warehouse) -> None:
+    """Regression: the second `ban-1` (other items) was dropped yet reported as applied."""
+    drop_file(local_warehouse, "a.jsonl", change("ban-1", item_ids=[7]))
+    drop_file(local_warehouse, "b.jsonl", change("ban-1", item_ids=[8]))
+    drop_file(local_warehouse, "c.jsonl", change("ban-1", item_ids=[7]))  # identical re-send
+    tick = scan_inbox(local_warehouse, SETTINGS, PolicyChangeCursor(), now=NOW)
+
+    applied = {outcome.file.name: len(outcome.changes) for outcome in tick.outcomes}
+    assert applied == {"a.jsonl": 1, "b.jsonl": 0, "c.jsonl": 1}
+    [(line, error)] = quarantine_errors(local_warehouse, "b.jsonl")
+    assert line == 1 and "already applied with other content" in error and "item_ids" in error
+    assert list(load_tombstones(local_warehouse)["item_id"]) == [7]
+    assert local_warehouse.list(QUARANTINE) == [
+        f"{QUARANTINE}/b.jsonl",
+        f"{QUARANTINE}/b.jsonl{ERROR_REPORT_SUFFIX}",
+    ]
+
+
+def test_a_reused_change_id_is_caught_for_changes_without_tombstones(
+    local_warehouse: Warehouse,
+) -> None:
+    drop_file(local_warehouse, "a.jsonl", change("price-1", "price_changed", item_ids=[1]))
+    drop_file(local_warehouse, "b.jsonl", change("price-1", "price_changed", item_ids=[2]))
+    scan_inbox(local_warehouse, SETTINGS, PolicyChangeCursor(), now=NOW)
+    [(_, error)] = quarantine_errors(local_warehouse, "b.jsonl")
+    assert "already applied with other content" in error
+
+
+def test_a_file_with_a_utf8_bom_is_applied(local_warehouse: Warehouse) -> None:
+    """Regression: a BOM made line 1 invalid JSON, so the whole file was quarantined."""
+    local_warehouse.write_bytes(
+        f"{INCOMING}/bom.jsonl", b"\xef\xbb\xbf" + json.dumps(change("ban-bom")).encode() + b"\n"
+    )
+    tick = scan_inbox(local_warehouse, SETTINGS, PolicyChangeCursor(), now=NOW)
+    assert [len(outcome.changes) for outcome in tick.outcomes] == [1]
+    assert tick.outcomes[0].errors == []
+
+
+def test_an_unknown_tenant_is_quarantined(local_warehouse: Warehouse) -> None:
+    """Regression: a revocation naming no real tenant was accepted and revoked nothing."""
+    write_users(local_warehouse, {1: ("na", NOW)})
+    users = local_warehouse.read_parquet("raw/users/part-00000.parquet")
+    local_warehouse.write_parquet(
+        "raw/users/part-00000.parquet", users.assign(tenant_id="tenant_acme")
+    )
+    revoke = {"type": "tenant_permission_revoked", "region": "na"}
+    drop_file(
+        local_warehouse,
+        "tenants.jsonl",
+        change("revoke-typo", **revoke, tenant_id="tenant_acme_"),
+        change("revoke-ok", **revoke, tenant_id="tenant_acme"),
+    )
+    tick = scan_inbox(local_warehouse, SETTINGS, PolicyChangeCursor(), now=NOW)
+
+    assert [c.change_id for c in tick.outcomes[0].changes] == ["revoke-ok"]
+    [(line, error)] = quarantine_errors(local_warehouse, "tenants.jsonl")
+    assert line == 1 and "'tenant_acme_' is not a tenant" in error and "tenant_acme" in error

@@ -12,7 +12,7 @@ import pytest
 from recsys_assets.config import ConfigError
 from recsys_assets.publish import RollbackRefused, publish_version, read_manifest
 from recsys_assets.publish.commands import EXPORT_COLUMNS, register
-from recsys_assets.publish.versions import utc_now
+from recsys_assets.publish.versions import manifest_path, utc_now
 from recsys_assets.warehouse import Warehouse
 from recsys_assets_tests.publish.builders import REGION, SURFACE, make_lists, settings
 
@@ -75,3 +75,40 @@ def test_rollback_command(local_warehouse: Warehouse, capsys: pytest.CaptureFixt
     assert "ctr dropped" in manifest.entry(second).reason
     with pytest.raises(RollbackRefused, match="marked rolled_back"):
         _run("rollback", *PARTITION, "--to", second)
+
+
+def test_rollback_to_an_unreadable_version_is_refused_and_changes_nothing(
+    local_warehouse: Warehouse,
+) -> None:
+    """Regression: the flip went through, the good version was marked rolled_back, and
+    serving was left with lists it could not read."""
+    first = _publish_fresh(local_warehouse)
+    second = _publish_fresh(local_warehouse)
+    path = manifest_path(SURFACE, REGION)
+    before = local_warehouse.read_bytes(path)
+    lists = f"{read_manifest(local_warehouse, SURFACE, REGION).entry(first).path}/lists.parquet"
+    local_warehouse.write_bytes(lists, b"PAR1 not really parquet")
+
+    with pytest.raises(RollbackRefused, match=f"{first}.*unreadable lists.parquet"):
+        _run("rollback", *PARTITION, "--to", first)
+    assert local_warehouse.read_bytes(path) == before
+    assert read_manifest(local_warehouse, SURFACE, REGION).active_version == second
+
+
+def test_a_version_rolled_back_by_mistake_can_be_reactivated_with_force(
+    local_warehouse: Warehouse, capsys: pytest.CaptureFixture[str]
+) -> None:
+    first = _publish_fresh(local_warehouse)
+    second = _publish_fresh(local_warehouse)
+    assert _run("rollback", *PARTITION) == 0
+
+    with pytest.raises(RollbackRefused, match="--force --reason"):
+        _run("rollback", *PARTITION, "--to", second)
+    with pytest.raises(RollbackRefused, match="without --to VERSION and a --reason"):
+        _run("rollback", *PARTITION, "--to", second, "--force")
+    assert _run("rollback", *PARTITION, "--to", second, "--force", "--reason", "wrong one") == 0
+    manifest = read_manifest(local_warehouse, SURFACE, REGION)
+    assert manifest.active_version == second
+    assert manifest.entry(second).reason == f"rolled back from {first} (forced): wrong one"
+    assert manifest.entry(first).status == "rolled_back"
+    assert f"active version {second}" in capsys.readouterr().out

@@ -19,6 +19,7 @@ from recsys_assets.publish import (
     read_manifest,
     rollback,
 )
+from recsys_assets.publish.lists import TRACKING_SECRET_ENV_VAR, MissingTrackingSecret
 from recsys_assets.publish.versions import (
     format_version,
     manifest_path,
@@ -157,3 +158,25 @@ def test_retention_and_gc_never_remove_the_active_version(warehouse: Warehouse) 
     assert everything == [in_flight]
     assert warehouse.list_dirs(versions_root(SURFACE, REGION)) == versions[1:]
     assert set(active_lists(warehouse, SURFACE, REGION)["version"]) == {versions[1]}
+
+
+def test_push_lists_are_not_published_without_a_tracking_secret(
+    local_warehouse: Warehouse, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: an unset secret fell back to a key in the source code (a warning only)."""
+    monkeypatch.delenv(TRACKING_SECRET_ENV_VAR)
+    lists, items, subjects = make_lists()
+    with pytest.raises(MissingTrackingSecret, match=f"{TRACKING_SECRET_ENV_VAR} is not set"):
+        publish_version(
+            local_warehouse, settings(), SURFACE, REGION, lists, items=items, subjects=subjects,
+            now=later(1),
+        )  # fmt: skip
+    assert read_manifest(local_warehouse, SURFACE, REGION) is None
+    assert local_warehouse.list_dirs(versions_root(SURFACE, REGION)) == []
+
+    monkeypatch.setenv(TRACKING_SECRET_ENV_VAR, "configured")
+    outcome = publish_version(
+        local_warehouse, settings(), SURFACE, REGION, lists, items=items, subjects=subjects,
+        now=later(1),
+    )  # fmt: skip
+    assert outcome.published, outcome.failures

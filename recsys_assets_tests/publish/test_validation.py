@@ -10,6 +10,7 @@ import pytest
 
 from recsys_assets.publish.lists import finalize_lists
 from recsys_assets.publish.validation import GateLimits, ValidationReport, validate_lists
+from recsys_assets.rules.categories import UNKNOWN_CATEGORY
 from recsys_assets_tests.publish.builders import NOW, REGION, SURFACE, later, make_lists, settings
 
 
@@ -102,3 +103,12 @@ def test_lists_where_every_item_is_now_invalid_are_empty() -> None:
     report = _validate(lists, items, subjects)
     assert report.metrics["empty_lists"] >= 1
     assert "empty_list_rate" in _failed(report)
+
+
+def test_the_category_cap_ignores_uncategorised_items() -> None:
+    """Like the slate policy: the importer's 'unknown' is not one category to cap."""
+    lists, items, subjects = make_lists()
+    items["category"] = UNKNOWN_CATEGORY  # push: max 2 per category
+    assert _validate(lists, items, subjects).policy_violations_by_rule["max_per_category"] == 0
+    items["category"] = "one"
+    assert _validate(lists, items, subjects).policy_violations_by_rule["max_per_category"] >= 1

@@ -13,6 +13,7 @@ import pytest
 from recsys_assets.config import Settings, load_settings
 from recsys_assets.config.settings import DEFAULT_CONFIG_PATH, ChannelRulesConfig, ServingConfig
 from recsys_assets.data.snapshot import read_raw
+from recsys_assets.serving.auth import ApiTokens
 from recsys_assets.serving.decision_log import DecisionLog
 from recsys_assets.serving.service import RecommendationService
 from recsys_assets.warehouse import Warehouse
@@ -25,6 +26,12 @@ TENANT = "tenant_acme"
 OTHER_TENANT = "tenant_globex"
 HIDDEN_CREATOR = "creator_hidden_by_test"
 HIDDEN_CATEGORY = "category_hidden_by_test"
+WRITER = "writer-token"
+READER = "reader-token"
+ADMIN_TOKEN = "admin-token"
+TOKENS = ApiTokens.parse(
+    f"{WRITER}:events:write+recommendations:read,{READER}:recommendations:read,{ADMIN_TOKEN}:admin"
+)
 
 
 class Clock:

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from recsys_assets.serving.api import create_app
 from recsys_assets.serving.state import EVENTS_PREFIX
-from recsys_assets_tests.serving.conftest import CONSUMER, World
+from recsys_assets_tests.serving.conftest import CONSUMER, TOKENS, WRITER, World
 from recsys_assets_tests.serving.published import activate_version, write_version
 
 
@@ -31,7 +31,8 @@ def client(world: World) -> Iterator[TestClient]:
         ttl=timedelta(hours=6),
     )
     service = world.service()
-    with TestClient(create_app(service, max_body_bytes=1024)) as test_client:
+    app = create_app(service, max_body_bytes=1024, tokens=TOKENS)
+    with TestClient(app, headers={"Authorization": f"Bearer {WRITER}"}) as test_client:
         yield test_client
 
 
@@ -139,7 +140,10 @@ def test_metrics_healthz_and_openapi(client: TestClient) -> None:
         'served_from="precomputed",surface="home_feed"} 1.0'
     ) in metrics.text
     assert "recsys_serving_latency_seconds_bucket" in metrics.text
-    assert client.get("/healthz").json() == {"status": "ok"}
+    health = client.get("/healthz", headers={"Authorization": ""})
+    assert health.status_code == 200
+    assert health.json()["status"] == "ok"
+    assert health.json()["partitions"]["home_feed/na"]["lists"]["status"] == "ok"
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/recommendations/{surface}", "/v1/events", "/metrics", "/healthz"} <= set(paths)
 

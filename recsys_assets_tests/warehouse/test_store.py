@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pandas as pd
 import pyarrow.dataset as ds
@@ -125,3 +129,58 @@ def test_s3_objects_are_visible_to_a_fresh_client(s3_warehouse: Warehouse) -> No
     assert fresh.read_json("published/manifest.json") == {"active_version": "v1"}
     fresh.delete("published", recursive=True)
     assert not s3_warehouse.exists("published/manifest.json")
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_lock_that_looks_orphaned_never_lets_a_second_writer_in(
+    local_warehouse: Warehouse,
+) -> None:
+    """Regression: a waiter that judged the lock orphaned (its pid dead) used to unlink a
+    live holder's lock and write beside it; an OS lock cannot be taken from a live holder."""
+    local_warehouse.write_json("manifest.json", {"v": 0})
+    tag = local_warehouse.etag("manifest.json")
+    target = local_warehouse.path("manifest.json")
+    folder = Path(target).parent
+    entered = threading.Event()
+    with local_warehouse._local_lock(target):
+        for lock_file in folder.iterdir():  # what a stale judgement saw: a dead owner
+            if lock_file.name != "manifest.json":
+                lock_file.write_text(str(_dead_pid()))
+
+        def second_writer() -> None:
+            local_warehouse.write_bytes_if("manifest.json", b'{"v": 2}', expected_etag=tag)
+            entered.set()
+
+        writer = threading.Thread(target=second_writer, daemon=True)
+        writer.start()
+        assert not entered.wait(0.5), "a second writer got in while the lock was held"
+    writer.join(5)
+    assert entered.is_set()
+    assert local_warehouse.read_json("manifest.json") == {"v": 2}
+    assert local_warehouse.list("") == ["manifest.json"]  # lock files stay out of listings
+
+
+def test_a_lock_holder_killed_mid_write_does_not_block_the_next_writer(
+    local_warehouse: Warehouse,
+) -> None:
+    script = (
+        "import os, sys, time\n"
+        "from recsys_assets.warehouse import Warehouse\n"
+        "w = Warehouse(sys.argv[1])\n"
+        "with w._local_lock(w.path('manifest.json')):\n"
+        "    print('held', flush=True)\n"
+        "    time.sleep(60)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", script, local_warehouse.url], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    local_warehouse.write_bytes_if("manifest.json", b'{"v": 1}', expected_etag=None)
+    assert local_warehouse.read_json("manifest.json") == {"v": 1}

@@ -144,6 +144,6 @@ def test_model_bundle_records_versions_and_metrics(pipeline_run: PipelineRun) ->
 
 def test_definitions_load_with_every_part() -> None:
     definitions = build_definitions()
-    assert definitions.resolve_job_def(MODEL_JOB)
-    assert definitions.resolve_job_def(REFRESH_JOB)
+    for job in (MODEL_JOB, REFRESH_JOB):  # a chain of steps: one process, not one per step
+        assert definitions.resolve_job_def(job).executor_def is dg.in_process_executor
     assert definitions.resolve_sensor_def("policy_change_sensor")

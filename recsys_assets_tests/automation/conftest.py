@@ -42,3 +42,22 @@ def automation_definitions(warehouse: Warehouse) -> dg.Definitions:
         schedules=SCHEDULES,
         resources={"recsys": recsys_for(warehouse), "duckdb": DuckDBResource(database=":memory:")},
     )
+
+
+def sensor_tick(
+    sensor: dg.SensorDefinition,
+    instance: dg.DagsterInstance,
+    warehouse: Warehouse,
+    cursor: str | None = None,
+) -> dg.SensorResult:
+    """One evaluation of `sensor` on a real instance, as the daemon would tick it."""
+    # As a context manager: the instance and resources it opens are closed again.
+    with dg.build_sensor_context(
+        instance=instance,
+        definitions=automation_definitions(warehouse),
+        resources={"recsys": recsys_for(warehouse)},
+        cursor=cursor,
+    ) as context:
+        result = sensor(context)
+    assert isinstance(result, dg.SensorResult)
+    return result

@@ -19,28 +19,10 @@ from recsys_assets.config import load_settings
 from recsys_assets.pipeline.jobs import REFRESH_JOB
 from recsys_assets.rules.tombstones import load_tombstones
 from recsys_assets.warehouse import Warehouse
-from recsys_assets_tests.automation.conftest import automation_definitions, recsys_for
+from recsys_assets_tests.automation.conftest import automation_definitions, sensor_tick
 from recsys_assets_tests.automation.helpers import NOW, change, drop_file, write_manifest
 
 SETTINGS = load_settings()
-
-
-def tick(
-    sensor: dg.SensorDefinition,
-    instance: dg.DagsterInstance,
-    warehouse: Warehouse,
-    cursor: str | None = None,
-) -> dg.SensorResult:
-    # As a context manager: the instance and resources it opens are closed again.
-    with dg.build_sensor_context(
-        instance=instance,
-        definitions=automation_definitions(warehouse),
-        resources={"recsys": recsys_for(warehouse)},
-        cursor=cursor,
-    ) as context:
-        result = sensor(context)
-    assert isinstance(result, dg.SensorResult)
-    return result
 
 
 def test_the_code_location_loads(local_warehouse: Warehouse) -> None:
@@ -52,7 +34,7 @@ def test_policy_change_sensor_requests_exactly_the_affected_partitions(
 ) -> None:
     drop_file(warehouse, "bans.jsonl", change("ban-7", region="eu"))
     drop_file(warehouse, "broken.jsonl", '{"change_id": "x", "type": "item_banned"')
-    result = tick(policy_change_sensor, instance, warehouse)
+    result = sensor_tick(policy_change_sensor, instance, warehouse)
 
     requests = result.run_requests or []
     partitions = load_settings().surfaces
@@ -72,7 +54,7 @@ def test_policy_change_sensor_requests_exactly_the_affected_partitions(
     assert report["errors"][0]["line"] == 1 and "not valid JSON" in report["errors"][0]["error"]
 
     # Restart with the stored cursor: no new request; the files leave incoming/.
-    restarted = tick(policy_change_sensor, instance, warehouse, cursor=result.cursor)
+    restarted = sensor_tick(policy_change_sensor, instance, warehouse, cursor=result.cursor)
     assert not restarted.run_requests
     assert warehouse.list(INCOMING) == []
 
@@ -80,7 +62,7 @@ def test_policy_change_sensor_requests_exactly_the_affected_partitions(
     drop_file(
         warehouse, "na.jsonl", change("oos-3", "item_out_of_stock", item_ids=[3], region="na")
     )
-    later = tick(policy_change_sensor, instance, warehouse, cursor=restarted.cursor)
+    later = sensor_tick(policy_change_sensor, instance, warehouse, cursor=restarted.cursor)
     assert {r.partition_key.split("|")[0] for r in later.run_requests or []} == {"na"}
     assert all("na.jsonl" in str(r.run_key) for r in later.run_requests or [])
 
@@ -89,7 +71,7 @@ def test_consent_revocation_suppresses_at_once_without_runs(
     local_warehouse: Warehouse, instance: dg.DagsterInstance
 ) -> None:
     drop_file(local_warehouse, "consent.jsonl", change("c-1", "consent_revoked", user_ids=[42]))
-    result = tick(policy_change_sensor, instance, local_warehouse)
+    result = sensor_tick(policy_change_sensor, instance, local_warehouse)
     assert not result.run_requests
     assert list(load_tombstones(local_warehouse)["user_id"]) == [42]
 
@@ -111,7 +93,7 @@ def test_list_expiry_sensor_refreshes_once_per_expiring_version(
         version="v20261120T114000000000",
         fallback=True,
     )
-    requests = tick(list_expiry_sensor, instance, local_warehouse).run_requests or []
+    requests = sensor_tick(list_expiry_sensor, instance, local_warehouse).run_requests or []
     by_partition = {request.partition_key: request for request in requests}
 
     assert set(by_partition) == {"na|push", "na|home_feed"}
@@ -127,7 +109,7 @@ def test_list_expiry_sensor_leaves_partitions_with_a_refresh_in_flight(
     write_manifest(
         local_warehouse, "push", "eu", generated_at=NOW, expires_at=NOW + timedelta(minutes=5)
     )
-    before = tick(list_expiry_sensor, instance, local_warehouse)
+    before = sensor_tick(list_expiry_sensor, instance, local_warehouse)
     assert [request.partition_key for request in before.run_requests or []] == ["eu|push"]
 
     job = automation_definitions(local_warehouse).resolve_job_def(REFRESH_JOB)
@@ -137,6 +119,6 @@ def test_list_expiry_sensor_leaves_partitions_with_a_refresh_in_flight(
         tags={"dagster/partition": "eu|push", SCOPE_TAG: "lists"},
     )
     try:
-        assert not tick(list_expiry_sensor, instance, local_warehouse).run_requests
+        assert not sensor_tick(list_expiry_sensor, instance, local_warehouse).run_requests
     finally:
         instance.delete_run(running.run_id)

@@ -25,7 +25,7 @@ from recsys_assets.automation.inbox import (
 from recsys_assets.automation.sensors import policy_change_sensor
 from recsys_assets.rules.tombstones import load_tombstones
 from recsys_assets.warehouse import Warehouse
-from recsys_assets_tests.automation.conftest import automation_definitions, recsys_for
+from recsys_assets_tests.automation.conftest import sensor_tick
 from recsys_assets_tests.automation.helpers import NOW, change, write_users
 
 TENANT = "tenant_acme"
@@ -94,15 +94,7 @@ def instance() -> Iterator[dg.DagsterInstance]:
 
 
 def tick(instance: dg.DagsterInstance, warehouse: Warehouse, cursor: str | None) -> str | None:
-    with dg.build_sensor_context(
-        instance=instance,
-        definitions=automation_definitions(warehouse),
-        resources={"recsys": recsys_for(warehouse)},
-        cursor=cursor,
-    ) as context:
-        result = policy_change_sensor(context)
-    assert isinstance(result, dg.SensorResult)
-    return result.cursor
+    return sensor_tick(policy_change_sensor, instance, warehouse, cursor).cursor
 
 
 def test_the_poison_set_is_large_enough() -> None:

@@ -30,6 +30,7 @@ from threadpoolctl import threadpool_limits
 from recsys_assets.data.holdout import temporal_holdout
 from recsys_assets.models.collaborative import (
     CollaborativeModel,
+    choose_l2,
     engaged_pairs,
     fit_collaborative,
 )
@@ -286,7 +287,7 @@ def fit_ease(train: pd.DataFrame, *, holdout: float, seed: int) -> Collaborative
     evaluation's held-out items never influence λ.
     """
     inner = temporal_holdout(train, holdout=holdout, seed=seed)
-    return fit_collaborative(train, tuning=(inner.train, inner.relevant))
+    return fit_collaborative(train, l2=choose_l2(inner.train, inner.relevant))
 
 
 def ease_scorer(

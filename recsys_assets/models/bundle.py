@@ -38,7 +38,11 @@ from recsys_assets.config import Settings
 from recsys_assets.data import read_raw, read_snapshot
 from recsys_assets.data.holdout import temporal_holdout
 from recsys_assets.models.calibration import Calibrator, fit_calibrator
-from recsys_assets.models.collaborative import CollaborativeModel, fit_collaborative
+from recsys_assets.models.collaborative import (
+    CollaborativeModel,
+    fit_collaborative,
+    tune_collaborative,
+)
 from recsys_assets.models.device import pick_device, seed_everything
 from recsys_assets.models.ranker import RankerConfig, RankerModel, train_ranker
 from recsys_assets.models.two_tower import (
@@ -154,10 +158,8 @@ def train_bundle(
     )
 
     # 1. Models as of the holdout: the ranker's training pools, and the reported recall.
-    inner_collaborative = fit_collaborative(
-        nested.train,
-        max_items=training.collaborative_max_items,
-        tuning=(nested.train, nested.relevant),
+    inner_collaborative = tune_collaborative(
+        nested.train, nested.relevant, max_items=training.collaborative_max_items
     )
     inner_two_tower = train_two_tower(
         nested.train, items, cutoff=cutoff, config=two_tower_config, device=device

@@ -10,7 +10,7 @@ model on implicit data, and it serves three roles here, all from this one module
   (the latter carries what the user is into *now*, which full-history models blur);
 - the EASE baseline of `recsys evaluate`.
 
-λ is not a constant tuned to one data set: `choose_l2` tries multiples of the mean item
+λ is not a constant tuned to one data set: `tune_collaborative` tries multiples of the mean item
 degree (the scale of XᵀX's diagonal, so the grid follows the data's density) on a
 per-user holdout and keeps the best by Recall@K. The matrix is dense (items²), so the
 model covers at most `max_items` items, the most engaged ones; other items get no
@@ -52,27 +52,11 @@ class CollaborativeModel:
 
     def columns(self, item_ids: np.ndarray) -> np.ndarray:
         """Column of each item id in `weights`; -1 for items the model does not cover."""
-        item_ids = np.asarray(item_ids, dtype=np.int64)
-        if self.size == 0:
-            return np.full(len(item_ids), -1, dtype=np.int64)
-        found = np.minimum(np.searchsorted(self.item_ids, item_ids), self.size - 1)
-        return np.where(self.item_ids[found] == item_ids, found, -1)
+        return _columns(self.item_ids, item_ids)
 
     def history_matrix(self, subject_ids: np.ndarray, history: pd.DataFrame) -> sp.csr_matrix:
         """Binary subjects × model-items matrix of `history` (subject_id, item_id rows)."""
-        subject_ids = np.asarray(subject_ids, dtype=np.int64)
-        rows = np.searchsorted(subject_ids, history["subject_id"].to_numpy(dtype=np.int64))
-        rows = np.minimum(rows, max(len(subject_ids) - 1, 0))
-        columns = self.columns(history["item_id"].to_numpy(dtype=np.int64))
-        keep = (columns >= 0) & (len(subject_ids) > 0)
-        if len(subject_ids):
-            keep &= subject_ids[rows] == history["subject_id"].to_numpy(dtype=np.int64)
-        matrix = sp.csr_matrix(
-            (np.ones(int(keep.sum()), dtype=np.float32), (rows[keep], columns[keep])),
-            shape=(len(subject_ids), self.size),
-        )
-        matrix.data[:] = 1.0  # duplicates summed: back to binary
-        return matrix
+        return history_matrix(self.item_ids, subject_ids, history)
 
     def scores(self, matrix: sp.csr_matrix) -> np.ndarray:
         """Dense scores (rows of `matrix` × model items)."""
@@ -130,8 +114,50 @@ def covered_items(pairs: pd.DataFrame, max_items: int) -> np.ndarray:
     return np.sort(ranked["item_id"].to_numpy(dtype=np.int64)[:max_items])
 
 
-def _gram(matrix: sp.csr_matrix) -> np.ndarray:
-    return np.asarray((matrix.T @ matrix).toarray(), dtype=np.float64)
+def _columns(covered: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+    item_ids = np.asarray(item_ids, dtype=np.int64)
+    if len(covered) == 0:
+        return np.full(len(item_ids), -1, dtype=np.int64)
+    found = np.minimum(np.searchsorted(covered, item_ids), len(covered) - 1)
+    return np.where(covered[found] == item_ids, found, -1)
+
+
+def history_matrix(
+    item_ids: np.ndarray, subject_ids: np.ndarray, history: pd.DataFrame
+) -> sp.csr_matrix:
+    """Binary `subject_ids` (sorted) × `item_ids` (sorted) matrix of `history` rows."""
+    subject_ids = np.asarray(subject_ids, dtype=np.int64)
+    subjects_of_rows = history["subject_id"].to_numpy(dtype=np.int64)
+    rows = np.minimum(np.searchsorted(subject_ids, subjects_of_rows), max(len(subject_ids) - 1, 0))
+    columns = _columns(item_ids, history["item_id"].to_numpy(dtype=np.int64))
+    keep = columns >= 0
+    if len(subject_ids):
+        keep &= subject_ids[rows] == subjects_of_rows
+    matrix = sp.csr_matrix(
+        (np.ones(int(keep.sum()), dtype=np.float32), (rows[keep], columns[keep])),
+        shape=(len(subject_ids), len(item_ids)),
+    )
+    matrix.data[:] = 1.0  # duplicates summed: back to binary
+    return matrix
+
+
+@dataclass(frozen=True)
+class _Engagement:
+    """The binary engagement matrix of a window over its covered items, and its Gram."""
+
+    item_ids: np.ndarray
+    subject_ids: np.ndarray
+    history: sp.csr_matrix
+    gram: np.ndarray
+
+    @classmethod
+    def of(cls, interactions: pd.DataFrame, max_items: int) -> _Engagement:
+        pairs = engaged_pairs(interactions)
+        item_ids = covered_items(pairs, max_items)
+        subject_ids = np.unique(pairs["subject_id"].to_numpy(dtype=np.int64))
+        history = history_matrix(item_ids, subject_ids, pairs)
+        gram = np.asarray((history.T @ history).toarray(), dtype=np.float64)
+        return cls(item_ids, subject_ids, history, gram)
 
 
 def ease_weights(gram: np.ndarray, l2: float) -> np.ndarray:
@@ -151,26 +177,53 @@ def l2_grid(gram: np.ndarray, multiples: Sequence[float] = L2_DEGREE_MULTIPLES) 
 
 
 def fit_collaborative(
-    interactions: pd.DataFrame,
-    *,
-    l2: float | None = None,
-    max_items: int = DEFAULT_MAX_ITEMS,
-    tuning: tuple[pd.DataFrame, pd.DataFrame] | None = None,
+    interactions: pd.DataFrame, *, l2: float | None = None, max_items: int = DEFAULT_MAX_ITEMS
 ) -> CollaborativeModel:
-    """EASE on `interactions`' engagement. λ: `l2`, else chosen on `tuning`, else 4 × degree.
+    """EASE on `interactions`' engagement with λ = `l2`, else 4 × the mean item degree."""
+    engagement = _Engagement.of(interactions, max_items)
+    chosen = float(l2) if l2 is not None else l2_grid(engagement.gram, (4.0,))[0]
+    return CollaborativeModel(engagement.item_ids, ease_weights(engagement.gram, chosen), chosen)
 
-    `tuning` is (training interactions, relevant (user_id, item_id) pairs) of a per-user
-    holdout inside `interactions`' window; `choose_l2` picks λ there.
-    """
-    if l2 is None and tuning is not None:
-        l2 = choose_l2(tuning[0], tuning[1], max_items=max_items)
-    pairs = engaged_pairs(interactions)
-    item_ids = covered_items(pairs, max_items)
-    model = CollaborativeModel(item_ids, np.zeros((len(item_ids), len(item_ids)), "float32"), 0.0)
-    subjects = np.unique(pairs["subject_id"].to_numpy(dtype=np.int64))
-    gram = _gram(model.history_matrix(subjects, pairs))
-    chosen = float(l2) if l2 is not None else l2_grid(gram, (4.0,))[0]
-    return CollaborativeModel(item_ids, ease_weights(gram, chosen), chosen)
+
+def tune_collaborative(
+    train: pd.DataFrame,
+    relevant: pd.DataFrame,
+    *,
+    max_items: int = DEFAULT_MAX_ITEMS,
+    k: int = TUNING_K,
+) -> CollaborativeModel:
+    """EASE fitted on `train` with the λ of `l2_grid` whose Recall@k against `relevant`
+    (user_id, item_id: a per-user holdout after `train`) is best."""
+    engagement = _Engagement.of(train, max_items)
+    grid = l2_grid(engagement.gram)
+    targets = relevant.rename(columns={"user_id": "subject_id"})
+    targets = targets[targets["subject_id"].isin(engagement.subject_ids)]
+    if targets.empty or len(engagement.item_ids) == 0:
+        l2 = grid[len(grid) // 2]
+        return CollaborativeModel(engagement.item_ids, ease_weights(engagement.gram, l2), l2)
+    evaluated = np.unique(targets["subject_id"].to_numpy(dtype=np.int64))
+    rows = np.searchsorted(engagement.subject_ids, evaluated)
+    truth = history_matrix(engagement.item_ids, evaluated, targets)
+    wanted = np.asarray(
+        targets.groupby("subject_id").size().reindex(evaluated).to_numpy(), dtype=np.float64
+    )
+    best: tuple[float, CollaborativeModel] | None = None
+    for l2 in grid:
+        weights = ease_weights(engagement.gram, l2)
+        found = 0.0
+        for start in range(0, len(rows), _USER_BATCH):
+            chunk = slice(start, start + _USER_BATCH)
+            seen = engagement.history[rows[chunk]]
+            scores = np.asarray(seen @ weights)
+            scores[seen.nonzero()] = -np.inf
+            depth = min(k, scores.shape[1])
+            top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
+            hits = np.take_along_axis(truth[chunk].toarray(), top, axis=1).sum(axis=1)
+            found += float((hits / wanted[chunk]).sum())
+        recall = found / len(rows)
+        if best is None or recall > best[0]:
+            best = (recall, CollaborativeModel(engagement.item_ids, weights, l2))
+    return best[1]  # type: ignore[index]  # the grid is never empty
 
 
 def choose_l2(
@@ -180,38 +233,5 @@ def choose_l2(
     max_items: int = DEFAULT_MAX_ITEMS,
     k: int = TUNING_K,
 ) -> float:
-    """The λ of `l2_grid` with the best Recall@k of EASE fitted on `train` against `relevant`."""
-    pairs = engaged_pairs(train)
-    item_ids = covered_items(pairs, max_items)
-    probe = CollaborativeModel(item_ids, np.zeros((0, 0), dtype=np.float32), 0.0)
-    subjects = np.unique(pairs["subject_id"].to_numpy(dtype=np.int64))
-    history = probe.history_matrix(subjects, pairs)
-    gram = _gram(history)
-    grid = l2_grid(gram)
-    targets = relevant.rename(columns={"user_id": "subject_id"})
-    targets = targets[targets["subject_id"].isin(subjects)]
-    if targets.empty or len(item_ids) == 0:
-        return grid[len(grid) // 2]
-    evaluated = np.unique(targets["subject_id"].to_numpy(dtype=np.int64))
-    rows = np.searchsorted(subjects, evaluated)
-    truth = probe.history_matrix(evaluated, targets)
-    wanted = np.asarray(
-        targets.groupby("subject_id").size().reindex(evaluated).to_numpy(), dtype=np.float64
-    )
-    best, best_recall = grid[0], -1.0
-    for l2 in grid:
-        weights = ease_weights(gram, l2)
-        found = 0.0
-        for start in range(0, len(rows), _USER_BATCH):
-            chunk = slice(start, start + _USER_BATCH)
-            seen = history[rows[chunk]]
-            scores = np.asarray(seen @ weights)
-            scores[seen.nonzero()] = -np.inf
-            depth = min(k, scores.shape[1])
-            top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
-            hits = np.take_along_axis(truth[chunk].toarray(), top, axis=1).sum(axis=1)
-            found += float((hits / wanted[chunk]).sum())
-        recall = found / len(rows)
-        if recall > best_recall:
-            best, best_recall = l2, recall
-    return best
+    """The λ `tune_collaborative` picks."""
+    return tune_collaborative(train, relevant, max_items=max_items, k=k).l2

@@ -35,6 +35,7 @@ from torch.optim.swa_utils import AveragedModel
 from recsys_assets.models.calibration import log_loss, roc_auc
 from recsys_assets.models.device import pick_device, seed_everything
 from recsys_assets.pipeline.features import FEATURE_COLUMNS, FEATURE_SET_VERSION, HISTORY_SCORES
+from recsys_assets.pipeline.runs import rank_within_runs, run_starts
 
 _MIN_SCALE = 1e-6
 
@@ -200,14 +201,14 @@ def within_subject_recall(
     scores: np.ndarray, labels: np.ndarray, subjects: np.ndarray, k: int
 ) -> float:
     """Mean over subjects with a positive row of (positives in their top k) / positives."""
+    if len(scores) == 0:
+        return float("nan")
     order = np.lexsort((-scores, subjects))
-    ranked_subjects = subjects[order]
-    starts = np.flatnonzero(np.r_[True, ranked_subjects[1:] != ranked_subjects[:-1]])
-    position = np.arange(len(order)) - np.repeat(starts, np.diff(np.r_[starts, len(order)]))
-    ranked_labels = labels[order]
-    hits = np.add.reduceat(ranked_labels * (position < k), starts) if len(order) else []
-    positives = np.add.reduceat(ranked_labels, starts) if len(order) else []
-    hits, positives = np.asarray(hits), np.asarray(positives)
+    ranked_subjects, ranked_labels = subjects[order], labels[order]
+    starts = run_starts(ranked_subjects)
+    in_top = rank_within_runs(ranked_subjects) < k
+    hits = np.add.reduceat(ranked_labels * in_top, starts)
+    positives = np.add.reduceat(ranked_labels, starts)
     judged = positives > 0
     return float(np.mean(hits[judged] / positives[judged])) if judged.any() else float("nan")
 

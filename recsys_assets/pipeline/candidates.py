@@ -432,17 +432,20 @@ def history_scores(
     now, which a sum over a long history blurs.
     """
     recent = latest_items(engagement, recent_items)
+    pair_subjects = pairs["subject_id"].to_numpy(dtype=np.int64)
+    subjects = np.unique(pair_subjects)
+    rows = np.searchsorted(subjects, pair_subjects)
     found: dict[str, np.ndarray] = {}
     for suffix, history in (("score", engagement), ("recent_score", recent)):
         found[f"item_to_item_{suffix}"] = _neighbour_sums(pairs, history, neighbours)
-        if collaborative is None or collaborative.size == 0:
-            found[f"collaborative_{suffix}"] = np.zeros(len(pairs), dtype=np.float32)
-            continue
-        subjects = np.unique(pairs["subject_id"].to_numpy(dtype=np.int64))
-        matrix = collaborative.history_matrix(subjects, history)
-        rows = np.searchsorted(subjects, pairs["subject_id"].to_numpy(dtype=np.int64))
-        found[f"collaborative_{suffix}"] = collaborative.pair_scores(
-            matrix, rows, pairs["item_id"].to_numpy(dtype=np.int64)
+        found[f"collaborative_{suffix}"] = (
+            np.zeros(len(pairs), dtype=np.float32)
+            if collaborative is None or collaborative.size == 0
+            else collaborative.pair_scores(
+                collaborative.history_matrix(subjects, history),
+                rows,
+                pairs["item_id"].to_numpy(dtype=np.int64),
+            )
         )
     return found
 
@@ -476,15 +479,11 @@ def _from_collaborative(
     allowed = np.zeros(model.size, dtype=bool)
     columns = model.columns(eligible_items["item_id"].to_numpy(dtype=np.int64))
     allowed[columns[columns >= 0]] = True
-    matrix = model.history_matrix(subjects, engagement)
-    blocked_rows = np.searchsorted(subjects, blocked["subject_id"].to_numpy(dtype=np.int64))
-    blocked_rows = np.minimum(blocked_rows, len(subjects) - 1)
-    blocked_columns = model.columns(blocked["item_id"].to_numpy(dtype=np.int64))
-    known = (blocked_columns >= 0) & (
-        subjects[blocked_rows] == blocked["subject_id"].to_numpy(dtype=np.int64)
-    )
-    blocked_rows, blocked_columns = blocked_rows[known], blocked_columns[known]
     depth = min(n, int(allowed.sum()))
+    if depth <= 0:
+        return _empty_proposals().drop(columns="source")
+    matrix = model.history_matrix(subjects, engagement)
+    never = model.history_matrix(subjects, blocked)  # the pairs never to propose
     has_history = np.diff(matrix.indptr) > 0
     frames = []
     batch = max(1, 4_000_000 // max(model.size, 1))
@@ -492,10 +491,7 @@ def _from_collaborative(
         stop = min(start + batch, len(subjects))
         scores = model.scores(matrix[start:stop])
         scores[:, ~allowed] = -np.inf
-        inside = (blocked_rows >= start) & (blocked_rows < stop)
-        scores[blocked_rows[inside] - start, blocked_columns[inside]] = -np.inf
-        if depth <= 0:
-            break
+        scores[never[start:stop].nonzero()] = -np.inf
         top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
         top_scores = np.take_along_axis(scores, top, axis=1)
         rows = np.repeat(np.arange(start, stop), depth)

@@ -109,19 +109,8 @@ def _editorial() -> pd.DataFrame:
 @pytest.fixture
 def pool() -> pd.DataFrame:
     surface = load_settings().surface("home_feed")
-    context = build_context(
-        items=_items(),
-        interactions=_interactions(),
-        user_controls=_controls(),
-        editorial=_editorial(),
-        region="na",
-        surface=surface,
-        score_time=NOW,
-        trending_window_days=3,
-    )
-    subjects = pd.DataFrame(
-        {"subject_id": [1, 2, 3], "tenant_id": [None] * 3, "actor_role": [None] * 3}
-    )
+    context = _context(surface, collaborative=False)
+    subjects = _subjects()
     return generate_candidates(subjects, context, surface, two_tower=None, recent_items_per_user=5)
 
 
@@ -158,19 +147,8 @@ def test_item_to_item_uses_co_engagement(pool: pd.DataFrame) -> None:
 
 def test_budget_is_enforced() -> None:
     surface = load_settings().surface("push").model_copy(update={"candidate_budget": 3})
-    context = build_context(
-        items=_items(),
-        interactions=_interactions(),
-        user_controls=_controls(),
-        editorial=_editorial(),
-        region="na",
-        surface=surface,
-        score_time=NOW,
-        trending_window_days=3,
-    )
-    subjects = pd.DataFrame(
-        {"subject_id": [1, 2, 3], "tenant_id": [None] * 3, "actor_role": [None] * 3}
-    )
+    context = _context(surface, collaborative=False)
+    subjects = _subjects()
     pool = generate_candidates(subjects, context, surface, two_tower=None, recent_items_per_user=5)
     assert pool.groupby("subject_id").size().max() <= 3
 
@@ -274,7 +252,9 @@ def test_top_n_ranks_by_score_then_item_per_subject() -> None:
     assert _top_n(frame.iloc[:0], "score", 3).empty
 
 
-def _context(surface: SurfaceConfig, **options: object) -> CandidateContext:
+def _context(
+    surface: SurfaceConfig, *, collaborative: bool = True, **options: object
+) -> CandidateContext:
     interactions = _interactions()
     return build_context(
         items=_items(),
@@ -285,7 +265,11 @@ def _context(surface: SurfaceConfig, **options: object) -> CandidateContext:
         surface=surface,
         score_time=NOW,
         trending_window_days=3,
-        collaborative=fit_collaborative(interactions[interactions["ts"] <= NOW], l2=1.0),
+        collaborative=(
+            fit_collaborative(interactions[interactions["ts"] <= NOW], l2=1.0)
+            if collaborative
+            else None
+        ),
         **options,
     )
 

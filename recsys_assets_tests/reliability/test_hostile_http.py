@@ -11,7 +11,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -23,7 +22,6 @@ from recsys_assets.serving.decision_log import DECISION_LOG_PREFIX
 from recsys_assets.serving.service import RecommendationService
 from recsys_assets_tests.serving import conftest as serving_world
 from recsys_assets_tests.serving.conftest import CONSUMER, READER, TOKENS, WRITER, World
-from recsys_assets_tests.serving.published import write_version
 
 world = serving_world.world  # the serving tests' fixture: tiny data, fixed clock, fast flushes
 
@@ -131,14 +129,7 @@ def _free_port() -> int:
 
 @pytest.fixture
 def served(world: World) -> Iterator[tuple[str, RecommendationService]]:
-    write_version(
-        world.warehouse,
-        "home_feed",
-        "na",
-        {CONSUMER: world.good[:30]},
-        generated_at=world.clock.now - timedelta(hours=1),
-        ttl=timedelta(hours=6),
-    )
+    world.publish_consumer_list(30)
     service = world.service(start=True)
     port = _free_port()
     config = uvicorn.Config(

@@ -18,6 +18,7 @@ from recsys_assets.serving.decision_log import DecisionLog
 from recsys_assets.serving.service import RecommendationService
 from recsys_assets.warehouse import Warehouse
 from recsys_assets_tests.conftest import TINY_AS_OF
+from recsys_assets_tests.serving.published import write_version
 
 CONSUMER = 900_001
 NO_CONSENT = 900_002
@@ -70,6 +71,18 @@ class World:
             service.load()
         self.services.append(service)
         return service
+
+    def publish_consumer_list(self, items: int) -> None:
+        """An active home_feed × na version, an hour old (6 h TTL): CONSUMER's list of the
+        first `items` good items."""
+        write_version(
+            self.warehouse,
+            "home_feed",
+            "na",
+            {CONSUMER: self.good[:items]},
+            generated_at=self.clock.now - timedelta(hours=1),
+            ttl=timedelta(hours=6),
+        )
 
 
 def _serving_settings() -> Settings:

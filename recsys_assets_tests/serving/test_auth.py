@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
-from datetime import timedelta
 
 import pytest
 from fastapi.testclient import TestClient
@@ -22,7 +21,6 @@ from recsys_assets_tests.serving.conftest import (
     WRITER,
     World,
 )
-from recsys_assets_tests.serving.published import write_version
 
 RECS = "/v1/recommendations/home_feed"
 PARAMS = {"subject_id": CONSUMER, "region": "na"}
@@ -35,14 +33,7 @@ def _bearer(token: str) -> dict[str, str]:
 
 @pytest.fixture
 def service(world: World) -> RecommendationService:
-    write_version(
-        world.warehouse,
-        "home_feed",
-        "na",
-        {CONSUMER: world.good[:30]},
-        generated_at=world.clock.now - timedelta(hours=1),
-        ttl=timedelta(hours=6),
-    )
+    world.publish_consumer_list(30)
     return world.service()
 
 

@@ -42,7 +42,7 @@ from recsys_assets.pipeline.features import HISTORY_SCORES
 from recsys_assets.pipeline.runs import rank_within_runs
 from recsys_assets.rules.eligibility import item_rejection_reasons
 from recsys_assets.rules.engagement import engagement_events, interest_signal
-from recsys_assets.rules.person import CONSUMED_EVENTS
+from recsys_assets.rules.person import CONSUMED_EVENTS, consumed_pairs, hidden_pairs
 from recsys_assets.rules.tombstones import person_tombstones, tombstoned_items
 
 CANDIDATE_POLICY_VERSION = "candidates_v2"
@@ -205,34 +205,13 @@ def _blocked_pairs(
     *,
     repeat_consumption: bool,
 ) -> pd.DataFrame:
-    consumed = interactions.loc[
-        interactions["event_type"].isin(CONSUMED_EVENTS) & (not repeat_consumption),
-        ["user_id", "item_id"],
-    ]
-    # The latest control per (user, target) wins: a later unhide lifts an earlier hide.
-    latest = user_controls.sort_values("ts").drop_duplicates(
-        ["user_id", "target_type", "target_id"], keep="last"
-    )
-    hides = latest[latest["action"] == "hide"]
-    hidden_items = hides.loc[hides["target_type"] == "item", ["user_id", "target_id"]]
-    hidden_items = pd.DataFrame(
-        {
-            "user_id": hidden_items["user_id"].to_numpy(),
-            "item_id": pd.to_numeric(hidden_items["target_id"], errors="coerce"),
-        }
-    ).dropna()
-    by_attribute = []
-    for target, column in (("creator", "creator_id"), ("category", "category")):
-        chosen = hides.loc[hides["target_type"] == target, ["user_id", "target_id"]]
-        if chosen.empty:
-            continue
-        joined = chosen.merge(
-            items[["item_id", column]], left_on="target_id", right_on=column, how="inner"
-        )
-        by_attribute.append(joined[["user_id", "item_id"]])
-    blocked = pd.concat([consumed, hidden_items, *by_attribute], ignore_index=True)
-    blocked = blocked.astype({"user_id": "int64", "item_id": "int64"}).drop_duplicates()
-    return blocked.rename(columns={"user_id": "subject_id"}).reset_index(drop=True)
+    """(subject_id, item_id) pairs never to propose: hidden, and consumed unless repeats are
+    allowed (the person rules of `rules.person`, as serving's final check applies them)."""
+    blocked = [hidden_pairs(user_controls, items)]
+    if not repeat_consumption:
+        blocked.append(consumed_pairs(interactions))
+    pairs = pd.concat(blocked, ignore_index=True).drop_duplicates()
+    return pairs.rename(columns={"user_id": "subject_id"}).reset_index(drop=True)
 
 
 def _item_neighbours(history: pd.DataFrame, eligible_ids: np.ndarray) -> pd.DataFrame:

@@ -18,7 +18,12 @@ from pandera.typing import Series
 
 from recsys_assets.config.settings import SOURCES
 from recsys_assets.contracts.errors import ContractViolation, violations_from_pandera
-from recsys_assets.pipeline.features import FEATURE_COLUMNS, HISTORY_SCORES
+from recsys_assets.pipeline.features import (
+    FEATURE_COLUMNS,
+    HISTORY_SCORES,
+    ITEM_FEATURES,
+    USER_FEATURES,
+)
 
 RANK_COLUMNS = tuple(f"rank_{source}" for source in SOURCES)
 UTILITY_COMPONENTS = (
@@ -177,8 +182,9 @@ _FeatureColumns = _with_fields(
 )
 
 
-class FeaturesAsof(_FeatureColumns):  # type: ignore[misc, valid-type]
-    """Point-in-time features; every value older than score_time."""
+class FeatureRows(_FeatureColumns):  # type: ignore[misc, valid-type]
+    """Point-in-time feature rows (training rows; scoring's debug sample); every value
+    older than score_time."""
 
     subject_id: Series[np.int64] = pa.Field(ge=0)
     item_id: Series[np.int64] = pa.Field(ge=0)
@@ -199,6 +205,87 @@ class FeaturesAsof(_FeatureColumns):  # type: ignore[misc, valid-type]
         if not _has(frame, "feature_timestamp", "score_time"):
             return pd.Series(True, index=frame.index)
         return frame["feature_timestamp"] <= frame["score_time"]
+
+
+class _EntityFeatures(_Stage):
+    """An entity table of features_asof: values as of score_time, all from before it."""
+
+    score_time: Series[pd.Timestamp]
+    feature_timestamp: Series[pd.Timestamp] = pa.Field(description="Newest value used")
+    feature_set_version: Series[str]
+
+    @pa.dataframe_check(error=NO_FUTURE_VALUES)
+    def no_future_values(cls, frame: pd.DataFrame) -> Series[bool]:
+        if not _has(frame, "feature_timestamp", "score_time"):
+            return pd.Series(True, index=frame.index)
+        return frame["feature_timestamp"] <= frame["score_time"]
+
+
+def _entity_contract(
+    name: str, doc: str, keys: dict[str, Any], values: tuple[str, ...], *, unique: int = 0
+) -> type:
+    """An entity table's contract: integer keys (the first `unique` of them, all when 0,
+    unique together) and finite float32 values."""
+    fields = {key: (np.int64, field) for key, field in keys.items()}
+    fields.update(
+        {
+            value: (np.float32, pa.Field(description="See pipeline/feature_tables.py"))
+            for value in values
+        }
+    )
+    contract = _with_fields(name, _EntityFeatures, fields)
+    key = tuple(keys)[: unique or len(keys)]
+
+    class Config:
+        coerce = True
+        strict = False
+        unique = key
+
+    finite = pa.check(*values, error="must be finite (no NaN or ±inf)")(
+        lambda cls, column: _finite(column)
+    )
+    return type(name, (contract,), {"Config": Config, "values_finite": finite, "__doc__": doc})
+
+
+_SUBJECT_KEY = {"subject_id": pa.Field(ge=0)}
+FEATURE_TABLE_CONTRACTS: dict[str, type[pa.DataFrameModel]] = {
+    "subjects": _entity_contract(
+        "SubjectFeatures",
+        "One row per subject with engagement history.",
+        _SUBJECT_KEY,
+        USER_FEATURES,
+    ),
+    "items": _entity_contract(
+        "ItemFeatures",
+        "One row per catalog item or engaged item, with its category and creator codes.",
+        {
+            "item_id": pa.Field(ge=0),
+            "category_code": pa.Field(ge=-1, description="-1: no catalog row"),
+            "creator_code": pa.Field(ge=-1, description="-1: no catalog row"),
+        },
+        ITEM_FEATURES,
+        unique=1,
+    ),
+    "subject_categories": _entity_contract(
+        "SubjectCategoryFeatures",
+        "One row per (subject, category) with engagement or a control.",
+        {**_SUBJECT_KEY, "category_code": pa.Field(ge=0)},
+        ("user_category_events", "category_hidden"),
+    ),
+    "subject_creators": _entity_contract(
+        "SubjectCreatorFeatures",
+        "One row per (subject, creator) with engagement or a control.",
+        {**_SUBJECT_KEY, "creator_code": pa.Field(ge=0)},
+        ("user_creator_events", "creator_hidden"),
+    ),
+    "exposures": _entity_contract(
+        "ExposureFeatures",
+        "One row per (subject, item) shown on the surface before score_time.",
+        {**_SUBJECT_KEY, "item_id": pa.Field(ge=0)},
+        ("shown_24h", "shown_7d"),
+    ),
+}
+"""features_asof's entity tables (pipeline/feature_tables.py), stage `features_asof.<name>`."""
 
 
 class ScoredCandidates(_Stage):
@@ -282,7 +369,8 @@ class Slates(_Stage):
 PIPELINE_CONTRACTS: dict[str, type[pa.DataFrameModel]] = {
     "subjects": Subjects,
     "candidate_pools": CandidatePools,
-    "features_asof": FeaturesAsof,
+    **{f"features_asof.{name}": contract for name, contract in FEATURE_TABLE_CONTRACTS.items()},
+    "feature_rows": FeatureRows,
     "scored_candidates": ScoredCandidates,
     "slates": Slates,
 }

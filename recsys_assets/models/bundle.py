@@ -110,6 +110,15 @@ class ModelBundle:
         prediction = self.ranker.predict(features)
         return prediction, self.calibrator.transform(prediction)
 
+    def score_matrix(
+        self, matrix: np.ndarray, *, columns: tuple[str, ...], feature_set_version: str
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(raw prediction, calibrated probability) per row of a gathered feature matrix."""
+        prediction = self.ranker.predict_matrix(
+            matrix, columns=columns, feature_set_version=feature_set_version
+        )
+        return prediction, self.calibrator.transform(prediction)
+
 
 def training_cutoff(snapshot: dict[str, Any], as_of: pd.Timestamp | None = None) -> pd.Timestamp:
     """`as_of` if given, else the snapshot's as_of (else its created_at), naive UTC."""

@@ -120,7 +120,30 @@ class RankerModel:
 
     def predict(self, features: pd.DataFrame, *, batch_size: int = 65_536) -> np.ndarray:
         """Raw probabilities (float32), one per row of `features`, in row order."""
-        matrix = self._matrix(features)
+        return self.predict_matrix(self._matrix(features), batch_size=batch_size)
+
+    def predict_matrix(
+        self,
+        matrix: np.ndarray,
+        *,
+        columns: tuple[str, ...] | None = None,
+        feature_set_version: str | None = None,
+        batch_size: int = 65_536,
+    ) -> np.ndarray:
+        """Raw probabilities (float32) for a float32 rows × features matrix, in batches on
+        the model's device. `columns` names the matrix's columns when they are not in the
+        ranker's own order; `feature_set_version` is checked against the ranker's."""
+        if feature_set_version is not None:
+            self._check_version([feature_set_version])
+        if columns is not None and tuple(columns) != self.feature_columns:
+            missing = [name for name in self.feature_columns if name not in columns]
+            if missing:
+                raise ValueError(
+                    f"feature matrix lacks {len(missing)} ranker input(s), e.g. {missing[:5]}"
+                )
+            position = {name: index for index, name in enumerate(columns)}
+            matrix = matrix[:, [position[name] for name in self.feature_columns]]
+        matrix = np.ascontiguousarray(matrix, dtype=np.float32)
         out = np.empty(len(matrix), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, len(matrix), batch_size):
@@ -130,6 +153,13 @@ class RankerModel:
                 )
         return out
 
+    def _check_version(self, versions: list[str]) -> None:
+        if versions != [self.feature_set_version]:
+            raise ValueError(
+                f"features have feature_set_version {versions} but the ranker was "
+                f"trained on {self.feature_set_version!r}: rematerialize model_bundle"
+            )
+
     def _matrix(self, features: pd.DataFrame) -> np.ndarray:
         missing = [name for name in self.feature_columns if name not in features.columns]
         if missing:
@@ -138,12 +168,7 @@ class RankerModel:
                 "build it with recsys_assets.pipeline.features.compute_features"
             )
         if "feature_set_version" in features.columns and len(features):
-            versions = set(features["feature_set_version"].unique())
-            if versions != {self.feature_set_version}:
-                raise ValueError(
-                    f"features have feature_set_version {sorted(versions)} but the ranker was "
-                    f"trained on {self.feature_set_version!r}: rematerialize model_bundle"
-                )
+            self._check_version(sorted(features["feature_set_version"].unique()))
         return np.ascontiguousarray(features[list(self.feature_columns)].to_numpy(dtype=np.float32))
 
     def to_bytes(self) -> bytes:

@@ -7,7 +7,7 @@ contract checks are blocking: a violation stops the downstream steps of the run.
 """
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import dagster as dg
@@ -22,13 +22,13 @@ from recsys_assets.data import read_raw
 from recsys_assets.data.snapshot import raw_table_path
 from recsys_assets.models.bundle import load_bundle, train_bundle
 from recsys_assets.pipeline import candidates as candidate_stage
-from recsys_assets.pipeline.features import (
-    FEATURE_COLUMNS,
-    FEATURE_SET_VERSION,
-    compute_features,
-    item_state_asof,
-    leakage_violations,
+from recsys_assets.pipeline.feature_tables import (
+    PER_SUBJECT_TABLES,
+    FeatureTables,
+    feature_tables,
+    gather_features,
 )
+from recsys_assets.pipeline.features import FEATURE_COLUMNS, FEATURE_SET_VERSION
 from recsys_assets.pipeline.partitions import (
     ONE_RUN_PER_PARTITION,
     SurfaceRegion,
@@ -39,32 +39,29 @@ from recsys_assets.pipeline.retrieval import two_tower_retriever
 from recsys_assets.pipeline.scoring import ITEM_COLUMNS as SCORING_ITEM_COLUMNS
 from recsys_assets.pipeline.scoring import score_candidates
 from recsys_assets.pipeline.shards import (
+    RowSample,
     ShardWriteResult,
     UniformSample,
     markdown_table,
+    part_name,
     quantiles,
     raw_dataset,
     read_parts,
+    stage_path,
     write_shards,
+    write_table_shards,
 )
 from recsys_assets.pipeline.slates import build_slates
 from recsys_assets.pipeline.subjects import select_subjects, shard_bounds
 from recsys_assets.rules.tombstones import load_tombstones, person_tombstones
+from recsys_assets.warehouse import Warehouse
 
 PARTITIONS = surface_region_partitions()
-SCORING_INPUT_COLUMNS = [
-    "subject_id",
-    "item_id",
-    "score_time",
-    "source_provenance",
-    "rank_new_item_exploration",
-    "rank_long_tail_quality",
-    *FEATURE_COLUMNS,
-    "feature_set_version",
-]
-"""What scoring reads of features_asof: ids, the ranker's inputs and what utility needs."""
 FEATURE_ITEM_COLUMNS = ["item_id", "category", "creator_id", "stock", "is_sponsored", "created_at"]
 PIPELINE_GROUP = "pipeline"
+FEATURE_SAMPLE_ROWS = 1_000
+"""Full feature rows kept per partition (scored_candidates/…/feature_sample) for debugging:
+scoring gathers features without writing them."""
 UTILITY_SAMPLE_ROWS = 1_000_000
 """The utility quantiles in metadata come from a uniform sample of this many rows (exact below
 it), so scored_candidates' memory does not grow with the partition."""
@@ -198,7 +195,9 @@ def candidate_pools(
     )
 
     two_tower = two_tower_retriever(
-        bundle.two_tower, item_chunk=settings.pipeline.retrieval_item_chunk
+        bundle.two_tower,
+        item_chunk=settings.pipeline.retrieval_item_chunk,
+        retrieval=settings.pipeline.retrieval,
     )
     per_subject: list[np.ndarray] = []
     source_counts: Counter[str] = Counter()
@@ -254,7 +253,7 @@ def candidate_pools(
             name="no_future_feature_values",
             asset="features_asof",
             blocking=True,
-            description="No feature row uses a value from after its score_time.",
+            description="No feature table row uses a value from after the score_time.",
         ),
     ],
     kinds={"duckdb", "parquet"},
@@ -262,47 +261,70 @@ def candidate_pools(
 def features_asof(
     context: dg.AssetExecutionContext, recsys: RecsysResource, duckdb: DuckDBResource
 ) -> dg.MaterializeResult:
-    """Point-in-time features (DuckDB ASOF JOIN): feature_timestamp <= score_time on every row."""
+    """Features as of the partition's score_time where they live: subject, item,
+    subject × category / creator and exposure tables (pipeline/feature_tables.py)."""
     partition = SurfaceRegion.from_context(context)
     warehouse = recsys.warehouse()
     now = recsys.now()
-    # Event tables stay lazy datasets: each shard's SQL scans only its rows and columns.
-    items = warehouse.read_arrow(raw_table_path("items"), columns=FEATURE_ITEM_COLUMNS)
-    interactions = raw_dataset(warehouse, "interactions")
-    exposures = raw_dataset(warehouse, "exposures")
-    user_controls = raw_dataset(warehouse, "user_controls")
+    sources = {
+        # Event tables stay lazy datasets: each shard's SQL scans only its rows and columns.
+        "interactions": raw_dataset(warehouse, "interactions"),
+        "exposures": raw_dataset(warehouse, "exposures"),
+        "user_controls": raw_dataset(warehouse, "user_controls"),
+        "items": warehouse.read_arrow(raw_table_path("items"), columns=FEATURE_ITEM_COLUMNS),
+        "surface": partition.surface,
+        "score_time": now,
+    }
     leaks = 0
 
-    def shards(con) -> Iterator[pd.DataFrame]:
-        nonlocal leaks
-        item_state = item_state_asof(con, interactions, now)  # the same for every shard
-        for _, pool in read_parts(warehouse, "candidate_pools", partition.path):
-            features = compute_features(
-                con,
-                pool,
-                interactions=interactions,
-                exposures=exposures,
-                items=items,
-                user_controls=user_controls,
-                item_state=item_state,
-                surface=partition.surface,
-                score_time=now,
-            )
-            leaks += len(leakage_violations(features))
-            yield features
+    def checked(table: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
+        def validate(part: pd.DataFrame) -> pd.DataFrame:
+            nonlocal leaks
+            leaks += int((part["feature_timestamp"] >= part["score_time"]).sum())
+            return validate_stage(f"features_asof.{table}", part)
+
+        return validate
+
+    def per_subject_shards(con: Any) -> Iterator[dict[str, pd.DataFrame]]:
+        for _, pool in read_parts(
+            warehouse, "candidate_pools", partition.path, columns=["subject_id"]
+        ):
+            yield feature_tables(
+                con, pool["subject_id"].unique(), tables=PER_SUBJECT_TABLES, **sources
+            ).tables
 
     with duckdb.get_connection() as con:
-        result = write_shards(
-            warehouse,
-            "features_asof",
-            partition.path,
-            shards(con),
-            lambda part: validate_stage("features_asof", part),
-        )
-    outcome = _outcome(
-        "features_asof",
-        result,
-        {"feature_set_version": FEATURE_SET_VERSION, "score_time": str(now)},
+        item_table = feature_tables(con, np.array([], dtype=np.int64), tables=("items",), **sources)
+        results = {
+            "items": write_shards(
+                warehouse,
+                "features_asof",
+                f"{partition.path}/items",
+                [item_table["items"]],
+                checked("items"),
+            )
+        }
+        if results["items"].violation is None:
+            results.update(
+                write_table_shards(
+                    warehouse,
+                    "features_asof",
+                    partition.path,
+                    per_subject_shards(con),
+                    {table: checked(table) for table in PER_SUBJECT_TABLES},
+                )
+            )
+    for stale in warehouse.list(stage_path("features_asof", partition.path), suffix=".parquet"):
+        warehouse.delete(stale)  # row-per-candidate parts of an older version
+    violations = [str(result.violation) for result in results.values() if result.violation]
+    contract = dg.AssetCheckResult(
+        check_name="features_asof_contract",
+        passed=not violations,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={
+            "violations": "\n".join(violations) or "none",
+            "rows_checked": sum(result.rows for result in results.values()),
+        },
     )
     leakage = dg.AssetCheckResult(
         check_name="no_future_feature_values",
@@ -311,7 +333,13 @@ def features_asof(
         metadata={"rows_with_future_values": leaks},
     )
     return dg.MaterializeResult(
-        metadata=outcome.metadata, check_results=[*outcome.check_results, leakage]
+        metadata={
+            "feature_set_version": FEATURE_SET_VERSION,
+            "score_time": str(now),
+            **{f"{table}_rows": result.rows for table, result in results.items()},
+            "parts": max(result.parts for result in results.values()),
+        },
+        check_results=[contract, leakage],
     )
 
 
@@ -326,7 +354,8 @@ def features_asof(
 def scored_candidates(
     context: dg.AssetExecutionContext, recsys: RecsysResource
 ) -> dg.MaterializeResult:
-    """Calibrated ranker predictions and utility with its components, with lineage."""
+    """Gather each pool row's features from features_asof and score them in one pass:
+    calibrated ranker predictions and utility with its components, with lineage."""
     partition = SurfaceRegion.from_context(context)
     warehouse = recsys.warehouse()
     bundle = load_bundle(warehouse)
@@ -334,19 +363,52 @@ def scored_candidates(
         "item_id"
     )
     popularity = _popularity_percentile(raw_dataset(warehouse, "interactions"), items.index)
+    item_features = _feature_part(warehouse, partition, "items", part_name(0))
+    # The score_time features_asof was computed for (an empty catalog has no rows, and then
+    # no candidates either).
+    score_time = (
+        pd.Timestamp(item_features["score_time"].iloc[0]) if len(item_features) else recsys.now()
+    )
     lineage = {
         "model_version": bundle.info.model_version,
         "feature_set_version": bundle.info.feature_set_version,
         "pipeline_run_id": context.run.run_id,
     }
     utilities = UniformSample(UTILITY_SAMPLE_ROWS)
+    sample = RowSample(FEATURE_SAMPLE_ROWS)
 
     def shards() -> Iterator[pd.DataFrame]:
-        for _, features in read_parts(
-            warehouse, "features_asof", partition.path, columns=SCORING_INPUT_COLUMNS
-        ):
+        for name, pool in read_parts(warehouse, "candidate_pools", partition.path):
+            tables = FeatureTables(
+                score_time=score_time,
+                tables={
+                    "items": item_features,
+                    **{
+                        table: _feature_part(warehouse, partition, table, name)
+                        for table in PER_SUBJECT_TABLES
+                    },
+                },
+            )
+            gathered = gather_features(tables, pool)
+            prediction, calibrated = bundle.score_matrix(
+                gathered.matrix,
+                columns=tuple(FEATURE_COLUMNS),
+                feature_set_version=FEATURE_SET_VERSION,
+            )
+            sample.add(
+                len(pool),
+                lambda rows, gathered=gathered, pool=pool: gathered.take(rows).frame(
+                    pool.iloc[rows], score_time
+                ),
+            )
             scored = score_candidates(
-                features, items, bundle.score, popularity_percentile=popularity, lineage=lineage
+                pool,
+                prediction,
+                calibrated,
+                items,
+                score_time=score_time,
+                popularity_percentile=popularity,
+                lineage=lineage,
             )
             utilities.add(scored["utility"].to_numpy())
             yield scored
@@ -358,17 +420,39 @@ def scored_candidates(
         shards(),
         lambda part: validate_stage("scored_candidates", part),
     )
-    return _outcome(
-        "scored_candidates",
-        result,
-        {
-            **lineage,
-            "utility_distribution": dg.MetadataValue.json(
-                quantiles(utilities.values, (0.05, 0.5, 0.95))
-            ),
-            "utility_distribution_rows": len(utilities.values),
-        },
-    )
+    metadata: dict[str, Any] = {
+        **lineage,
+        "utility_distribution": dg.MetadataValue.json(
+            quantiles(utilities.values, (0.05, 0.5, 0.95))
+        ),
+        "utility_distribution_rows": len(utilities.values),
+    }
+    sample_path = f"{stage_path('scored_candidates', partition.path)}/feature_sample"
+    if result.violation is None and len(sample.rows()):
+        warehouse.replace_folder(
+            sample_path, {part_name(0): validate_stage("feature_rows", sample.rows())}
+        )
+        metadata["feature_sample"] = dg.MetadataValue.path(warehouse.uri(sample_path))
+    else:
+        warehouse.delete(sample_path, recursive=True)
+    metadata["feature_sample_rows"] = len(sample.rows())
+    return _outcome("scored_candidates", result, metadata)
+
+
+def _feature_part(
+    warehouse: Warehouse, partition: SurfaceRegion, table: str, part: str
+) -> pd.DataFrame:
+    """One part of a features_asof table; a clear error when features_asof is missing or
+    older than the candidate pools it must match (one per-subject part per pool part)."""
+    path = f"{stage_path('features_asof', partition.path)}/{table}/{part}"
+    try:
+        return warehouse.read_parquet(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"features_asof has no {table} part {part} for {partition.path} "
+            f"({warehouse.uri(path)}): materialize features_asof for this partition after "
+            "candidate_pools"
+        ) from None
 
 
 @dg.asset(

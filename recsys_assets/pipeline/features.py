@@ -1,8 +1,10 @@
 """Point-in-time features for (subject, item, score_time) rows, built with DuckDB ASOF JOINs.
 
-One code path builds training rows (score_time = the label's event time) and scoring rows
-(score_time = now), so the ranker never sees a feature at training time that it would not
-have at scoring time. Every value comes from a time-indexed state table (one row per key
+This is the exact path, for rows with their own score times (training rows: the label's
+time). Scoring, where a partition's rows share one score_time, reads the same values from
+entity tables (`pipeline/feature_tables.py`, the `features_asof` asset); a test holds the
+two paths to identical values, so the ranker never sees a feature at training time that it
+would not have at scoring time. Every value comes from a time-indexed state table (one row per key
 and change point, with every count as of that point) looked up with
 `ASOF JOIN … ON score_time > changed_at`: the newest state *strictly before* score_time.
 Strict, because a training row at the label's event time must not count the label event
@@ -150,7 +152,6 @@ def compute_features(
     surface: str,
     score_time: pd.Timestamp | None = None,
     user_controls: EventSource | None = None,
-    item_state: pa.Table | None = None,
     step_seconds: dict[str, float] | None = None,
 ) -> pd.DataFrame:
     """Point-in-time features for each row of `pairs`, in the same order.
@@ -159,48 +160,27 @@ def compute_features(
     `score_time` is given (one or the other). Every other column of `pairs` passes through
     (source_provenance, rank_<source>, retrieval_score, labels). Event tables may be
     pyarrow Datasets: DuckDB scans them per call, so memory does not grow with their size.
-    `con` is the caller's
-    connection: work happens on a cursor of it (own temp tables), so parallel steps with
-    their own database files never share state. `user_controls` (hide/unhide of creators
-    and categories) drives the suppression flags; without it they are 0. `item_state`,
-    from `item_state_asof` at the same scalar `score_time`, spares each shard of a
-    partition from aggregating every item's engagement again. `step_seconds`,
-    if given, receives wall times: build_state, asof_join (all lookups and the join back;
+    `con` is the caller's connection: work happens on a cursor of it (own temp tables), so
+    parallel steps with their own database files never share state. `user_controls`
+    (hide/unhide of creators and categories) drives the suppression flags; without it they
+    are 0. `step_seconds`, if given, receives wall times: build_state, asof_join (all lookups and the join back;
     per lookup as lookup_<key>) and assemble, for metadata and benchmarks.
     """
     frame = _pairs_frame(pairs)
     probe = _probe_table(frame, score_time)
-    if item_state is not None and score_time is None:
-        raise FeatureInputError(
-            "item_state holds item counts as of one score_time: pass that score_time too"
-        )
     with _cursor(con) as cur:
         cur.register("_fs_probe", probe)
-        if item_state is not None:
-            cur.register("_fs_item_state", item_state)
         cur.register("_fs_interactions", _as_arrow(interactions, "interactions"))
         cur.register("_fs_exposures", _as_arrow(exposures, "exposures"))
         cur.register("_fs_items", _as_arrow(items, "items"))
-        controls = (
+        cur.register(
+            "_fs_controls",
             _as_arrow(user_controls, "user_controls")
             if user_controls is not None
-            else pa.table(
-                {
-                    "user_id": pa.array([], pa.int64()),
-                    "target_type": pa.array([], pa.string()),
-                    "target_id": pa.array([], pa.string()),
-                    "action": pa.array([], pa.string()),
-                    "ts": pa.array([], pa.timestamp("us")),
-                }
-            )
+            else _empty_controls(),
         )
-        cur.register("_fs_controls", controls)
         with _timed(step_seconds, "build_state"):
-            for statement in _build_tables_sql(
-                surface,
-                one_score_time=score_time is not None,
-                shared_item_state=item_state is not None,
-            ):
+            for statement in _build_tables_sql(surface, one_score_time=score_time is not None):
                 cur.execute(statement)
         with _timed(step_seconds, "asof_join"):
             for key, statement in _lookup_sql():
@@ -210,20 +190,6 @@ def compute_features(
                 computed = cur.sql(_ASSEMBLE_SQL).to_arrow_table()
     with _timed(step_seconds, "assemble"):
         return _assemble(frame, computed)
-
-
-def item_state_asof(
-    con: duckdb.DuckDBPyConnection, interactions: EventSource, score_time: pd.Timestamp
-) -> pa.Table:
-    """Every item's engagement counts and last event strictly before `score_time`: the item
-    state `compute_features` would aggregate per call, once for all shards of a partition."""
-    with _cursor(con) as cur:
-        cur.register("_fs_interactions", _as_arrow(interactions, "interactions"))
-        cur.execute(
-            "CREATE OR REPLACE TEMP TABLE fs_bounds AS SELECT CAST(? AS TIMESTAMP) AS horizon",
-            [_naive(score_time).to_pydatetime()],
-        )
-        return cur.sql(_ITEM_AGGREGATE_SELECT).to_arrow_table()
 
 
 def leakage_violations(features: pd.DataFrame) -> pd.DataFrame:
@@ -244,6 +210,19 @@ def _as_arrow(frame: EventSource, name: str) -> pa.Table | ds.Dataset:
         return pa.Table.from_pandas(frame, preserve_index=False)
     raise FeatureInputError(
         f"{name}: expected a pandas DataFrame, pyarrow Table or Dataset, got {frame!r}"
+    )
+
+
+def _empty_controls() -> pa.Table:
+    """A user_controls table with no rows: no suppression flags."""
+    return pa.table(
+        {
+            "user_id": pa.array([], pa.int64()),
+            "target_type": pa.array([], pa.string()),
+            "target_id": pa.array([], pa.string()),
+            "action": pa.array([], pa.string()),
+            "ts": pa.array([], pa.timestamp("us")),
+        }
     )
 
 
@@ -312,9 +291,7 @@ def _cursor(con: duckdb.DuckDBPyConnection) -> Iterator[duckdb.DuckDBPyConnectio
 # -- SQL -----------------------------------------------------------------------------------
 
 
-def _build_tables_sql(
-    surface: str, *, one_score_time: bool = False, shared_item_state: bool = False
-) -> list[str]:
+def _build_tables_sql(surface: str, *, one_score_time: bool = False) -> list[str]:
     """Time-indexed state tables: one row per key and change point, all values as of then.
 
     An event at time e adds 1 to the totals and to each window from e on, and a second row
@@ -323,27 +300,72 @@ def _build_tables_sql(
     instead of one per window. Only keys the probe can reach are kept (subjects and items in
     the probe, changes before the latest score_time): a subject shard builds its own history.
     The window frame includes peers, so rows sharing a change time carry identical values
-    and the ASOF join may pick any of them. Categories and creators are joined on integer
-    codes, which sort far faster than text.
+    and the ASOF join may pick any of them.
 
-    With `one_score_time` (every probe row at the same score_time, as in scoring) the item
-    state needs only its newest row, so it is one aggregate per item straight from the
-    interactions (the same counts the change points would sum to: an event is in a window
-    when ts < score_time <= ts + window), and `fs_events` keeps the subjects' events only.
-    A shard then never sorts every engagement on its items.
+    With `one_score_time` (every probe row at the same score_time) the item state needs
+    only its newest row, so it is one aggregate per item straight from the interactions
+    (the same counts the change points would sum to: an event is in a window when
+    ts < score_time <= ts + window), and `fs_events` keeps the subjects' events only.
     """
     quoted_surface = surface.replace("'", "''")
+    return [
+        "CREATE OR REPLACE TEMP TABLE fs_bounds AS "
+        "SELECT max(score_time) AS horizon FROM _fs_probe",
+        "CREATE OR REPLACE TEMP TABLE fs_probe_items AS SELECT DISTINCT item_id FROM _fs_probe",
+        *_shared_tables_sql(one_score_time=one_score_time),
+        f"""
+        CREATE OR REPLACE TEMP TABLE fs_user_state AS
+        SELECT e.user_id, e.ts + k.shift AS changed_at,
+               CAST(sum(k.total) OVER w AS FLOAT) AS events_total,
+               CAST(sum(k.d7) OVER w AS FLOAT) AS events_7d,
+               CAST(sum(k.total * (e.event_type = 'click')::INT) OVER w AS FLOAT)
+                   AS clicks_total,
+               CAST(sum(k.total * (e.event_type = 'purchase')::INT) OVER w AS FLOAT)
+                   AS purchases_total,
+               max(CASE WHEN k.total = 1 THEN e.ts END) OVER w AS last_event_ts
+        FROM fs_events e
+        CROSS JOIN (VALUES (INTERVAL 0 DAY, 1, 1), (7 * {_DAY}, 0, -1)) k(shift, total, d7)
+        WHERE e.user_id IN (SELECT subject_id FROM fs_probe_subjects)
+          AND e.ts + k.shift < (SELECT horizon FROM fs_bounds)
+        WINDOW w AS (PARTITION BY e.user_id ORDER BY e.ts + k.shift)
+        """,
+        _ITEM_STATE_SQL
+        if not one_score_time
+        else "CREATE OR REPLACE TEMP TABLE fs_item_state AS SELECT * FROM "
+        f"({_ITEM_AGGREGATE_SELECT}) WHERE item_id IN (SELECT item_id FROM fs_probe_items)",
+        *(_affinity_state_sql(target_type) for target_type in ("category", "creator")),
+        f"""
+        CREATE OR REPLACE TEMP TABLE fs_pair_state AS
+        WITH shown AS (
+            SELECT CAST(user_id AS BIGINT) AS user_id, CAST(item_id AS BIGINT) AS item_id,
+                   CAST(ts AS TIMESTAMP) AS ts
+            FROM _fs_exposures
+            WHERE surface = '{quoted_surface}'
+              AND CAST(ts AS TIMESTAMP) < (SELECT horizon FROM fs_bounds)
+              AND CAST(user_id AS BIGINT) IN (SELECT subject_id FROM fs_probe_subjects)
+        )
+        SELECT user_id, item_id, ts AS changed_at, list(ts) OVER recent AS shown_last_7d
+        FROM shown
+        WINDOW recent AS (PARTITION BY user_id, item_id ORDER BY ts
+                          RANGE BETWEEN 7 * {_DAY} PRECEDING AND CURRENT ROW)
+        """,
+    ]
+
+
+def _shared_tables_sql(*, one_score_time: bool = True) -> list[str]:
+    """The inputs both feature paths build first (after fs_bounds and the probe):
+    the probe's subjects, item attributes with integer category and creator codes (they
+    join far faster than text), the subjects' engagement events and their controls.
+    Without `one_score_time` the events of the probe's items are kept too (fs_probe_items
+    must exist), for item state at many score_times."""
     item_events = (
         ""
         if one_score_time
         else "OR CAST(e.item_id AS BIGINT) IN (SELECT item_id FROM fs_probe_items)"
     )
     return [
-        "CREATE OR REPLACE TEMP TABLE fs_bounds AS "
-        "SELECT max(score_time) AS horizon FROM _fs_probe",
         "CREATE OR REPLACE TEMP TABLE fs_probe_subjects AS "
         "SELECT DISTINCT subject_id FROM _fs_probe",
-        "CREATE OR REPLACE TEMP TABLE fs_probe_items AS SELECT DISTINCT item_id FROM _fs_probe",
         """
         CREATE OR REPLACE TEMP TABLE fs_item_attrs AS
         SELECT CAST(item_id AS BIGINT) AS item_id, CAST(category AS VARCHAR) AS category,
@@ -364,23 +386,6 @@ def _build_tables_sql(
           AND (CAST(e.user_id AS BIGINT) IN (SELECT subject_id FROM fs_probe_subjects)
                {item_events})
         """,
-        f"""
-        CREATE OR REPLACE TEMP TABLE fs_user_state AS
-        SELECT e.user_id, e.ts + k.shift AS changed_at,
-               CAST(sum(k.total) OVER w AS FLOAT) AS events_total,
-               CAST(sum(k.d7) OVER w AS FLOAT) AS events_7d,
-               CAST(sum(k.total * (e.event_type = 'click')::INT) OVER w AS FLOAT)
-                   AS clicks_total,
-               CAST(sum(k.total * (e.event_type = 'purchase')::INT) OVER w AS FLOAT)
-                   AS purchases_total,
-               max(CASE WHEN k.total = 1 THEN e.ts END) OVER w AS last_event_ts
-        FROM fs_events e
-        CROSS JOIN (VALUES (INTERVAL 0 DAY, 1, 1), (7 * {_DAY}, 0, -1)) k(shift, total, d7)
-        WHERE e.user_id IN (SELECT subject_id FROM fs_probe_subjects)
-          AND e.ts + k.shift < (SELECT horizon FROM fs_bounds)
-        WINDOW w AS (PARTITION BY e.user_id ORDER BY e.ts + k.shift)
-        """,
-        _item_state_sql(one_score_time=one_score_time, shared=shared_item_state),
         """
         CREATE OR REPLACE TEMP TABLE fs_controls AS
         SELECT CAST(user_id AS BIGINT) AS user_id, target_type,
@@ -391,22 +396,6 @@ def _build_tables_sql(
           AND CAST(ts AS TIMESTAMP) < (SELECT horizon FROM fs_bounds)
           AND CAST(user_id AS BIGINT) IN (SELECT subject_id FROM fs_probe_subjects)
         GROUP BY ALL
-        """,
-        *(_affinity_state_sql(target_type) for target_type in ("category", "creator")),
-        f"""
-        CREATE OR REPLACE TEMP TABLE fs_pair_state AS
-        WITH shown AS (
-            SELECT CAST(user_id AS BIGINT) AS user_id, CAST(item_id AS BIGINT) AS item_id,
-                   CAST(ts AS TIMESTAMP) AS ts
-            FROM _fs_exposures
-            WHERE surface = '{quoted_surface}'
-              AND CAST(ts AS TIMESTAMP) < (SELECT horizon FROM fs_bounds)
-              AND CAST(user_id AS BIGINT) IN (SELECT subject_id FROM fs_probe_subjects)
-        )
-        SELECT user_id, item_id, ts AS changed_at, list(ts) OVER recent AS shown_last_7d
-        FROM shown
-        WINDOW recent AS (PARTITION BY user_id, item_id ORDER BY ts
-                          RANGE BETWEEN 7 * {_DAY} PRECEDING AND CURRENT ROW)
         """,
     ]
 
@@ -476,20 +465,7 @@ FROM _fs_interactions e, fs_bounds b
 WHERE e.event_type <> 'hide' AND CAST(e.ts AS TIMESTAMP) < b.horizon
 GROUP BY ALL
 """
-"""Every item's state as of the one horizon in fs_bounds (scoring): one row per item."""
-
-
-def _item_state_sql(*, one_score_time: bool, shared: bool) -> str:
-    """fs_item_state for the probe's items: every change point (many score_times), or one
-    row per item as of the one score_time, aggregated here or taken from a shared
-    `item_state_asof` table registered as _fs_item_state."""
-    if not one_score_time:
-        return _ITEM_STATE_SQL
-    source = "SELECT * FROM _fs_item_state" if shared else _ITEM_AGGREGATE_SELECT
-    return (
-        f"CREATE OR REPLACE TEMP TABLE fs_item_state AS SELECT * FROM ({source}) "
-        "WHERE item_id IN (SELECT item_id FROM fs_probe_items)"
-    )
+"""Every item's state as of the one horizon in fs_bounds: one row per item."""
 
 
 def _lookup_sql() -> list[tuple[str, str]]:
@@ -658,7 +634,7 @@ def _assemble(frame: pd.DataFrame, computed: pa.Table) -> pd.DataFrame:
     out = computed.drop_columns(["_row"]).take(order).to_pandas()
     out.index = frame.index
     features = {name: out[name].to_numpy(dtype=np.float32) for name in _SQL_FEATURES}
-    features.update(_cross_and_source_features(frame))
+    features.update(source_features(frame))
     own = frame.drop(
         columns=[*FEATURE_COLUMNS, "score_time", "feature_timestamp", "feature_set_version"],
         errors="ignore",
@@ -676,8 +652,9 @@ def _assemble(frame: pd.DataFrame, computed: pa.Table) -> pd.DataFrame:
     return result
 
 
-def _cross_and_source_features(frame: pd.DataFrame) -> dict[str, np.ndarray]:
-    """Features read straight off the candidate row: embedding dot and source provenance."""
+def source_features(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Features read straight off the candidate row: embedding dot, history scores and
+    source provenance (both feature paths)."""
     rows = len(frame)
     if "retrieval_score" in frame.columns:
         dot = frame["retrieval_score"].to_numpy(dtype=np.float32, na_value=np.nan)

@@ -14,8 +14,6 @@ The components are stored next to the total so a decision can be explained after
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import pandas as pd
 
@@ -26,31 +24,31 @@ EXPLORATION_WEIGHT = 0.03
 ITEM_COLUMNS = ["item_type", "category", "creator_id", "is_sponsored"]
 
 
-Scorer = Callable[[pd.DataFrame], tuple[np.ndarray, np.ndarray]]
-"""features → (raw prediction, calibrated probability), e.g. ModelBundle.score."""
-
-
 def score_candidates(
-    features: pd.DataFrame,
+    pool: pd.DataFrame,
+    prediction: np.ndarray,
+    calibrated: np.ndarray,
     items: pd.DataFrame,
-    scorer: Scorer,
     *,
+    score_time: pd.Timestamp,
     popularity_percentile: pd.Series,
     lineage: dict[str, object],
 ) -> pd.DataFrame:
     """Scored candidates: predictions, calibrated probabilities, utility and components.
 
-    `items` is indexed by item_id with ITEM_COLUMNS; `popularity_percentile` maps item_id to
-    [0, 1] (1 = most popular); `lineage` adds constant columns (model_version, ...).
+    `pool` holds candidate rows (subject_id, item_id, rank_<source>, source_provenance);
+    `prediction` and `calibrated` are the ranker's outputs for them, in row order (e.g.
+    ModelBundle.score_matrix). `items` is indexed by item_id with ITEM_COLUMNS;
+    `popularity_percentile` maps item_id to [0, 1] (1 = most popular); `lineage` adds
+    constant columns (model_version, ...).
     """
-    raw, calibrated_raw = scorer(features)
-    prediction = np.asarray(raw, dtype=np.float32)
-    calibrated = np.clip(np.asarray(calibrated_raw, dtype=np.float32), 0.0, 1.0)
-    item_ids = features["item_id"]
+    prediction = np.asarray(prediction, dtype=np.float32)
+    calibrated = np.clip(np.asarray(calibrated, dtype=np.float32), 0.0, 1.0)
+    item_ids = pool["item_id"]
     attributes = items.reindex(item_ids.to_numpy())[ITEM_COLUMNS].reset_index(drop=True)
     percentile = item_ids.map(popularity_percentile).fillna(0.0).to_numpy(dtype=np.float32)
     exploratory = (
-        (features["rank_new_item_exploration"] > 0) | (features["rank_long_tail_quality"] > 0)
+        (pool["rank_new_item_exploration"] > 0) | (pool["rank_long_tail_quality"] > 0)
     ).to_numpy()
     sponsored = attributes["is_sponsored"].to_numpy(dtype=bool)
 
@@ -61,7 +59,7 @@ def score_candidates(
 
     scored = pd.DataFrame(
         {
-            "subject_id": features["subject_id"].to_numpy(dtype=np.int64),
+            "subject_id": pool["subject_id"].to_numpy(dtype=np.int64),
             "item_id": item_ids.to_numpy(dtype=np.int64),
             "prediction": prediction,
             "calibrated": calibrated,
@@ -76,8 +74,8 @@ def score_candidates(
             "creator_id": attributes["creator_id"].array,
             "is_sponsored": sponsored,
             "is_exploration_candidate": exploratory,
-            "source_provenance": features["source_provenance"].array,
-            "score_time": features["score_time"].to_numpy(),
+            "source_provenance": pool["source_provenance"].array,
+            "score_time": np.full(len(pool), pd.Timestamp(score_time).to_datetime64()),
         }
     )
     for column, value in {**lineage, "utility_policy_version": UTILITY_POLICY_VERSION}.items():

@@ -80,39 +80,69 @@ def write_shards(
     shards: Iterable[pd.DataFrame],
     validate: Callable[[pd.DataFrame], pd.DataFrame],
 ) -> ShardWriteResult:
-    """Validate and write each shard as a part; replace the partition's previous parts.
+    """Validate and write each shard as a part; replace the partition's previous parts."""
+    return write_table_shards(
+        warehouse,
+        asset,
+        partition_path,
+        ({"": frame} for frame in shards),
+        {"": validate},
+    )[""]
 
-    A part is written in a background thread while the next shard is computed (Parquet
-    encoding and the upload release the GIL); at most one write is in flight, so memory
-    holds at most two shards.
+
+def write_table_shards(
+    warehouse: Warehouse,
+    asset: str,
+    partition_path: str,
+    shards: Iterable[dict[str, pd.DataFrame]],
+    validate: dict[str, Callable[[pd.DataFrame], pd.DataFrame]],
+) -> dict[str, ShardWriteResult]:
+    """Validate and write each shard's tables (name → frame; the name "" is the partition's
+    folder itself, any other a subfolder) as parts; replace their previous parts.
+
+    Parts are written in a background thread while the next shard is computed (Parquet
+    encoding and the upload release the GIL); at most one shard's writes are in flight, so
+    memory holds at most two shards. A contract violation in any table removes every
+    table's folder (never half-written data downstream) and is returned in that table's
+    result.
     """
-    folder = stage_path(asset, partition_path)
-    result = ShardWriteResult()
+    folders = {
+        name: stage_path(asset, f"{partition_path}/{name}" if name else partition_path)
+        for name in validate
+    }
+    results = {name: ShardWriteResult() for name in validate}
     written: set[str] = set()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{asset}") as writer:
-        in_flight: Future[None] | None = None
-        for index, frame in enumerate(shards):
-            try:
-                checked = validate(frame)
-            except ContractViolation as violation:
-                if in_flight is not None:
-                    in_flight.result()
-                warehouse.delete(folder, recursive=True)
-                result.violation = violation
-                return result
-            path = f"{folder}/{part_name(index)}"
-            if in_flight is not None:
-                in_flight.result()
-            in_flight = writer.submit(warehouse.write_parquet, path, checked)
-            written.add(path)
-            result.rows += len(checked)
-            result.parts += 1
-            result.per_part_rows.append(len(checked))
-        if in_flight is not None:
-            in_flight.result()
-    for stale in set(warehouse.list(folder, suffix=".parquet")) - written:
-        warehouse.delete(stale)
-    return result
+        in_flight: list[Future[None]] = []
+        for index, tables in enumerate(shards):
+            checked: dict[str, pd.DataFrame] = {}
+            for name, frame in tables.items():
+                try:
+                    checked[name] = validate[name](frame)
+                except ContractViolation as violation:
+                    for pending in in_flight:
+                        pending.result()
+                    for folder in folders.values():
+                        warehouse.delete(folder, recursive=True)
+                    results[name].violation = violation
+                    return results
+            for pending in in_flight:
+                pending.result()
+            in_flight = []
+            for name, frame in checked.items():
+                path = f"{folders[name]}/{part_name(index)}"
+                in_flight.append(writer.submit(warehouse.write_parquet, path, frame))
+                written.add(path)
+                result = results[name]
+                result.rows += len(frame)
+                result.parts += 1
+                result.per_part_rows.append(len(frame))
+        for pending in in_flight:
+            pending.result()
+    for folder in folders.values():
+        for stale in set(warehouse.list(folder, suffix=".parquet")) - written:
+            warehouse.delete(stale)
+    return results
 
 
 def quantiles(
@@ -151,6 +181,33 @@ class UniformSample:
             kept = np.argpartition(keys_all, self.capacity - 1)[: self.capacity]
             values_all, keys_all = values_all[kept], keys_all[kept]
         self.values, self._keys = values_all, keys_all
+
+
+class RowSample:
+    """A uniform sample without replacement of at most `capacity` rows of a stream of
+    frames, built only for the rows that may enter it (a debug sample of a partition)."""
+
+    def __init__(self, capacity: int, seed: int = 0) -> None:
+        self.capacity = capacity
+        self._kept = pd.DataFrame()
+        self._keys = np.empty(0, dtype=np.float64)
+        self._rng = np.random.default_rng(seed)
+
+    def add(self, count: int, rows: Callable[[np.ndarray], pd.DataFrame]) -> None:
+        """Offer `count` rows; `rows(positions)` builds the frame of those positions."""
+        keys = self._rng.random(count)
+        offered = np.sort(np.argsort(keys, kind="stable")[: self.capacity])
+        if offered.size == 0:
+            return
+        frame = rows(offered).reset_index(drop=True)
+        kept = pd.concat([self._kept, frame], ignore_index=True) if len(self._kept) else frame
+        all_keys = np.concatenate((self._keys, keys[offered]))
+        best = np.sort(np.argsort(all_keys, kind="stable")[: self.capacity])
+        self._kept = kept.iloc[best].reset_index(drop=True)
+        self._keys = all_keys[best]
+
+    def rows(self) -> pd.DataFrame:
+        return self._kept
 
 
 def markdown_table(rows: dict[str, object], headers: tuple[str, str]) -> str:

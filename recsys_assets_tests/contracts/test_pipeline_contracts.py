@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pandas as pd
 import pytest
 
 from recsys_assets.config.settings import SOURCES
 from recsys_assets.contracts import ContractViolation
-from recsys_assets.contracts.pipeline import PIPELINE_CONTRACTS, RANK_COLUMNS, validate_stage
+from recsys_assets.contracts.pipeline import (
+    FEATURE_TABLE_CONTRACTS,
+    PIPELINE_CONTRACTS,
+    RANK_COLUMNS,
+    validate_stage,
+)
 from recsys_assets.pipeline.features import FEATURE_COLUMNS, FEATURE_SET_VERSION, HISTORY_SCORES
 
 T = pd.Timestamp
@@ -54,7 +61,7 @@ def candidate_pools() -> pd.DataFrame:
     )
 
 
-def features_asof() -> pd.DataFrame:
+def feature_rows() -> pd.DataFrame:
     pools = candidate_pools().drop(columns="candidate_policy_version")
     values = {name: np.ones(3, dtype=np.float32) for name in FEATURE_COLUMNS}
     return pools.assign(
@@ -111,10 +118,36 @@ def slates() -> pd.DataFrame:
     )
 
 
-GOOD = {
+def entity_table(name: str) -> Callable[[], pd.DataFrame]:
+    """A valid features_asof entity table: distinct integer keys, float32 values."""
+
+    def build() -> pd.DataFrame:
+        columns = FEATURE_TABLE_CONTRACTS[name].to_schema().columns
+        frame = pd.DataFrame(
+            {
+                column: (
+                    np.array([1, 2, 3], dtype=np.int64)
+                    if spec.dtype.type == np.int64
+                    else np.array([0.0, 1.5, 3.0], dtype=np.float32)
+                )
+                for column, spec in columns.items()
+                if column not in ("score_time", "feature_timestamp", "feature_set_version")
+            }
+        )
+        return frame.assign(
+            score_time=NOW,
+            feature_timestamp=[T("2024-02-29"), NOW, T("1970-01-01")],
+            feature_set_version=FEATURE_SET_VERSION,
+        )
+
+    return build
+
+
+GOOD: dict[str, Callable[[], pd.DataFrame]] = {
     "subjects": subjects,
     "candidate_pools": candidate_pools,
-    "features_asof": features_asof,
+    **{f"features_asof.{name}": entity_table(name) for name in FEATURE_TABLE_CONTRACTS},
+    "feature_rows": feature_rows,
     "scored_candidates": scored_candidates,
     "slates": slates,
 }
@@ -136,14 +169,15 @@ def test_good_frames_pass_and_empty_frames_with_the_right_columns_too(stage: str
     frame = GOOD[stage]()
     validated = validate_stage(stage, frame)
     assert len(validated) == len(frame)
-    assert validated["subject_id"].dtype == np.int64
+    key = "item_id" if stage == "features_asof.items" else "subject_id"
+    assert validated[key].dtype == np.int64
     validate_stage(stage, frame.iloc[0:0])
 
 
 def test_types_are_coerced_to_the_documented_ones() -> None:
     pools = validate_stage("candidate_pools", candidate_pools().astype({"rank_content": "int64"}))
     assert pools["rank_content"].dtype == np.int32
-    features = validate_stage("features_asof", features_asof())
+    features = validate_stage("feature_rows", feature_rows())
     assert (features[FEATURE_COLUMNS].dtypes == np.float32).all()
     assert features["score_time"].dtype == "datetime64[ns]"
 
@@ -180,11 +214,11 @@ def test_candidate_pools_check_provenance_against_ranks_and_key() -> None:
 
 
 def test_features_reject_future_values_and_non_finite_features() -> None:
-    bad = features_asof()
+    bad = feature_rows()
     bad.loc[1, "feature_timestamp"] = NOW + pd.Timedelta(seconds=1)
     bad.loc[2, "item_age_days"] = np.inf
     bad.loc[0, "shown_7d"] = np.nan
-    found = _violations("features_asof", bad)
+    found = _violations("feature_rows", bad)
     assert found["feature_timestamp"] == [
         "feature_timestamp must be <= score_time (no future values)"
     ]
@@ -194,10 +228,37 @@ def test_features_reject_future_values_and_non_finite_features() -> None:
 
 
 def test_features_keep_pass_through_columns() -> None:
-    extra = features_asof().assign(retrieval_score_raw=1.0, candidate_policy_version="c1")
-    assert "retrieval_score_raw" in validate_stage("features_asof", extra).columns
-    missing = _violations("features_asof", features_asof().drop(columns="rank_editorial"))
+    extra = feature_rows().assign(retrieval_score_raw=1.0, candidate_policy_version="c1")
+    assert "retrieval_score_raw" in validate_stage("feature_rows", extra).columns
+    missing = _violations("feature_rows", feature_rows().drop(columns="rank_editorial"))
     assert missing == {"rank_editorial": ["missing column"]}
+
+
+@pytest.mark.parametrize("name", list(FEATURE_TABLE_CONTRACTS))
+def test_entity_tables_reject_future_values_duplicate_keys_and_non_finite_values(
+    name: str,
+) -> None:
+    bad = entity_table(name)()
+    value = next(
+        column
+        for column, spec in FEATURE_TABLE_CONTRACTS[name].to_schema().columns.items()
+        if spec.dtype.type == np.float32
+    )
+    keys = [column for column in bad.columns if bad[column].dtype == np.int64]
+    if name == "items":
+        keys = ["item_id"]  # the codes repeat across items; the key is item_id alone
+    bad.loc[0, "feature_timestamp"] = NOW + pd.Timedelta(seconds=1)
+    bad.loc[1, value] = np.nan
+    bad.loc[2, "user_events_total" if name == "subjects" else value] = np.inf
+    bad.loc[2, keys] = bad.loc[1, keys].to_numpy()
+    found = _violations(f"features_asof.{name}", bad)
+    assert found["feature_timestamp"] == [
+        "feature_timestamp must be <= score_time (no future values)"
+    ]
+    assert "missing value (null)" in found[value]
+    infinite = "user_events_total" if name == "subjects" else value
+    assert "must be finite (no NaN or ±inf)" in found[infinite]
+    assert found[keys[0]] == [f"duplicate key ({', '.join(keys)})"]
 
 
 def test_scored_candidates_need_probabilities_and_finite_utility() -> None:
@@ -233,5 +294,5 @@ def test_slates_positions_dense_items_unique_propensity_bounded() -> None:
 
 def test_rank_columns_follow_configured_sources() -> None:
     assert tuple(f"rank_{source}" for source in SOURCES) == RANK_COLUMNS
-    for stage in ("candidate_pools", "features_asof"):
+    for stage in ("candidate_pools", "feature_rows"):
         assert set(RANK_COLUMNS) <= set(PIPELINE_CONTRACTS[stage].to_schema().columns)

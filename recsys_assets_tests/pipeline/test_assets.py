@@ -15,6 +15,7 @@ from recsys_assets.config import load_settings
 from recsys_assets.contracts.pipeline import validate_stage
 from recsys_assets.definitions import build_definitions
 from recsys_assets.pipeline import assets as pipeline_assets
+from recsys_assets.pipeline.feature_tables import FeatureTables
 from recsys_assets.pipeline.jobs import MODEL_JOB, REFRESH_JOB
 from recsys_assets.pipeline.partitions import SurfaceRegion
 from recsys_assets.pipeline.resources import RecsysResource
@@ -110,16 +111,18 @@ def test_refresh_is_deterministic_for_a_fixed_clock(pipeline_run: PipelineRun) -
 def test_planted_future_feature_value_fails_the_leakage_check(
     pipeline_run: PipelineRun, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = pipeline_assets.compute_features
+    real = pipeline_assets.feature_tables
 
-    def leaky(*args: object, **kwargs: object) -> pd.DataFrame:
-        features = real(*args, **kwargs)
-        features.loc[features.index[:3], "feature_timestamp"] = features["score_time"].iloc[
-            0
-        ] + pd.Timedelta(hours=1)
-        return features
+    def leaky(*args: object, **kwargs: object) -> FeatureTables:
+        built = real(*args, **kwargs)  # type: ignore[arg-type]
+        if "subjects" in built.tables:
+            subjects = built["subjects"]
+            subjects.loc[subjects.index[:3], "feature_timestamp"] = built.score_time + pd.Timedelta(
+                hours=1
+            )
+        return built
 
-    monkeypatch.setattr(pipeline_assets, "compute_features", leaky)
+    monkeypatch.setattr(pipeline_assets, "feature_tables", leaky)
     partition = SurfaceRegion("push", "apac")
     result = pipeline_run.definitions.resolve_job_def(REFRESH_JOB).execute_in_process(
         instance=pipeline_run.instance, partition_key=partition.to_key(), raise_on_error=False

@@ -16,7 +16,6 @@ from recsys_assets.pipeline.features import (
     NO_HISTORY,
     FeatureInputError,
     compute_features,
-    item_state_asof,
     leakage_violations,
 )
 
@@ -146,25 +145,6 @@ def test_known_counts_windows_and_flags(
     assert (out["score_time"] == SCORE_TIME).all()
     assert out["feature_timestamp"].dtype == "datetime64[ns]"
     assert leakage_violations(out).empty
-
-
-def test_shared_item_state_gives_the_same_features_shard_by_shard(
-    interactions: pd.DataFrame,
-    exposures: pd.DataFrame,
-    items: pd.DataFrame,
-    user_controls: pd.DataFrame,
-) -> None:
-    """A partition computes item state once (item_state_asof) and hands it to every shard."""
-    pairs = pd.DataFrame({"subject_id": [1, 1, 2, 3], "item_id": [10, 11, 12, 10]})
-    shared = item_state_asof(duckdb.connect(), interactions, SCORE_TIME)
-    assert set(shared.column("item_id").to_pylist()) == {10, 11}  # hides are not engagement
-    tables = (interactions, exposures, items, user_controls)
-    for shard in (pairs.iloc[:2], pairs.iloc[2:]):
-        alone = _features(shard, *tables, score_time=SCORE_TIME)
-        with_shared = _features(shard, *tables, score_time=SCORE_TIME, item_state=shared)
-        pd.testing.assert_frame_equal(with_shared, alone)
-    with pytest.raises(FeatureInputError, match="item_state"):
-        _features(pairs.assign(score_time=SCORE_TIME), *tables, item_state=shared)
 
 
 def test_unhide_lifts_suppression_only_after_it_happened(

@@ -53,6 +53,10 @@ LIST_COLUMNS = [
     "propensity",
 ]
 """lists.parquet columns, in order (docs/DATA_MODEL.md "Published lists")."""
+CALIBRATED_COLUMN = "calibrated"
+"""Per item, the ranker's calibrated probability (`score` is the utility): what serving hands
+out as the item's score. Null on fallback lists, which no model scored; not in LIST_COLUMNS
+because versions published before it lack it (serving and rollback still read them)."""
 FALLBACK_EXTRA_COLUMNS = ["policy_version", "eligibility_scope", "ttl_s", "reason"]
 """Fallback lists also say which policy built them, for whom, for how long, and why."""
 
@@ -104,6 +108,9 @@ def lists_from_slates(
             "item_id": frame["item_id"].astype("int64"),
             "item_type": _column(frame, "item_type"),
             "score": frame["score"].astype("float64"),
+            CALIBRATED_COLUMN: (
+                frame[CALIBRATED_COLUMN].astype("float64") if CALIBRATED_COLUMN in frame else np.nan
+            ),
             "reason_codes": _column(frame, "reason_codes", ""),
             "source_provenance": _column(frame, "source_provenance", ""),
             "exploration": frame["exploration"].astype(bool) if "exploration" in frame else False,
@@ -139,7 +146,13 @@ def finalize_lists(
             + frame["subject_id"].astype("int64").astype(str)
             + f"_{version}"
         )
-    columns = LIST_COLUMNS + [c for c in FALLBACK_EXTRA_COLUMNS if c in frame.columns]
+    if CALIBRATED_COLUMN not in frame.columns:  # fallback lists: no model scored them
+        frame[CALIBRATED_COLUMN] = np.nan
+    columns = [
+        *LIST_COLUMNS,
+        CALIBRATED_COLUMN,
+        *(c for c in FALLBACK_EXTRA_COLUMNS if c in frame.columns),
+    ]
     missing = [c for c in LIST_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"list records lack columns {missing}; expected {LIST_COLUMNS}")
@@ -150,6 +163,7 @@ def finalize_lists(
     for column in (*LINEAGE_COLUMNS, "item_type", "reason_codes", "source_provenance"):
         frame[column] = frame[column].astype("str")  # all-null columns still read as strings
     frame["score"] = frame["score"].astype("float64")
+    frame[CALIBRATED_COLUMN] = frame[CALIBRATED_COLUMN].astype("float64")
     frame["exploration"] = frame["exploration"].astype(bool)
     frame["propensity"] = frame["propensity"].astype("float64")
     for column in ("generated_at", "expires_at"):

@@ -7,25 +7,33 @@ do storage I/O, so that endpoint runs in the thread pool. Every client mistake i
 with a message saying what to change (ids must fit int64, as every table stores them); a
 body over `max_body_bytes` is refused before it is parsed, a request without the right
 bearer token before its body is validated (`serving/auth.py`).
-"""
 
-from __future__ import annotations
+The docs work offline: Swagger UI's files come from the `fastapi-swagger` package (a
+packaged Swagger UI distribution that follows its releases), served under /docs/assets, not
+from a CDN. `surface` and `region` are enums in the schema, built per app from its
+Settings; they are documentation only, so an unknown value still gets the service's own
+404/422 message. (No `from __future__ import annotations` here: FastAPI reads the endpoint
+annotations at runtime, and the per-app models are local names.)
+"""
 
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from recsys_assets.config import Settings
 from recsys_assets.serving.auth import (
     ADMIN,
     EVENTS_WRITE,
@@ -40,6 +48,9 @@ from recsys_assets.serving.state import EVENT_TYPES, INT64_MAX, InvalidEvent, Se
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024
+DOCS_ASSETS_PATH = "/docs/assets"
+SWAGGER_UI_PACKAGE = ("fastapi_swagger", "resources")
+"""Where Swagger UI's swagger-ui-bundle.js, swagger-ui.css and favicon are installed."""
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -50,7 +61,24 @@ Send = Callable[[Message], Awaitable[None]]
 class ItemOut(BaseModel):
     item_id: int
     position: int = Field(description="1-based position in this response")
-    score: float
+    score: float | None = Field(
+        ge=0,
+        le=1,
+        description="Calibrated probability that the subject engages with the item. Null "
+        "where no model scored it: fallback items, and lists published before the "
+        "probability was stored.",
+    )
+    utility: float | None = Field(
+        description="What the personalized list was ranked by: the calibrated probability "
+        "plus novelty, sponsored and exploration boosts. Not a probability (can exceed 1); "
+        "null for fallback items.",
+    )
+    fallback_score: float | None = Field(
+        description="A fallback item's ranking value on its list's own scale: weighted "
+        "positive interactions in the region over 14 days for popular_by_region and "
+        "new_user_default (0 for the newest items that fill a short list), 1/rank for a "
+        "tenant's default actions. Null for personalized items.",
+    )
     reason_codes: list[str]
     source_provenance: list[str]
 
@@ -83,6 +111,30 @@ class EventIn(BaseModel):
     surface: str | None = Field(None, max_length=100)
     region: str | None = Field(None, max_length=100)
     ts: datetime | None = Field(None, description="When it happened (UTC); default: now")
+
+
+def _one_of(values: Iterable[str]) -> WithJsonSchema:
+    """A string documented as one of `values` (validated by the service, with its message)."""
+    return WithJsonSchema({"type": "string", "enum": list(values)})
+
+
+def _configured_models(settings: Settings) -> tuple[type[RecommendationOut], type[EventIn]]:
+    """RecommendationOut and EventIn whose surface and region list this app's configuration."""
+    surfaces, regions = _one_of(settings.surfaces), _one_of(settings.regions)
+    name = StringConstraints(max_length=100)
+    recommendation = create_model(
+        "RecommendationOut",
+        __base__=RecommendationOut,
+        surface=(Annotated[str, surfaces], ...),
+        region=(Annotated[str, regions], ...),
+    )
+    event = create_model(
+        "EventIn",
+        __base__=EventIn,
+        surface=(Annotated[str, name, surfaces] | None, None),
+        region=(Annotated[str, name, regions] | None, None),
+    )
+    return recommendation, event
 
 
 class EventAccepted(BaseModel):
@@ -219,6 +271,7 @@ def create_app(
     """
     owned = service is None
     serving = service or RecommendationService()
+    recommendation_model, EventBody = _configured_models(serving.settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -235,10 +288,29 @@ def create_app(
         "and a serving decision log.",
         version="1",
         lifespan=lifespan,
+        docs_url=None,  # served below from the packaged Swagger UI, not a CDN
+        redoc_url=None,  # ReDoc would load from a CDN; Swagger UI is the documented viewer
+        swagger_ui_oauth2_redirect_url=None,  # bearer tokens only, no OAuth2 flow
     )
     app.state.service = serving
     app.state.tokens = tokens or ApiTokens.unconfigured()
     app.add_middleware(BodySizeLimit, max_bytes=max_body_bytes)
+    app.mount(
+        DOCS_ASSETS_PATH,
+        StaticFiles(packages=[SWAGGER_UI_PACKAGE]),
+        name="swagger_ui_assets",
+    )
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "").rstrip("/")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - Swagger UI",
+            swagger_js_url=f"{root}{DOCS_ASSETS_PATH}/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}{DOCS_ASSETS_PATH}/swagger-ui.css",
+            swagger_favicon_url=f"{root}{DOCS_ASSETS_PATH}/favicon-32x32.png",
+        )
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
@@ -270,16 +342,22 @@ def create_app(
 
     @app.get(
         "/v1/recommendations/{surface}",
-        response_model=RecommendationOut,
+        response_model=recommendation_model,
         responses=errors,
         summary="Recommendations for one subject on one surface",
         dependencies=[Depends(read_access)],
     )
     async def recommendations(
-        surface: str,
-        subject_id: int = Query(..., ge=0, le=INT64_MAX, description="user_id of the recipient"),
-        region: str = Query(..., min_length=1, max_length=100),
-        limit: int | None = Query(None, ge=1, description="at most the surface's display_count"),
+        surface: Annotated[str, Path(), _one_of(serving.settings.surfaces)],
+        subject_id: Annotated[
+            int, Query(ge=0, le=INT64_MAX, description="user_id of the recipient")
+        ],
+        region: Annotated[
+            str, Query(min_length=1, max_length=100), _one_of(serving.settings.regions)
+        ],
+        limit: Annotated[
+            int | None, Query(ge=1, description="at most the surface's display_count")
+        ] = None,
     ) -> Response:
         recommendation = serving.recommend(subject_id, surface, region, limit=limit)
         return Response(
@@ -294,7 +372,7 @@ def create_app(
         responses={**errors, 503: {"model": ErrorOut}},
         summary="Report a hide, exposure, purchase or consent change",
     )
-    def events(event: EventIn, scopes: WriteScopes) -> Any:
+    def events(event: EventBody, scopes: WriteScopes) -> Any:  # type: ignore[valid-type]
         if event.type == "consent_granted" and not allows(scopes, ADMIN):
             return JSONResponse(
                 {"error": "a consent_granted event needs a token with the 'admin' scope"},

@@ -3,10 +3,16 @@
 Several lists feed one response (the subject's list, then fallback lists for the top-up);
 `Fill` carries what is taken so far across them, so no item appears twice and positions
 stay dense. Item dicts are built straight from the version's arrays: no pandas here.
+
+Each item carries its numbers on their own scales, never mixed in one field: `score` is the
+ranker's calibrated probability (null where no model scored the item: fallback lists, or a
+version published before the probability was stored), `utility` what the slate was ranked
+by (it can exceed 1), `fallback_score` a fallback list's own ranking value.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import TypedDict
 
@@ -21,7 +27,9 @@ _REASON_COUNT = len(REASON_BY_CODE)
 class RecommendedItem(TypedDict):
     item_id: int
     position: int
-    score: float
+    score: float | None
+    utility: float | None
+    fallback_score: float | None
     reason_codes: tuple[str, ...]
     source_provenance: tuple[str, ...]
 
@@ -72,7 +80,9 @@ class Fill:
         if not valid:
             return 0
         ids = item_ids.tolist()
-        scores = version.scores[start:end].tolist()
+        stored = version.scores[start:end].tolist()
+        calibrated = version.calibrated[start:end].tolist()
+        fallback = version.fallback
         reasons = version.reason_codes[start:end].tolist()
         provenance = version.provenance_codes[start:end].tolist()
         reason_values = version.reason_values
@@ -84,11 +94,15 @@ class Fill:
             if item_id in taken:
                 continue
             taken.add(item_id)
+            value = stored[offset]
+            probability = calibrated[offset]
             items.append(
                 {
                     "item_id": item_id,
                     "position": len(items) + 1,
-                    "score": scores[offset],
+                    "score": None if fallback or math.isnan(probability) else probability,
+                    "utility": None if fallback else value,
+                    "fallback_score": value if fallback else None,
                     "reason_codes": reason_values[reasons[offset]],
                     "source_provenance": provenance_values[provenance[offset]],
                 }

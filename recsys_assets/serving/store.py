@@ -43,6 +43,9 @@ LIST_COLUMNS = [
     "reason_codes",
     "source_provenance",
 ]
+OPTIONAL_LIST_COLUMNS = ["calibrated"]
+"""Read when present: versions published before the calibrated probability was stored lack
+it, and still serve (their items' `score` is null)."""
 
 STORE_OK = "ok"
 MANIFEST_MISSING = "manifest_missing"
@@ -80,8 +83,10 @@ class PublishedVersion:
     __slots__ = (
         "_iso_cache",
         "_positions",
+        "calibrated",
         "context_index",
         "expires_at_ns",
+        "fallback",
         "generated_at_ns",
         "item_ids",
         "list_ids",
@@ -106,6 +111,7 @@ class PublishedVersion:
         self.region = region
         self.version = version
         self.path = path
+        self.fallback = fallback
         if fallback:
             table = table.sort_by([("context_key", "ascending"), ("position", "ascending")])
             keys = table.column("context_key").to_pylist()
@@ -131,6 +137,11 @@ class PublishedVersion:
         self.expires_at_ns = _nanoseconds(table.column("expires_at"))[firsts]
         self.item_ids = table.column("item_id").to_numpy().astype(np.int64)
         self.scores = table.column("score").to_numpy().astype(np.float64)
+        self.calibrated = (
+            table.column("calibrated").cast(pa.float64()).to_numpy(zero_copy_only=False)
+            if "calibrated" in table.column_names
+            else np.full(rows, np.nan)
+        )
         self.reason_codes, self.reason_values = _dictionary(table.column("reason_codes"))
         self.provenance_codes, self.provenance_values = _dictionary(
             table.column("source_provenance")
@@ -268,7 +279,9 @@ class ListStore:
             return loaded, STORE_OK
         path = manifest.get("active_path") or location.rsplit("/", 1)[0] + f"/versions/{version}"
         try:
-            table = self.warehouse.read_arrow(f"{path}/lists.parquet", columns=LIST_COLUMNS)
+            lists = self.warehouse.dataset(f"{path}/lists.parquet")
+            present = [c for c in OPTIONAL_LIST_COLUMNS if c in lists.schema.names]
+            table = lists.to_table(columns=LIST_COLUMNS + present)
             return (
                 PublishedVersion(
                     surface=surface,

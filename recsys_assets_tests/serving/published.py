@@ -32,8 +32,13 @@ def write_version(
     model_version: str = "model_a",
     score_offset: float = 0.0,
     activate: bool = True,
+    with_calibrated: bool = True,
 ) -> str:
-    """Write one version (subject_id or fallback context_key -> item ids) and flip to it."""
+    """Write one version (subject_id or fallback context_key -> item ids) and flip to it.
+
+    Item at position p: utility (`score`) score_offset + 1/p, calibrated probability 0.8/p
+    (null on fallback lists); `with_calibrated=False` writes a version as published before
+    lists stored the probability."""
     version = version or version_id(generated_at)
     rows = []
     for key, item_ids in lists.items():
@@ -65,6 +70,11 @@ def write_version(
                     "item_id": int(item_id),
                     "item_type": "product",
                     "score": score_offset + 1.0 / position,
+                    **(
+                        {"calibrated": None if fallback else 0.8 / position}
+                        if with_calibrated
+                        else {}
+                    ),
                     "reason_codes": "popular" if fallback else "two_tower|high_confidence",
                     "source_provenance": context_key if fallback else "two_tower|trending",
                     "exploration": False,

@@ -49,8 +49,48 @@ def test_recommendation_endpoint(client: TestClient, world: World) -> None:
         "generated_at", "expires_at", "model_version", "items", "rejections",
     }  # fmt: skip
     assert set(body["items"][0]) == {
-        "item_id", "position", "score", "reason_codes", "source_provenance"
+        "item_id", "position", "score", "utility", "fallback_score", "reason_codes",
+        "source_provenance",
     }  # fmt: skip
+    first = body["items"][0]
+    assert (first["score"], first["utility"], first["fallback_score"]) == (0.8, 1.0, None)
+
+
+def test_each_item_has_one_probability_score_and_its_other_numbers_apart(world: World) -> None:
+    """A personalized item: `score` the calibrated probability, `utility` apart (> 1 here);
+    a topped-up fallback item: no probability, its list's value in `fallback_score`; a list
+    published before the probability was stored: null score, still served."""
+    write_version(
+        world.warehouse, "home_feed", "na", {CONSUMER: world.good[:2]},
+        generated_at=world.clock.now - timedelta(hours=1), ttl=timedelta(hours=6),
+        score_offset=0.25,
+    )  # fmt: skip
+    write_version(
+        world.warehouse, "home_feed", "na", {"popular_by_region": world.good[10:12]},
+        generated_at=world.clock.now - timedelta(minutes=5), ttl=timedelta(minutes=30),
+        fallback=True, score_offset=256.0,
+    )  # fmt: skip
+    params = {"subject_id": CONSUMER, "region": "na", "limit": 4}
+    with TestClient(create_app(world.service())) as http:
+        response = http.get("/v1/recommendations/home_feed", params=params)
+    assert "NaN" not in response.text
+    numbers = [
+        (item["score"], item["utility"], item["fallback_score"])
+        for item in response.json()["items"]
+    ]
+    assert numbers == [(0.8, 1.25, None), (0.4, 0.75, None), (None, None, 257.0),
+                       (None, None, 256.5)]  # fmt: skip
+    assert all(0 <= score <= 1 for score, _, _ in numbers if score is not None)
+
+    write_version(
+        world.warehouse, "home_feed", "na", {CONSUMER: world.good[:2]},
+        generated_at=world.clock.now - timedelta(minutes=30), ttl=timedelta(hours=6),
+        with_calibrated=False,
+    )  # fmt: skip
+    service = world.service()
+    older = service.recommend(CONSUMER, "home_feed", "na", limit=2)
+    assert older.served_from == "precomputed"
+    assert [(item["score"], item["utility"]) for item in older.items] == [(None, 1.0), (None, 0.5)]
 
 
 def test_hide_through_the_events_api_applies_to_the_next_request(

@@ -9,6 +9,7 @@ from datetime import timedelta
 import pytest
 
 from recsys_assets.serving import commands
+from recsys_assets.serving.api import ItemOut, RecommendationOut
 from recsys_assets.serving.decision_log import DECISION_LOG_PREFIX
 from recsys_assets_tests.serving.conftest import CONSUMER, World
 from recsys_assets_tests.serving.published import write_version
@@ -37,6 +38,9 @@ def test_recommend_prints_the_response_json(
     body = json.loads(capsys.readouterr().out)
     assert body["served_from"] == "precomputed"
     assert [item["item_id"] for item in body["items"]] == world.good[:4]
+    assert set(body) == set(RecommendationOut.model_fields)  # the HTTP response's shape
+    assert set(body["items"][0]) == set(ItemOut.model_fields)
+    assert body["items"][0]["score"] == 0.8  # the calibrated probability, as over HTTP
     assert world.warehouse.list_dirs(DECISION_LOG_PREFIX)  # flushed on exit
 
 

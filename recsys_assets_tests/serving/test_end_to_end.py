@@ -30,6 +30,7 @@ def _records(world: World, items: list[int]) -> pd.DataFrame:
             "item_id": items,
             "item_type": "product",
             "score": [1.0 / rank for rank in range(1, len(items) + 1)],
+            "calibrated": [0.5 / rank for rank in range(1, len(items) + 1)],
             "reason_codes": "two_tower",
             "source_provenance": "two_tower",
             "exploration": False,
@@ -57,12 +58,18 @@ def test_serves_what_publish_version_published(world: World) -> None:
     assert response.version == first.version
     assert response.model_version == "model_e2e"
     assert [item["item_id"] for item in response.items] == world.good[:20]
+    first = response.items[0]
+    assert (first["score"], first["utility"], first["fallback_score"]) == (0.5, 1.0, None)
 
     other = int(read_raw(warehouse, "users")["user_id"].iloc[0])
     newcomer = service.recommend(other, "home_feed", "na")
     assert newcomer.served_from == "fallback"
     assert newcomer.version == fallback.version
     assert len(newcomer.items) == 20
+    # Fallback items: no model probability; the list's popularity stands in its own field.
+    assert {(item["score"], item["utility"]) for item in newcomer.items} == {(None, None)}
+    popularity = [item["fallback_score"] for item in newcomer.items]
+    assert all(value is not None and value >= 0 for value in popularity)
 
     second = publish_version(
         warehouse, settings, "home_feed", "na", _records(world, world.good[20:72]),

@@ -53,6 +53,7 @@ from recsys_assets.pipeline.shards import (
 )
 from recsys_assets.pipeline.slates import build_slates
 from recsys_assets.pipeline.subjects import select_subjects, shard_bounds
+from recsys_assets.rules.person import read_events
 from recsys_assets.rules.tombstones import load_tombstones, person_tombstones
 from recsys_assets.warehouse import Warehouse
 
@@ -141,6 +142,7 @@ def subjects(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.Ma
         region=partition.region,
         now=now,
         suppressed=suppressed,
+        events=read_events(warehouse),
     )
     frame = selection.subjects
     size = settings.pipeline.shard_subjects
@@ -192,6 +194,7 @@ def candidate_pools(
         recent_history_items=settings.pipeline.recent_history_items,
         collaborative=bundle.collaborative,
         tombstones=load_tombstones(warehouse),
+        events=read_events(warehouse),
     )
 
     two_tower = two_tower_retriever(

@@ -98,18 +98,25 @@ def build_context(
     recent_history_items: int = 5,
     collaborative: CollaborativeModel | None = None,
     tombstones: pd.DataFrame | None = None,
+    events: pd.DataFrame | None = None,
 ) -> CandidateContext:
     """Region-level candidate ingredients, using only data from before `score_time`.
 
     `tombstones` (policy changes not yet in the raw tables) withdraw items for the region
-    and items or creators for one person, exactly as serving applies them.
+    and items or creators for one person, exactly as serving applies them. Serving
+    `events` (`rules.person.read_events`) add the hides and purchases reported since the
+    snapshot, whenever they happened: a person's wish holds from the moment it is known.
     """
     interactions = interactions[interactions["ts"] <= score_time]
     tenant_items = "tenant_actor" in surface.eligibility.requires
     reasons = item_rejection_reasons(items, region=region, now=score_time)
     eligible = items[reasons.isna().to_numpy()]
     blocked = _blocked_pairs(
-        interactions, user_controls, items, repeat_consumption=surface.repeat_consumption
+        interactions,
+        user_controls,
+        items,
+        repeat_consumption=surface.repeat_consumption,
+        events=events,
     )
     if tombstones is not None and not tombstones.empty:
         eligible = eligible[~tombstoned_items(tombstones, eligible, region=region, now=score_time)]
@@ -204,12 +211,13 @@ def _blocked_pairs(
     items: pd.DataFrame,
     *,
     repeat_consumption: bool,
+    events: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """(subject_id, item_id) pairs never to propose: hidden, and consumed unless repeats are
     allowed (the person rules of `rules.person`, as serving's final check applies them)."""
-    blocked = [hidden_pairs(user_controls, items)]
+    blocked = [hidden_pairs(user_controls, items, events)]
     if not repeat_consumption:
-        blocked.append(consumed_pairs(interactions))
+        blocked.append(consumed_pairs(interactions, events))
     pairs = pd.concat(blocked, ignore_index=True).drop_duplicates()
     return pairs.rename(columns={"user_id": "subject_id"}).reset_index(drop=True)
 

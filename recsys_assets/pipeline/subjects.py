@@ -7,7 +7,13 @@ from dataclasses import dataclass
 import pandas as pd
 
 from recsys_assets.config import SurfaceConfig
-from recsys_assets.rules.person import CONSENT, EMAIL, PUSH, person_requirements
+from recsys_assets.rules.person import (
+    CONSENT,
+    EMAIL,
+    PUSH,
+    person_requirements,
+    with_consent_events,
+)
 
 SUBJECT_COLUMNS = [
     "subject_id",
@@ -46,15 +52,19 @@ def select_subjects(
     region: str,
     now: pd.Timestamp,
     suppressed: set[int] | frozenset[int] = frozenset(),
+    events: pd.DataFrame | None = None,
 ) -> SubjectSelection:
     """Users of `region` eligible for `surface` at `now`, with exclusion counts by reason.
 
     The person requirements are `rules.person.person_requirements` (a personalized surface
     always needs consent_personalization), the ones serving checks: users without them are
     served non-personalized fallback lists (or nothing) by the serving layer instead.
-    `suppressed` users (consent revoked by a policy change not yet in the users table)
-    are excluded the same way.
+    Consent is as the latest serving consent `events` (`rules.person.read_events`) left it,
+    so a revocation posted to serving is honoured by the next run. `suppressed` users
+    (consent revoked by a policy change not yet in the users table) are excluded too.
     """
+    if events is not None:
+        users = with_consent_events(users, events)
     in_region = users[users["region"] == region]
     excluded: dict[str, int] = {OTHER_REGION: int(len(users) - len(in_region))}
     keep = pd.Series(True, index=in_region.index)

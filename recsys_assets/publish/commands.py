@@ -7,9 +7,18 @@ import json
 from pathlib import Path
 from typing import Any
 
-from recsys_assets.config import load_settings
+import pandas as pd
+
+from recsys_assets.config import Settings, SurfaceConfig, load_settings
 from recsys_assets.publish.manifest import active_lists, read_manifest, rollback
-from recsys_assets.publish.versions import manifest_path
+from recsys_assets.publish.versions import manifest_path, utc_now
+from recsys_assets.rules.person import (
+    consent_overrides,
+    read_events,
+    read_person_facts,
+    without_consent,
+)
+from recsys_assets.rules.tombstones import load_tombstones, person_tombstones
 from recsys_assets.warehouse import Warehouse
 
 EXPORT_COLUMNS = [
@@ -64,7 +73,9 @@ def register(subparsers: Any) -> None:
         help="write the active lists, one row per item, as Parquet or CSV",
         description=(
             f"Columns: {', '.join(EXPORT_COLUMNS)} (plus context_key for fallback lists). "
-            "The format follows the extension of --out (.parquet or .csv)."
+            "The format follows the extension of --out (.parquet or .csv). The list of a "
+            "person who may not get the surface now (consent revoked in the raw users, by a "
+            "consent event or a policy change; a required subscription off) is withheld."
         ),
     )
     _partition_arguments(export_parser)
@@ -80,15 +91,15 @@ def _partition_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _checked(args: argparse.Namespace) -> Warehouse:
+def _checked(args: argparse.Namespace) -> tuple[Settings, Warehouse]:
     settings = load_settings()
     settings.surface(args.surface)
     settings.check_region(args.region)
-    return Warehouse.from_env()
+    return settings, Warehouse.from_env()
 
 
 def _rollback(args: argparse.Namespace) -> int:
-    warehouse = _checked(args)
+    _, warehouse = _checked(args)
     before = read_manifest(warehouse, args.surface, args.region, fallback=args.fallback)
     manifest = rollback(
         warehouse,
@@ -108,7 +119,7 @@ def _rollback(args: argparse.Namespace) -> int:
 
 
 def _manifest(args: argparse.Namespace) -> int:
-    warehouse = _checked(args)
+    _, warehouse = _checked(args)
     manifest = read_manifest(warehouse, args.surface, args.region, fallback=args.fallback)
     if manifest is None:
         raise FileNotFoundError(
@@ -125,14 +136,45 @@ def _export(args: argparse.Namespace) -> int:
         raise ValueError(
             f"--out {out}: unsupported extension {out.suffix!r}; use one of {EXPORT_FORMATS}"
         )
-    warehouse = _checked(args)
+    settings, warehouse = _checked(args)
     lists = active_lists(warehouse, args.surface, args.region, fallback=args.fallback)
     columns = [*EXPORT_COLUMNS, "context_key"] if args.fallback else EXPORT_COLUMNS
+    note = ""
+    if not args.fallback:  # fallback lists hold no one's personal list
+        revoked, basis = lists_without_consent(warehouse, settings.surface(args.surface), lists)
+        withheld = int(lists.loc[revoked, "subject_id"].nunique())
+        lists = lists[~revoked]
+        note = (
+            f"; withheld {withheld} list(s) of people who may not get {args.surface} now ({basis})"
+        )
     flat = lists[columns].sort_values(["subject_id", "list_id", "position"], kind="stable")
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".csv":
         flat.to_csv(out, index=False)
     else:
         flat.to_parquet(out, index=False)
-    print(f"wrote {len(flat)} rows of {flat['list_id'].nunique()} list(s) to {out}")
+    print(f"wrote {len(flat)} rows of {flat['list_id'].nunique()} list(s) to {out}{note}")
     return 0
+
+
+def lists_without_consent(
+    warehouse: Warehouse, surface: SurfaceConfig, lists: pd.DataFrame
+) -> tuple[pd.Series, str]:
+    """Rows of personalized `lists` whose subject may not get `surface` now, and what that was
+    judged by: the person rules on raw users and serving events (`rules.person`), and policy
+    changes naming only the person (tombstones), as serving's final check judges them.
+
+    Without a raw users table only the events and tombstones can withhold a list; the basis
+    says so.
+    """
+    subject_ids = lists["subject_id"].astype("int64")
+    facts = read_person_facts(warehouse)
+    if facts is not None:
+        revoked = without_consent(subject_ids, surface=surface, facts=facts)
+        basis = "raw users, consent events, policy changes"
+    else:
+        revoked = subject_ids.map(consent_overrides(read_events(warehouse))).eq(False).to_numpy()
+        basis = "consent events, policy changes; raw consent not checked: no raw users table"
+    tombstoned = person_tombstones(load_tombstones(warehouse), now=utc_now()).no_personalization
+    revoked = revoked | subject_ids.isin(list(tombstoned)).to_numpy()
+    return pd.Series(revoked, index=lists.index), basis

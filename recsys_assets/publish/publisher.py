@@ -47,6 +47,7 @@ from recsys_assets.publish.versions import (
     write_version_data,
     write_version_report,
 )
+from recsys_assets.rules.person import read_person_facts
 from recsys_assets.rules.tombstones import load_tombstones, tombstoned_items
 from recsys_assets.warehouse import Warehouse, partition_path
 
@@ -138,6 +139,7 @@ def publish_version(
         subjects=subjects,
         kind="fallback" if fallback else "personalized",
         tombstones=tombstones,
+        person=None if fallback else read_person_facts(warehouse),
     )
     if interactions is not None and not fallback:
         report = explain_short_lists(

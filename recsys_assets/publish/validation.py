@@ -19,11 +19,16 @@ from recsys_assets.config.settings import PublishThresholds
 from recsys_assets.publish.lists import PERSONALIZED_CONTEXT
 from recsys_assets.rules.categories import category_capped
 from recsys_assets.rules.eligibility import TOMBSTONED, UNKNOWN_ITEM, item_rejection_reasons
-from recsys_assets.rules.person import PersonFacts, person_rejection_reasons
+from recsys_assets.rules.person import PersonFacts, person_rejection_reasons, without_consent
 from recsys_assets.rules.tombstones import tombstoned_list_rows
 
 ListKind = Literal["personalized", "fallback"]
 TENANT_LIST_PREFIX = "tenant_default_actions:"
+PERSON_RULES_APPLIED = "applied"
+NO_PERSON_FACTS = (
+    "not applicable: no person facts (the raw snapshot has no users table to judge consent by)"
+)
+NOT_PERSONAL = "not applicable: fallback lists are not personal"
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,14 @@ class ValidationReport:
         if self.invalid_by_reason:
             lines += ["", "| invalid-item reason | items |", "| --- | --- |"]
             lines += [f"| {reason} | {n} |" for reason, n in sorted(self.invalid_by_reason.items())]
+        if "person_rules" in self.metrics:
+            verdict = self.metrics["person_rules"]
+            if verdict == PERSON_RULES_APPLIED:
+                verdict += (
+                    f": {self.metrics['lists_without_consent']} list(s) of people without "
+                    "consent now (their rows count as consent_revoked)"
+                )
+            lines += ["", f"person rules (consent, hidden, consumed): {verdict}"]
         return "\n".join(lines)
 
 
@@ -166,9 +179,11 @@ def validate_lists(
     `items` is the current raw items table; `subjects` (subject_id, tenant_id, actor_role)
     are the partition's eligible subjects, the denominator of coverage (for fallback lists:
     the users they could be served to). An empty version passes only for an empty audience. Fallback lists
-    (`kind="fallback"`) skip coverage, slate policy and score spread. With `person` (raw
-    users, interactions, user_controls), personalized rows are also judged by the person
-    rules serving applies (hidden, already consumed, consent).
+    (`kind="fallback"`) skip coverage, slate policy and score spread. With `person`
+    (`rules.person.read_person_facts`: raw users, interactions, controls and the serving
+    events since), personalized rows are also judged by the person rules serving applies
+    (consent at publish time, hidden, already consumed); without it the metrics say the
+    person rules were not applicable, and why.
     """
     now_ts = pd.Timestamp(now)
     checks: list[Check] = []
@@ -240,6 +255,7 @@ def validate_lists(
         f"more than store_depth {surface.store_depth} items, e.g. {malformed[:3]}",
     )
 
+    metrics |= _person_rules(lists, surface=surface, kind=kind, person=person)
     reasons = rejection_reasons(
         lists,
         items,
@@ -364,6 +380,20 @@ def validate_lists(
         invalid_by_reason=invalid_by_reason,
         policy_violations_by_rule=violations_by_rule,
     )
+
+
+def _person_rules(
+    lists: pd.DataFrame, *, surface: SurfaceConfig, kind: ListKind, person: PersonFacts | None
+) -> dict[str, Any]:
+    """Whether the person rules judged this version, and how many of its lists belong to
+    people who may not get the surface now."""
+    if kind != "personalized":
+        return {"person_rules": NOT_PERSONAL}
+    if person is None:
+        return {"person_rules": NO_PERSON_FACTS}
+    subject_ids = pd.Series(lists["subject_id"].unique())
+    revoked = without_consent(subject_ids, surface=surface, facts=person)
+    return {"person_rules": PERSON_RULES_APPLIED, "lists_without_consent": int(revoked.sum())}
 
 
 def _eligible_ids(subjects: pd.DataFrame | None, lists: pd.DataFrame) -> pd.Index:

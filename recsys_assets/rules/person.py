@@ -13,18 +13,30 @@ everywhere (a property test checks that they agree):
   hide; on equal timestamps the one recorded later wins. Targets are an item, a creator or
   a category.
 - **Positive interaction** lives in `rules/engagement.py` (`positive_signal`).
+
+Facts come from the raw snapshot *and* from the events serving received since
+(`serving/events/date=D/<uuid>.parquet`, written by `POST /v1/events`): a consent event
+overrides the raw `consent_personalization` flag (the latest one wins, whatever the age of
+the snapshot, so a re-seeded snapshot cannot forget a revocation), a hide event is a control
+recorded after the raw ones, a purchase event a consumed item. Serving applies the same
+events in place (`serving/state.py`); subjects, candidates, publish validation and export
+read them here, so a revocation reaches every role.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import date
 
 import numpy as np
 import pandas as pd
+import pyarrow.dataset as ds
 
 from recsys_assets.config import SurfaceConfig
+from recsys_assets.data.snapshot import raw_table_path, read_raw
 from recsys_assets.rules.eligibility import ALREADY_CONSUMED, CONSENT_REVOKED, HIDDEN_BY_USER
+from recsys_assets.warehouse import Warehouse
 
 CONSENT = "consent_personalization"
 EMAIL = "email_subscribed"
@@ -36,14 +48,104 @@ CONSUMED_EVENTS = ("click", "purchase", "rating")
 """Interactions after which an item is not recommended again to the same user (unless the
 surface sets `repeat_consumption`)."""
 
+EVENTS_PREFIX = "serving/events"
+EVENT_SCHEMA: dict[str, str] = {
+    "event_id": "str",
+    "type": "str",
+    "user_id": "int64",
+    "item_id": "Int64",
+    "creator_id": "str",
+    "category": "str",
+    "surface": "str",
+    "region": "str",
+    "ts": "datetime64[ns]",
+    "received_at": "datetime64[ns]",
+}
+"""Columns of a serving event file (docs/DATA_MODEL.md, "Serving events")."""
+EVENT_COLUMNS = list(EVENT_SCHEMA)
+EVENT_ORDER = ["ts", "received_at"]
+"""Events apply in this order: the later one wins; on an equal `ts` the one received later."""
+CONSENT_EVENTS = {"consent_granted": True, "consent_revoked": False}
+HIDE_EVENTS = {
+    "hide_item": ("item", "item_id"),
+    "hide_creator": ("creator", "creator_id"),
+    "hide_category": ("category", "category"),
+}
+"""Hide event type → (control target_type, the event column naming the target)."""
+
+
+def empty_events() -> pd.DataFrame:
+    return pd.DataFrame({name: pd.Series(dtype=dtype) for name, dtype in EVENT_SCHEMA.items()})
+
 
 @dataclass(frozen=True)
 class PersonFacts:
-    """The raw tables the person rules read: users (consent flags), interactions, controls."""
+    """What the person rules read: raw users (consent flags), interactions and controls, and
+    the serving events received since (consent changes, hides, purchases)."""
 
     users: pd.DataFrame
     interactions: pd.DataFrame
     user_controls: pd.DataFrame
+    events: pd.DataFrame = field(default_factory=empty_events)
+
+    @property
+    def current_users(self) -> pd.DataFrame:
+        """`users` with consent as it stands now (consent events applied)."""
+        return with_consent_events(self.users, self.events)
+
+
+def event_files(warehouse: Warehouse, *, since: date | None = None) -> list[str]:
+    """Every serving event file (of day folders from `since` on), oldest day first."""
+    found: list[str] = []
+    for folder in warehouse.list_dirs(EVENTS_PREFIX):
+        if since is not None and folder.removeprefix("date=") < since.isoformat():
+            continue
+        found.extend(warehouse.list(f"{EVENTS_PREFIX}/{folder}", suffix=".parquet"))
+    return found
+
+
+def read_event_files(warehouse: Warehouse, files: Iterable[str]) -> tuple[pd.DataFrame, list[str]]:
+    """The events in `files`, in the order they apply, and the files read (a file removed
+    between listing and reading is skipped, not an error)."""
+    frames, read = [], []
+    for name in files:
+        try:
+            frames.append(warehouse.read_parquet(name))
+        except FileNotFoundError:
+            continue
+        read.append(name)
+    if not frames:
+        return empty_events(), read
+    return in_apply_order(pd.concat(frames, ignore_index=True)), read
+
+
+def read_events(warehouse: Warehouse) -> pd.DataFrame:
+    """Every event serving has recorded, in the order they apply."""
+    return read_event_files(warehouse, event_files(warehouse))[0]
+
+
+def in_apply_order(events: pd.DataFrame) -> pd.DataFrame:
+    return events.sort_values(EVENT_ORDER, kind="stable").reset_index(drop=True)
+
+
+def read_person_facts(warehouse: Warehouse) -> PersonFacts | None:
+    """The person rules' inputs as they stand now: raw users, consumed interactions and
+    controls, plus every serving event.
+
+    None when the raw snapshot or one of those tables is missing: without users nobody's
+    consent can be judged, and the caller says so instead of passing everyone.
+    """
+    try:
+        users = read_raw(warehouse, "users", columns=["user_id", *PERSON_REQUIREMENTS])
+        user_controls = read_raw(warehouse, "user_controls")
+        interactions = warehouse.dataset(raw_table_path("interactions"))
+    except FileNotFoundError:  # RawDataMissing is one
+        return None
+    consumed = interactions.to_table(
+        columns=["user_id", "item_id", "event_type"],
+        filter=ds.field("event_type").isin(list(CONSUMED_EVENTS)),
+    ).to_pandas()
+    return PersonFacts(users, consumed, user_controls, read_events(warehouse))
 
 
 def person_requirements(surface: SurfaceConfig) -> tuple[str, ...]:
@@ -58,6 +160,40 @@ def person_requirements(surface: SurfaceConfig) -> tuple[str, ...]:
 def may_receive(surface: SurfaceConfig, flags: Mapping[str, bool]) -> bool:
     """Whether a person with these flags may get `surface`'s personalized list."""
     return all(bool(flags.get(flag, False)) for flag in person_requirements(surface))
+
+
+def consent_overrides(events: pd.DataFrame) -> pd.Series:
+    """Per user_id, the consent their latest consent event left (True = granted)."""
+    changes = in_apply_order(events[events["type"].isin(list(CONSENT_EVENTS))])
+    latest = changes.drop_duplicates("user_id", keep="last")
+    return pd.Series(
+        latest["type"].map(CONSENT_EVENTS).to_numpy(dtype=bool),
+        index=pd.Index(latest["user_id"].to_numpy(dtype=np.int64), name="user_id"),
+        name=CONSENT,
+    )
+
+
+def with_consent_events(users: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
+    """`users` whose `consent_personalization` is overridden by their latest consent event."""
+    overrides = consent_overrides(events)
+    changed = users["user_id"].isin(overrides.index).to_numpy()
+    if not changed.any():
+        return users
+    consent = users[CONSENT].astype(bool).to_numpy(copy=True)
+    consent[changed] = users.loc[changed, "user_id"].map(overrides).to_numpy(dtype=bool)
+    return users.assign(**{CONSENT: consent})
+
+
+def without_consent(
+    subject_ids: pd.Series, *, surface: SurfaceConfig, facts: PersonFacts
+) -> np.ndarray:
+    """True where the subject may not get `surface`'s personalized list now: a required flag
+    is off (consent as its latest event left it), or the subject is not a known user."""
+    flags = facts.current_users.drop_duplicates("user_id").set_index("user_id")
+    allowed = np.ones(len(subject_ids), dtype=bool)
+    for flag in person_requirements(surface):
+        allowed &= subject_ids.map(flags[flag]).fillna(False).astype(bool).to_numpy()
+    return ~allowed
 
 
 def blocks_consumed(surface: SurfaceConfig) -> bool:
@@ -75,8 +211,36 @@ def latest_controls(user_controls: pd.DataFrame) -> pd.DataFrame:
     return ordered.drop_duplicates(["user_id", "target_type", "target_id"], keep="last")
 
 
-def hidden_pairs(user_controls: pd.DataFrame, items: pd.DataFrame) -> pd.DataFrame:
-    """(user_id, item_id) pairs the user hid, directly or through a creator or category."""
+def hide_event_controls(events: pd.DataFrame) -> pd.DataFrame:
+    """Hide events as user_controls rows (action `hide`), in the order they apply."""
+    events = in_apply_order(events)
+    target_id = pd.Series(None, index=events.index, dtype=object)
+    for kind, (_, column) in HIDE_EVENTS.items():
+        chosen = ((events["type"] == kind) & events[column].notna()).to_numpy()
+        target_id[chosen] = events.loc[chosen, column].astype(str).to_numpy()
+    hides = target_id.notna().to_numpy()
+    targets = {kind: target for kind, (target, _) in HIDE_EVENTS.items()}
+    return pd.DataFrame(
+        {
+            "user_id": events.loc[hides, "user_id"].astype("int64"),
+            "target_type": events.loc[hides, "type"].map(targets).astype(object),
+            "target_id": target_id[hides],
+            "action": "hide",
+            "ts": events.loc[hides, "ts"].astype("datetime64[ns]"),
+        }
+    ).reset_index(drop=True)
+
+
+def hidden_pairs(
+    user_controls: pd.DataFrame, items: pd.DataFrame, events: pd.DataFrame | None = None
+) -> pd.DataFrame:
+    """(user_id, item_id) pairs the user hid, directly or through a creator or category.
+
+    Hide `events` count as controls recorded after the raw ones (on an equal timestamp the
+    event wins, as serving applies them).
+    """
+    if events is not None and events["type"].isin(list(HIDE_EVENTS)).any():
+        user_controls = pd.concat([user_controls, hide_event_controls(events)], ignore_index=True)
     hides = latest_controls(user_controls)
     hides = hides[hides["action"] == "hide"]
     direct = hides[hides["target_type"] == "item"]
@@ -101,10 +265,14 @@ def hidden_pairs(user_controls: pd.DataFrame, items: pd.DataFrame) -> pd.DataFra
     return pairs.drop_duplicates().reset_index(drop=True)
 
 
-def consumed_pairs(interactions: pd.DataFrame) -> pd.DataFrame:
-    """(user_id, item_id) pairs the user consumed."""
-    consumed = interactions.loc[consumed_mask(interactions), ["user_id", "item_id"]]
-    return consumed.astype("int64").drop_duplicates().reset_index(drop=True)
+def consumed_pairs(interactions: pd.DataFrame, events: pd.DataFrame | None = None) -> pd.DataFrame:
+    """(user_id, item_id) pairs the user consumed, in raw interactions or purchase `events`."""
+    found = [interactions.loc[consumed_mask(interactions), ["user_id", "item_id"]]]
+    if events is not None:
+        bought = events[events["type"].isin(CONSUMED_EVENTS) & events["item_id"].notna()]
+        found.append(bought[["user_id", "item_id"]])
+    consumed = pd.concat(found, ignore_index=True).astype("int64")
+    return consumed.drop_duplicates().reset_index(drop=True)
 
 
 def person_rejection_reasons(
@@ -123,18 +291,15 @@ def person_rejection_reasons(
     reasons = pd.Series(None, index=rows.index, dtype=object, name="person_reason")
     if rows.empty:
         return reasons
-    blocked = [(HIDDEN_BY_USER, hidden_pairs(facts.user_controls, items))]
+    blocked = [(HIDDEN_BY_USER, hidden_pairs(facts.user_controls, items, facts.events))]
     if blocks_consumed(surface):
-        blocked.append((ALREADY_CONSUMED, consumed_pairs(facts.interactions)))
+        blocked.append((ALREADY_CONSUMED, consumed_pairs(facts.interactions, facts.events)))
     keys = pd.MultiIndex.from_arrays(
         [rows["subject_id"].astype("int64"), rows["item_id"].astype("int64")]
     )
     for reason, pairs in reversed(blocked):  # earlier reasons win: assign them last
         hit = keys.isin(pd.MultiIndex.from_frame(pairs[["user_id", "item_id"]]))
         reasons[hit] = reason
-    flags = facts.users.drop_duplicates("user_id").set_index("user_id")
-    allowed = pd.Series(True, index=rows.index)
-    for flag in person_requirements(surface):
-        allowed &= rows["subject_id"].map(flags[flag]).fillna(False).astype(bool)
-    reasons[~allowed.to_numpy()] = CONSENT_REVOKED  # no list at all: every row fails
+    revoked = without_consent(rows["subject_id"], surface=surface, facts=facts)
+    reasons[revoked] = CONSENT_REVOKED  # no list at all: every row fails
     return reasons

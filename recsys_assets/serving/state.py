@@ -2,10 +2,12 @@
 
 Built from the raw snapshot (items, users, purchases, exposures, user controls), the
 tombstones, and the serving events appended since (`serving/events/date=D/<uuid>.parquet`,
-docs/DATA_MODEL.md "Serving events"). Item state is an immutable `Catalog` (arrays by
-item position, tombstones merged in) swapped whole when items or tombstones change;
-per-person state (hides, purchases, exposures, consent) lives in dicts of sets that
-events update in place, so a hide is effective on the very next request.
+docs/DATA_MODEL.md "Serving events"), listed and ordered by `rules.person`: the batch side
+reads the same files the same way, so the next run honours what serving was told. Item
+state is an immutable `Catalog` (arrays by item position, tombstones merged in) swapped
+whole when items or tombstones change; per-person state (hides, purchases, exposures,
+consent) lives in dicts of sets that events update in place, so a hide is effective on the
+very next request.
 """
 
 from __future__ import annotations
@@ -27,9 +29,13 @@ from recsys_assets.data.snapshot import RawDataMissing, read_raw, read_snapshot
 from recsys_assets.rules.eligibility import TOMBSTONED, ItemStateArrays
 from recsys_assets.rules.person import (
     CONSUMED_EVENTS,
+    EVENT_COLUMNS,
+    EVENTS_PREFIX,
     blocks_consumed,
     consumed_mask,
+    event_files,
     latest_controls,
+    read_event_files,
 )
 from recsys_assets.rules.tombstones import (
     PersonTombstones,
@@ -44,7 +50,6 @@ from recsys_assets.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
 
-EVENTS_PREFIX = "serving/events"
 EVENT_TYPES = (
     "hide_item",
     "hide_creator",
@@ -59,18 +64,6 @@ FREQUENCY_WINDOW_NS = 24 * 3600 * 1_000_000_000
 INT64_MAX = int(np.iinfo(np.int64).max)
 """Ids are int64 everywhere (raw tables, lists, logs): a larger one is a client error."""
 _FUTURE_SLACK_NS = 5 * 60 * 1_000_000_000
-EVENT_COLUMNS = [
-    "event_id",
-    "type",
-    "user_id",
-    "item_id",
-    "creator_id",
-    "category",
-    "surface",
-    "region",
-    "ts",
-    "received_at",
-]
 
 
 class InvalidEvent(ValueError):
@@ -459,25 +452,12 @@ class OnlineState:
     # -- events -----------------------------------------------------------------------------
 
     def _event_files(self, *, since: Any) -> list[str]:
-        found = []
-        for folder in self.warehouse.list_dirs(EVENTS_PREFIX):
-            day = folder.removeprefix("date=")
-            if since is not None and day < since.isoformat():
-                continue
-            found.extend(self.warehouse.list(f"{EVENTS_PREFIX}/{folder}", suffix=".parquet"))
+        found = event_files(self.warehouse, since=since)
         return [name for name in found if name not in self._seen_event_files]
 
     def _apply_event_files(self, files: list[str]) -> int:
-        frames = []
-        for name in files:
-            try:
-                frames.append(self.warehouse.read_parquet(name))
-            except FileNotFoundError:  # removed between listing and reading
-                continue
-            self._seen_event_files.add(name)
-        if not frames:
-            return 0
-        events = pd.concat(frames, ignore_index=True).sort_values("ts", kind="stable")
+        events, read = read_event_files(self.warehouse, files)
+        self._seen_event_files.update(read)
         self._apply_frame(events)
         return len(events)
 

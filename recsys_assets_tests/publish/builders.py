@@ -9,7 +9,9 @@ import pandas as pd
 
 from recsys_assets.config import Settings, load_settings
 from recsys_assets.config.settings import SOURCES
+from recsys_assets.data.snapshot import RawSnapshotWriter
 from recsys_assets.publish.lists import lists_from_slates
+from recsys_assets.warehouse import Warehouse
 
 NOW = datetime(2026, 11, 20, 12, 0, 0)
 SURFACE = "push"
@@ -61,6 +63,35 @@ def make_subjects(n_subjects: int = 5, *, region: str = REGION) -> pd.DataFrame:
             "last_active_at": pd.Timestamp(NOW) - pd.Timedelta(days=1),
         }
     )
+
+
+def make_users(subjects: pd.DataFrame) -> pd.DataFrame:
+    """Raw users rows for `subjects`: consenting, subscribed to email and push."""
+    return pd.DataFrame(
+        {
+            "user_id": subjects["subject_id"].astype("int64"),
+            "region": subjects["region"],
+            "locale": "en",
+            "tenant_id": subjects["tenant_id"],
+            "actor_role": subjects["actor_role"],
+            "consent_personalization": True,
+            "email_subscribed": True,
+            "push_enabled": True,
+            "timezone": subjects["timezone"],
+            "quiet_hours_start": subjects["quiet_hours_start"],
+            "quiet_hours_end": subjects["quiet_hours_end"],
+            "created_at": pd.Timestamp(NOW) - pd.Timedelta(days=30),
+            "last_active_at": subjects["last_active_at"],
+        }
+    )
+
+
+def write_raw_snapshot(warehouse: Warehouse, *, users: pd.DataFrame, items: pd.DataFrame) -> None:
+    """A complete raw snapshot of `users` and `items` (the other tables empty)."""
+    writer = RawSnapshotWriter(warehouse)
+    writer.write_part("users", users)
+    writer.write_part("items", items)
+    writer.finish({"source": "publish test builders"})
 
 
 def make_slates(

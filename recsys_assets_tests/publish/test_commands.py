@@ -13,8 +13,17 @@ from recsys_assets.config import ConfigError
 from recsys_assets.publish import RollbackRefused, publish_version, read_manifest
 from recsys_assets.publish.commands import EXPORT_COLUMNS, register
 from recsys_assets.publish.versions import manifest_path, utc_now
+from recsys_assets.rules.tombstones import write_tombstones
+from recsys_assets.serving.state import OnlineState, ServingEvent
 from recsys_assets.warehouse import Warehouse
-from recsys_assets_tests.publish.builders import REGION, SURFACE, make_lists, settings
+from recsys_assets_tests.publish.builders import (
+    REGION,
+    SURFACE,
+    make_lists,
+    make_users,
+    settings,
+    write_raw_snapshot,
+)
 
 PARTITION = ("--surface", SURFACE, "--region", REGION)
 
@@ -61,6 +70,45 @@ def test_manifest_and_export(
         _run("manifest", "--surface", SURFACE, "--region", "eu")
     with pytest.raises(ConfigError, match="unknown surface 'pager'"):
         _run("manifest", "--surface", "pager", "--region", REGION)
+
+
+def test_export_withholds_the_lists_of_people_who_may_not_get_the_surface_now(
+    local_warehouse: Warehouse, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Published while everyone consented; since then one person's raw consent went off,
+    one turned push off, one revoked through serving's events API and one through a policy
+    change. Only the fifth list is exported."""
+    _publish_fresh(local_warehouse)
+    _, items, subjects = make_lists()
+    users = make_users(subjects).set_index("user_id")
+    users.loc[100, "consent_personalization"] = False
+    users.loc[101, "push_enabled"] = False
+    write_raw_snapshot(local_warehouse, users=users.reset_index(), items=items)
+    OnlineState(local_warehouse, settings()).record([ServingEvent("consent_revoked", user_id=102)])
+    write_tombstones(local_warehouse, "gdpr-103", [{"type": "consent_revoked", "user_id": 103}])
+    capsys.readouterr()
+
+    assert _run("export", *PARTITION, "--out", str(tmp_path / "lists.csv")) == 0
+    exported = pd.read_csv(tmp_path / "lists.csv")
+    assert set(exported["subject_id"]) == {104}
+    assert len(exported) == settings().surface(SURFACE).store_depth
+    printed = capsys.readouterr().out
+    assert "withheld 4 list(s) of people who may not get push now" in printed
+    assert "(raw users, consent events, policy changes)" in printed
+
+
+def test_export_without_raw_users_still_honours_consent_events(
+    local_warehouse: Warehouse, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _publish_fresh(local_warehouse)
+    OnlineState(local_warehouse, settings()).record([ServingEvent("consent_revoked", user_id=100)])
+    capsys.readouterr()
+
+    assert _run("export", *PARTITION, "--out", str(tmp_path / "lists.parquet")) == 0
+    assert 100 not in set(pd.read_parquet(tmp_path / "lists.parquet")["subject_id"])
+    printed = capsys.readouterr().out
+    assert "withheld 1 list(s)" in printed
+    assert "raw consent not checked: no raw users table" in printed
 
 
 def test_rollback_command(local_warehouse: Warehouse, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,9 +9,27 @@ import pandas as pd
 import pytest
 
 from recsys_assets.publish.lists import finalize_lists
-from recsys_assets.publish.validation import GateLimits, ValidationReport, validate_lists
+from recsys_assets.publish.validation import (
+    NO_PERSON_FACTS,
+    PERSON_RULES_APPLIED,
+    GateLimits,
+    ValidationReport,
+    validate_lists,
+)
 from recsys_assets.rules.categories import UNKNOWN_CATEGORY
-from recsys_assets_tests.publish.builders import NOW, REGION, SURFACE, later, make_lists, settings
+from recsys_assets.rules.person import read_person_facts
+from recsys_assets.serving.state import OnlineState, ServingEvent
+from recsys_assets.warehouse import Warehouse
+from recsys_assets_tests.publish.builders import (
+    NOW,
+    REGION,
+    SURFACE,
+    later,
+    make_lists,
+    make_users,
+    settings,
+    write_raw_snapshot,
+)
 
 
 def _validate(lists: pd.DataFrame, items: pd.DataFrame, subjects: pd.DataFrame, **kw):
@@ -112,3 +130,44 @@ def test_the_category_cap_ignores_uncategorised_items() -> None:
     assert _validate(lists, items, subjects).policy_violations_by_rule["max_per_category"] == 0
     items["category"] = "one"
     assert _validate(lists, items, subjects).policy_violations_by_rule["max_per_category"] >= 1
+
+
+def test_person_rules_judge_consent_and_hides_as_serving_received_them(
+    local_warehouse: Warehouse,
+) -> None:
+    lists, items, subjects = make_lists()
+    write_raw_snapshot(local_warehouse, users=make_users(subjects), items=items)
+    revoked, hider = 101, 102
+    hidden = int(lists.loc[lists["subject_id"] == hider, "item_id"].iloc[0])
+    serving = OnlineState(local_warehouse, settings(), clock=lambda: pd.Timestamp(NOW).value)
+    serving.record(  # as POST /v1/events writes them
+        [
+            ServingEvent("consent_revoked", user_id=revoked),
+            ServingEvent("hide_item", user_id=hider, item_id=hidden),
+        ]
+    )
+
+    facts = read_person_facts(local_warehouse)
+    assert facts is not None
+    report = _validate(lists, items, subjects, person=facts)
+    assert report.metrics["person_rules"] == PERSON_RULES_APPLIED
+    assert report.metrics["lists_without_consent"] == 1
+    depth = settings().surface(SURFACE).store_depth
+    assert report.invalid_by_reason == {"consent_revoked": depth, "hidden_by_user": 1}
+    assert "1 list(s) of people without consent now" in report.to_markdown()
+
+
+def test_without_a_users_table_the_person_rules_say_they_were_not_applicable(
+    local_warehouse: Warehouse,
+) -> None:
+    """A partial warehouse (a snapshot marker, no tables) has no person facts: said, not
+    silently passed, and nothing crashes."""
+    lists, items, subjects = make_lists()
+    local_warehouse.write_json("raw/_snapshot.json", {"snapshot_id": "snap_partial"})
+    assert read_person_facts(local_warehouse) is None
+
+    report = _validate(lists, items, subjects, person=None)
+    assert report.passed, report.failures
+    assert report.metrics["person_rules"] == NO_PERSON_FACTS
+    assert "lists_without_consent" not in report.metrics
+    assert f"person rules (consent, hidden, consumed): {NO_PERSON_FACTS}" in report.to_markdown()

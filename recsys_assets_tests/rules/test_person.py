@@ -1,5 +1,6 @@
 """Person rules: one definition, and the pipeline, publish validation and serving's final
-check agree on random people, items, interactions and controls (property test)."""
+check agree on random people, items, interactions, controls and the serving events received
+since the snapshot (consent changes, hides, purchases) (property test)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,12 @@ from recsys_assets.rules.eligibility import (
     REASON_BY_CODE,
 )
 from recsys_assets.rules.engagement import positive_signal
-from recsys_assets.rules.person import PersonFacts, person_requirements
+from recsys_assets.rules.person import (
+    EVENT_COLUMNS,
+    PersonFacts,
+    in_apply_order,
+    person_requirements,
+)
 from recsys_assets.rules.tombstones import empty_tombstones
 from recsys_assets.serving.final_check import final_reason_codes
 from recsys_assets.serving.service import RecommendationService, SurfacePolicy
@@ -94,10 +100,45 @@ def _users(count: int, draw: st.DrawFn) -> pd.DataFrame:
     )
 
 
+def _events(
+    draw: st.DrawFn, user_ids: list[int], items: pd.DataFrame, seconds: list[int]
+) -> pd.DataFrame:
+    """Serving events as `OnlineState.record` writes them. Their timestamps are drawn from the
+    controls' (and each other's), so ties between a raw control and an event, and between
+    events (then the one received later wins), are exercised."""
+    rows = []
+    for index in range(draw(st.integers(0, 10))):
+        kind = draw(
+            st.sampled_from(
+                ["consent_revoked", "consent_granted", "hide_item", "hide_creator",
+                 "hide_category", "purchase"]
+            )
+        )  # fmt: skip
+        item_id = draw(st.integers(0, len(items) - 1))
+        rows.append(
+            {
+                "event_id": f"e{index}",
+                "type": kind,
+                "user_id": draw(st.sampled_from(user_ids)),
+                "item_id": item_id if kind in ("hide_item", "purchase") else None,
+                "creator_id": draw(st.sampled_from(CREATORS)) if kind == "hide_creator" else None,
+                "category": draw(st.sampled_from(CATEGORIES)) if kind == "hide_category" else None,
+                "surface": None,
+                "region": None,
+                "ts": NOW - pd.Timedelta(seconds=draw(st.sampled_from([*seconds, 0, 1]))),
+                "received_at": NOW + pd.Timedelta(seconds=draw(st.integers(0, 2))),
+            }
+        )
+    return pd.DataFrame(rows, columns=EVENT_COLUMNS).astype(
+        {"user_id": "int64", "item_id": "Int64", "ts": "datetime64[ns]",
+         "received_at": "datetime64[ns]"}
+    )  # fmt: skip
+
+
 @st.composite
 def _world(
     draw: st.DrawFn,
-) -> tuple[SurfaceConfig, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+) -> tuple[SurfaceConfig, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     surface = SETTINGS.surfaces[draw(st.sampled_from(sorted(SETTINGS.surfaces)))]
     if draw(st.booleans()):
         surface = surface.model_copy(update={"repeat_consumption": True})
@@ -143,19 +184,26 @@ def _world(
             ),
         }
     )
-    return surface, items, users, interactions, user_controls
+    events = _events(draw, user_ids, items, seconds)
+    return surface, items, users, interactions, user_controls, events
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(world=_world())
 def test_pipeline_publish_validation_and_serving_agree(world: tuple) -> None:
-    surface, items, users, interactions, user_controls = world
+    surface, items, users, interactions, user_controls, events = world
     # Pipeline: who gets a list, and which (subject, item) pairs are never proposed.
     selected = set(
-        select_subjects(users, surface, region="na", now=NOW).subjects["subject_id"].tolist()
+        select_subjects(users, surface, region="na", now=NOW, events=events)
+        .subjects["subject_id"]
+        .tolist()
     )
     blocked = _blocked_pairs(
-        interactions, user_controls, items, repeat_consumption=surface.repeat_consumption
+        interactions,
+        user_controls,
+        items,
+        repeat_consumption=surface.repeat_consumption,
+        events=events,
     )
     pipeline_blocked = set(zip(blocked["subject_id"], blocked["item_id"], strict=True))
     # Publish validation: a list of every item for every user.
@@ -170,12 +218,14 @@ def test_pipeline_publish_validation_and_serving_agree(world: tuple) -> None:
         now=NOW,
         subjects=None,
         surface=surface,
-        person=PersonFacts(users, interactions, user_controls),
+        person=PersonFacts(users, interactions, user_controls, events),
     )
-    # Serving: the same raw tables through the online state and the final check.
+    # Serving: the same raw tables through the online state and the final check, then the
+    # events applied in place, in the order a (re)loading replica applies them.
     state = OnlineState(None, SETTINGS.model_copy(update={"surfaces": {surface.name: surface}}))  # type: ignore[arg-type]
     state.users = UserDirectory(users)
     state.personal = PersonalState.from_frames(user_controls, interactions)
+    state._apply_frame(in_apply_order(events))
     catalog = Catalog.build(items, empty_tombstones(), ("na",), NOW.to_pydatetime())
     policy = SurfacePolicy.of(surface)
     item_ids = items["item_id"].to_numpy()

@@ -2,30 +2,54 @@
 
 from __future__ import annotations
 
+import warnings
+
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from recsys_assets.automation.schedules import SCHEDULES
 from recsys_assets.automation.sensors import SENSORS
 from recsys_assets.evaluation.assets import evaluation
-from recsys_assets.pipeline.assets import PIPELINE_ASSETS
-from recsys_assets.pipeline.jobs import refresh_lists_job, train_model_bundle_job
+from recsys_assets.pipeline.jobs import (
+    STEPS_IN_ONE_PROCESS,
+    refresh_lists_job,
+    train_model_bundle_job,
+)
+from recsys_assets.pipeline.partitions import bind_partitions
 from recsys_assets.pipeline.resources import RecsysResource
-from recsys_assets.publish.assets import PUBLISH_ASSETS, PUBLISH_JOBS
+
+# The partitioned assets pass `backfill_policy` to `@asset`, a Beta parameter in Dagster 1.13
+# that we use on purpose (docs/AUTOMATION.md, "Backfill policy"). Its notice fires once per
+# decorated asset in every process that imports them (each code server, run worker and CLI
+# call), so it is silenced here, where the code location imports them, and nowhere else.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    from recsys_assets.pipeline.assets import PIPELINE_ASSETS
+    from recsys_assets.publish.assets import PUBLISH_ASSETS, PUBLISH_JOBS
 
 
 def build_definitions(recsys: RecsysResource | None = None) -> dg.Definitions:
-    """Definitions with `recsys` (default: warehouse and config from the environment)."""
+    """The code location for `recsys` (default: warehouse and configuration from the
+    environment), with everything derived from the one `Settings` it reads.
+
+    Partitions are bound here rather than at import, so a `recsys` pointed at another
+    configuration file brings its own regions and surfaces, and a reloaded code location
+    (a new code-server process) serves the configuration of that moment.
+    """
+    recsys = recsys or RecsysResource()
+    settings = recsys.settings()
     return dg.Definitions(
-        assets=[*PIPELINE_ASSETS, *PUBLISH_ASSETS, evaluation],
+        assets=[*bind_partitions([*PIPELINE_ASSETS, *PUBLISH_ASSETS], settings), evaluation],
         jobs=[train_model_bundle_job, refresh_lists_job, *PUBLISH_JOBS],
         sensors=SENSORS,
         schedules=SCHEDULES,
         resources={
-            "recsys": recsys or RecsysResource(),
+            "recsys": recsys,
             # One in-memory database per connection: parallel steps never share a file.
             "duckdb": DuckDBResource(database=":memory:"),
         },
+        # Also for runs outside the jobs: an asset backfill or a materialization from the UI.
+        executor=STEPS_IN_ONE_PROCESS,
     )
 
 

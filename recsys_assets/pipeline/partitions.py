@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import dagster as dg
@@ -13,7 +14,7 @@ REGION_DIMENSION = "region"
 
 
 def surface_region_partitions(settings: Settings | None = None) -> dg.MultiPartitionsDefinition:
-    """Every configured surface × every configured region."""
+    """Every configured surface × every configured region (default: the environment's)."""
     settings = settings or load_settings()
     return dg.MultiPartitionsDefinition(
         {
@@ -21,6 +22,25 @@ def surface_region_partitions(settings: Settings | None = None) -> dg.MultiParti
             SURFACE_DIMENSION: dg.StaticPartitionsDefinition(list(settings.surfaces)),
         }
     )
+
+
+def bind_partitions(
+    assets: Sequence[dg.AssetsDefinition], settings: Settings
+) -> list[dg.AssetsDefinition]:
+    """`assets`, each partitioned one re-partitioned by the surfaces × regions of `settings`.
+
+    The asset modules declare partitions when they are imported (from the environment's
+    configuration), so that tests can `materialize()` them directly. A code location binds
+    them to the `Settings` it serves instead, so its partitions and its `recsys` resource
+    never disagree. Every partitioned asset here is surface × region.
+    """
+    partitions = surface_region_partitions(settings)
+    return [
+        asset.map_asset_specs(lambda spec: spec.replace_attributes(partitions_def=partitions))
+        if asset.partitions_def is not None
+        else asset
+        for asset in assets
+    ]
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,19 @@
-"""Benchmark: the feature pipeline's ASOF join vs a bare DuckDB ASOF JOIN, same row counts.
+"""Benchmark: feature paths, side by side on the same rows, one JSON summary.
 
     python benchmarks/bench_features.py                # 5M probe rows × 5M build rows
     python benchmarks/bench_features.py --rows 500000  # a quicker run
+
+1. Scoring a partition shard, the old way against the new, in the same run:
+   - `row_path`: what features_asof + scored_candidates did before: `compute_features` (one
+     DuckDB ASOF lookup per key, 53 columns per candidate row), the rows written as Parquet
+     and read back, then the ranker over the DataFrame;
+   - `entity_path`: what they do now: `feature_tables` (subject, item, subject × category /
+     creator and exposure tables as of score_time) written as Parquet and read back, then
+     `gather_features` (integer-coded lookups into one float32 matrix) and the ranker over
+     the matrix (`RankerModel.predict_matrix`).
+   The ranker is the product's network (64-32 MLP) with untrained weights: the same kernel.
+   Target: entity path ≥ 5× faster (issue 13).
+2. The ASOF join against a bare DuckDB ASOF JOIN, same row counts:
 
 The probe is a scoring shard: `rows` candidate pairs (500 per subject) at one score_time.
 The build side is `rows` exposures on this surface, drawn from the candidate pairs (so
@@ -21,13 +33,18 @@ import json
 import os
 import resource
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import duckdb
 import numpy as np
 import pandas as pd
+import torch
 
-from recsys_assets.pipeline.features import compute_features
+from recsys_assets.models.ranker import RankerModel, _Network
+from recsys_assets.pipeline.feature_tables import feature_tables, gather_features
+from recsys_assets.pipeline.features import FEATURE_COLUMNS, FEATURE_SET_VERSION, compute_features
 
 CANDIDATES_PER_SUBJECT = 500
 EVENTS_PER_SUBJECT = 30
@@ -36,6 +53,7 @@ CATEGORIES = 40
 CREATORS = 5_000
 HISTORY_DAYS = 56
 TARGET_RATIO = 0.5
+SCORING_SPEEDUP_TARGET = 5.0
 SCORE_TIME = pd.Timestamp("2024-03-01")
 
 
@@ -121,14 +139,75 @@ def _pipeline(
     compute_features(
         con,
         tables["pairs"],
-        interactions=tables["interactions"],
-        exposures=tables["exposures"],
-        items=tables["items"],
-        surface="home_feed",
-        score_time=SCORE_TIME,
+        **_sources(tables),
         step_seconds=steps,
     )
     return steps, time.perf_counter() - started
+
+
+def _sources(tables: dict[str, pd.DataFrame]) -> dict[str, object]:
+    """The event tables, surface and score time every feature path reads."""
+    return {
+        "interactions": tables["interactions"],
+        "exposures": tables["exposures"],
+        "items": tables["items"],
+        "surface": "home_feed",
+        "score_time": SCORE_TIME,
+    }
+
+
+def _ranker() -> RankerModel:
+    torch.manual_seed(0)
+    network = _Network(len(FEATURE_COLUMNS), (64, 32))
+    return RankerModel(network, hidden_sizes=(64, 32), device=torch.device("cpu"))
+
+
+def _row_path(
+    con: duckdb.DuckDBPyConnection,
+    tables: dict[str, pd.DataFrame],
+    ranker: RankerModel,
+    folder: Path,
+) -> tuple[float, np.ndarray]:
+    """features_asof + scored_candidates before: feature rows, Parquet round trip, score."""
+    started = time.perf_counter()
+    rows = compute_features(
+        con,
+        tables["pairs"],
+        **_sources(tables),
+    )
+    rows.to_parquet(folder / "rows.parquet", index=False)
+    read = pd.read_parquet(
+        folder / "rows.parquet", columns=[*FEATURE_COLUMNS, "feature_set_version"]
+    )
+    scores = ranker.predict(read)
+    return time.perf_counter() - started, scores
+
+
+def _entity_path(
+    con: duckdb.DuckDBPyConnection,
+    tables: dict[str, pd.DataFrame],
+    ranker: RankerModel,
+    folder: Path,
+) -> tuple[float, np.ndarray]:
+    """features_asof + scored_candidates now: entity tables, Parquet round trip, gather, score."""
+    started = time.perf_counter()
+    pairs = tables["pairs"]
+    built = feature_tables(
+        con,
+        pairs["subject_id"].unique(),
+        **_sources(tables),
+    )
+    for name, frame in built.tables.items():
+        frame.to_parquet(folder / f"{name}.parquet", index=False)
+    read = type(built)(
+        score_time=built.score_time,
+        tables={name: pd.read_parquet(folder / f"{name}.parquet") for name in built.tables},
+    )
+    gathered = gather_features(read, pairs)
+    scores = ranker.predict_matrix(
+        gathered.matrix, columns=tuple(FEATURE_COLUMNS), feature_set_version=FEATURE_SET_VERSION
+    )
+    return time.perf_counter() - started, scores
 
 
 def main(argv: list[str] | None = None) -> dict[str, object]:
@@ -141,6 +220,23 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     tables = _tables(args.rows, args.seed)
     con = duckdb.connect(":memory:", config={"threads": args.threads})
+    torch.set_num_threads(args.threads)
+    ranker = _ranker()
+    row_s: list[float] = []
+    entity_s: list[float] = []
+    with tempfile.TemporaryDirectory(prefix="bench_features_") as scratch:
+        for attempt in range(args.repeat):
+            seconds, old_scores = _row_path(con, tables, ranker, Path(scratch))
+            row_s.append(seconds)
+            seconds, new_scores = _entity_path(con, tables, ranker, Path(scratch))
+            entity_s.append(seconds)
+            if not np.array_equal(old_scores, new_scores):
+                raise SystemExit("the entity path scored differently from the row path")
+            print(
+                f"scoring run {attempt + 1}/{args.repeat}: row path {row_s[-1]:.2f}s, "
+                f"entity path {entity_s[-1]:.2f}s",
+                flush=True,
+            )
     bare_s: list[float] = []
     join_s: list[float] = []
     total_s: list[float] = []
@@ -163,8 +259,18 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
 
     bare_rate = args.rows / min(bare_s)
     join_rate = args.rows / min(join_s)
+    speedup = min(row_s) / min(entity_s)
     summary: dict[str, object] = {
-        "benchmark": "features_asof_join",
+        "benchmark": "features",
+        "scoring": {
+            "rows": args.rows,
+            "row_path_s": round(min(row_s), 3),
+            "entity_path_s": round(min(entity_s), 3),
+            "speedup": round(speedup, 2),
+            "target_speedup": SCORING_SPEEDUP_TARGET,
+            "meets_target": speedup >= SCORING_SPEEDUP_TARGET,
+            "identical_scores": True,
+        },
         "probe_rows": args.rows,
         "build_rows": args.rows,
         "interaction_rows": max(1, args.rows // CANDIDATES_PER_SUBJECT) * EVENTS_PER_SUBJECT,

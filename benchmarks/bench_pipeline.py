@@ -154,6 +154,7 @@ def partition_child(warehouse: str, surface: str, region: str, score_time: str) 
     from dagster_duckdb import DuckDBResource
 
     from recsys_assets.pipeline.assets import PIPELINE_ASSETS
+    from recsys_assets.pipeline.metadata import ROW_COUNT
     from recsys_assets.pipeline.partitions import SurfaceRegion
     from recsys_assets.pipeline.resources import RecsysResource
 
@@ -181,7 +182,7 @@ def partition_child(warehouse: str, surface: str, region: str, score_time: str) 
     for event in result.get_asset_materialization_events():
         materialization = event.event_specific_data.materialization  # type: ignore[union-attr]
         rows[materialization.asset_key.to_user_string()] = int(
-            materialization.metadata["rows"].value  # type: ignore[arg-type]
+            materialization.metadata[ROW_COUNT].value  # type: ignore[arg-type]
         )
     return {"wall_s": wall, "rows": rows, "steps_s": _step_seconds(result)}
 

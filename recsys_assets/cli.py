@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "recsys_assets.publish.commands",
     "recsys_assets.serving.commands",
     "recsys_assets.evaluation.commands",
+    "recsys_assets.channels.commands",
 )
 
 
@@ -33,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="recsys",
         description="Batch scoring and precomputed recommendations (a Dagster code location).",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging, and Dagster's full event log for runs",
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)
@@ -46,10 +52,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Libraries say what went wrong (warnings); our own modules also what they did (info).
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("recsys_assets").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return int(args.handler(args) or 0)
     except (ConfigError, ContractViolation, WarehouseError, OSError, ValueError) as error:

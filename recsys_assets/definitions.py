@@ -18,12 +18,17 @@ from recsys_assets.pipeline.jobs import (
 from recsys_assets.pipeline.partitions import bind_partitions
 from recsys_assets.pipeline.resources import RecsysResource
 
-# The partitioned assets pass `backfill_policy` to `@asset`, a Beta parameter in Dagster 1.13
-# that we use on purpose (docs/AUTOMATION.md, "Backfill policy"). Its notice fires once per
-# decorated asset in every process that imports them (each code server, run worker and CLI
-# call), so it is silenced here, where the code location imports them, and nowhere else.
+# The partitioned assets pass `backfill_policy` to `@asset` (Beta in Dagster 1.13), their
+# checks are partitioned (`partitions_def` on `AssetCheckSpec`, Preview) and the raw tables
+# are a `multi_observable_source_asset` (Beta): all on purpose (docs/AUTOMATION.md,
+# "Backfill policy" and "Asset checks"). Their notices fire once per decorated asset in every
+# process that imports them (each code server, run worker and CLI call), so they are
+# silenced here, where the code location imports them, and nowhere else.
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+    from recsys_assets.channels.assets import CHANNEL_ASSETS
+    from recsys_assets.data.assets import RAW_ASSETS, RAW_JOBS
     from recsys_assets.pipeline.assets import PIPELINE_ASSETS
     from recsys_assets.publish.assets import PUBLISH_ASSETS, PUBLISH_JOBS
 
@@ -39,8 +44,12 @@ def build_definitions(recsys: RecsysResource | None = None) -> dg.Definitions:
     recsys = recsys or RecsysResource()
     settings = recsys.settings()
     return dg.Definitions(
-        assets=[*bind_partitions([*PIPELINE_ASSETS, *PUBLISH_ASSETS], settings), evaluation],
-        jobs=[train_model_bundle_job, refresh_lists_job, *PUBLISH_JOBS],
+        assets=[
+            *RAW_ASSETS,
+            *bind_partitions([*PIPELINE_ASSETS, *PUBLISH_ASSETS, *CHANNEL_ASSETS], settings),
+            evaluation,
+        ],
+        jobs=[train_model_bundle_job, refresh_lists_job, *PUBLISH_JOBS, *RAW_JOBS],
         sensors=SENSORS,
         schedules=SCHEDULES,
         resources={

@@ -81,15 +81,56 @@ class TrainingConfig(_Strict):
     seed: int = 7
 
 
+class IvfConfig(_Strict):
+    """faiss `IndexIVFFlat`: items split into clusters, each user searches the nearest few."""
+
+    nlist: int = Field(1024, ge=1)
+    """Clusters; capped at items / 39 (faiss wants 39 training items per cluster)."""
+    nprobe: int = Field(64, ge=1)
+    """Clusters searched per user: recall and cost both rise with it."""
+
+    @model_validator(mode="after")
+    def _probe_within_clusters(self) -> IvfConfig:
+        if self.nprobe > self.nlist:
+            raise ValueError(
+                f"nprobe ({self.nprobe}) must be at most nlist ({self.nlist}): a user cannot "
+                f"search more clusters than there are"
+            )
+        return self
+
+
+class HnswConfig(_Strict):
+    """faiss `IndexHNSWFlat`: a neighbour graph over the items, walked from an entry point."""
+
+    m: int = Field(32, ge=4, le=128)
+    """Graph neighbours per item: memory, build time and recall rise with it."""
+    ef_search: int = Field(512, ge=1)
+    """Candidates kept during a search (never fewer than k): recall and cost rise with it."""
+
+
+class RetrievalConfig(_Strict):
+    """How the two-tower source finds each subject's top-K items on the CPU (a GPU always
+    runs the exact search in torch)."""
+
+    index: Literal["flat", "ivf", "hnsw"] = "flat"
+    """flat: exact. ivf, hnsw: approximate, faster on large catalogs at a recall measured by
+    benchmarks/bench_retrieval.py."""
+    ivf: IvfConfig = IvfConfig()
+    hnsw: HnswConfig = HnswConfig()
+
+
 class PipelineConfig(_Strict):
     shard_subjects: int = Field(4000, ge=1)
     retrieval_item_chunk: int = Field(50000, ge=1)
+    retrieval: RetrievalConfig = RetrievalConfig()
     recent_items_per_user: int = Field(20, ge=1)
     recent_history_items: int = Field(5, ge=1)
     """The subject's latest items behind the `*_recent_score` ranker inputs."""
     trending_window_days: int = Field(3, ge=1)
     """Shortest trending window; it widens until it holds trending_min_share of the events."""
     trending_min_share: float = Field(0.05, gt=0, le=1)
+    partition_workers: int = Field(2, ge=1)
+    """Partitions `recsys run` refreshes at a time, each in its own process."""
 
 
 class EligibilityConfig(_Strict):
@@ -122,6 +163,25 @@ class ChannelRulesConfig(_Strict):
     """How many times one item may be shown to one user on this surface per day; 0 = no cap."""
     quiet_hours: bool = False
     send_hour_local: int | None = Field(None, ge=0, le=23)
+    quiet_hours_mode: Literal["defer", "skip"] = "defer"
+    """A send that falls in the subject's quiet hours (at send time, in their timezone) waits
+    for their end (`defer`) or does not happen (`skip`). Only with `quiet_hours`."""
+    max_sends: int = Field(0, ge=0)
+    """Messages one subject may get on this channel within `send_cap_window`; 0 = no cap.
+    Counted over the channel's sends ledger (docs/CHANNELS.md)."""
+    send_cap_window: Duration = timedelta(days=1)
+    min_relevance: float = Field(0.0, ge=0, le=1)
+    """A sent item's calibrated probability must be at least this (push: only strong items)."""
+    first_slot_min_relevance: float | None = Field(None, ge=0, le=1)
+    """When set, a message opens with an item at least this confident, or is not sent."""
+    blocked_risk_levels: tuple[Literal["low", "medium", "high"], ...] = ()
+    """Items of these trust & safety `risk_level`s are never sent on this channel."""
+
+    @model_validator(mode="after")
+    def _window(self) -> ChannelRulesConfig:
+        if self.send_cap_window <= timedelta(0):
+            raise ValueError("send_cap_window must be positive")
+        return self
 
 
 class SurfaceConfig(_Strict):

@@ -261,6 +261,7 @@ def run_pipeline_on(
 
     from recsys_assets.pipeline.assets import PIPELINE_ASSETS
     from recsys_assets.pipeline.jobs import refresh_lists_job, train_model_bundle_job
+    from recsys_assets.pipeline.partitions import bind_partitions
     from recsys_assets.pipeline.resources import RecsysResource
     from recsys_assets.pipeline.runner import quiet_migrations, run_pipeline, select_partitions
 
@@ -272,7 +273,8 @@ def run_pipeline_on(
     except ImportError as error:
         progress(f"publishing unavailable ({error}); evaluating the slates")
     definitions = dg.Definitions(
-        assets=assets,
+        # Partitions from the evaluated configuration, as the resource below reads it.
+        assets=bind_partitions(assets, settings),
         jobs=[train_model_bundle_job, refresh_lists_job],
         resources={
             "recsys": RecsysResource(

@@ -17,8 +17,9 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from dagster_duckdb import DuckDBResource
 
-from recsys_assets.contracts.pipeline import validate_stage
+from recsys_assets.contracts.pipeline import PIPELINE_CONTRACTS, validate_stage
 from recsys_assets.data import read_raw
+from recsys_assets.data.assets import raw_tables
 from recsys_assets.data.snapshot import raw_table_path
 from recsys_assets.models.bundle import load_bundle, train_bundle
 from recsys_assets.pipeline import candidates as candidate_stage
@@ -29,6 +30,15 @@ from recsys_assets.pipeline.feature_tables import (
     gather_features,
 )
 from recsys_assets.pipeline.features import FEATURE_COLUMNS, FEATURE_SET_VERSION
+from recsys_assets.pipeline.metadata import (
+    COLUMN_SCHEMA,
+    LOCATION,
+    ROW_COUNT,
+    ScoreHistogram,
+    column_schema,
+    distribution,
+    location,
+)
 from recsys_assets.pipeline.partitions import (
     ONE_RUN_PER_PARTITION,
     SurfaceRegion,
@@ -44,7 +54,6 @@ from recsys_assets.pipeline.shards import (
     UniformSample,
     markdown_table,
     part_name,
-    quantiles,
     raw_dataset,
     read_parts,
     stage_path,
@@ -69,19 +78,30 @@ it), so scored_candidates' memory does not grow with the partition."""
 
 
 def _contract_check(asset: str) -> dg.AssetCheckSpec:
+    """Partitioned like its asset, so each evaluation is recorded against its partition."""
     return dg.AssetCheckSpec(
         name=f"{asset}_contract",
         asset=asset,
         blocking=True,
         description=f"Every part of {asset} satisfies its Pandera contract "
         "(recsys_assets.contracts.pipeline).",
+        partitions_def=PARTITIONS,
     )
 
 
+def _schema(stage: str) -> dict[str, Any]:
+    """Definition metadata: the stage's columns, from its contract."""
+    return {COLUMN_SCHEMA: column_schema(PIPELINE_CONTRACTS[stage])}
+
+
 def _outcome(
-    asset: str, result: ShardWriteResult, metadata: dict[str, Any]
+    asset: str,
+    warehouse: Warehouse,
+    partition: SurfaceRegion,
+    result: ShardWriteResult,
+    metadata: dict[str, Any],
 ) -> dg.MaterializeResult:
-    """Metadata plus the contract check's verdict for one partition."""
+    """Metadata (row count, where the parts lie) plus the contract check's verdict."""
     passed = result.violation is None
     check = dg.AssetCheckResult(
         check_name=f"{asset}_contract",
@@ -93,12 +113,21 @@ def _outcome(
         },
     )
     return dg.MaterializeResult(
-        metadata={**metadata, "rows": result.rows, "parts": result.parts},
+        metadata={
+            **metadata,
+            ROW_COUNT: result.rows,
+            "parts": result.parts,
+            LOCATION: location(warehouse, stage_path(asset, partition.path)),
+        },
         check_results=[check],
     )
 
 
-@dg.asset(group_name="models", kinds={"torch"})
+@dg.asset(
+    group_name="models",
+    deps=raw_tables("users", "items", "interactions", "exposures", "user_controls", "editorial"),
+    kinds={"torch"},
+)
 def model_bundle(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
     """Two-tower retrieval + calibrated ranker, trained on data before the training cutoff.
 
@@ -126,7 +155,9 @@ def model_bundle(context: dg.AssetExecutionContext, recsys: RecsysResource) -> d
     partitions_def=PARTITIONS,
     backfill_policy=ONE_RUN_PER_PARTITION,
     group_name=PIPELINE_GROUP,
+    deps=raw_tables("users"),
     check_specs=[_contract_check("subjects")],
+    metadata=_schema("subjects"),
     kinds={"pandas", "parquet"},
 )
 def subjects(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
@@ -153,6 +184,8 @@ def subjects(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.Ma
     excluded = {reason: count for reason, count in selection.excluded.items() if count}
     return _outcome(
         "subjects",
+        warehouse,
+        partition,
         result,
         {
             "subjects": len(frame),
@@ -168,8 +201,13 @@ def subjects(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.Ma
     partitions_def=PARTITIONS,
     backfill_policy=ONE_RUN_PER_PARTITION,
     group_name=PIPELINE_GROUP,
-    deps=[subjects, model_bundle],
+    deps=[
+        subjects,
+        model_bundle,
+        *raw_tables("items", "interactions", "user_controls", "editorial"),
+    ],
     check_specs=[_contract_check("candidate_pools")],
+    metadata=_schema("candidate_pools"),
     kinds={"pandas", "torch", "parquet"},
 )
 def candidate_pools(
@@ -231,15 +269,19 @@ def candidate_pools(
     )
     sizes = np.concatenate(per_subject) if per_subject else np.array([])
     total = max(sum(source_counts.values()), 1)
-    source_mix = {source: f"{count / total:.1%}" for source, count in source_counts.items()}
+    shares = {source: count / total for source, count in source_counts.items()}
+    source_mix = {source: f"{share:.1%}" for source, share in shares.items()}
     return _outcome(
         "candidate_pools",
+        warehouse,
+        partition,
         result,
         {
             "model_version": bundle.info.model_version,
             "candidate_policy_version": candidate_stage.CANDIDATE_POLICY_VERSION,
-            "candidates_per_subject": dg.MetadataValue.json(quantiles(sizes)),
+            **distribution("candidates_per_subject", sizes),
             "subjects_without_candidates": int((sizes == 0).sum()),
+            **{f"candidate_share_{source}": round(share, 4) for source, share in shares.items()},
             "source_mix": dg.MetadataValue.md(markdown_table(source_mix, ("source", "share"))),
         },
     )
@@ -249,7 +291,7 @@ def candidate_pools(
     partitions_def=PARTITIONS,
     backfill_policy=ONE_RUN_PER_PARTITION,
     group_name=PIPELINE_GROUP,
-    deps=[candidate_pools],
+    deps=[candidate_pools, *raw_tables("items", "interactions", "exposures", "user_controls")],
     check_specs=[
         _contract_check("features_asof"),
         dg.AssetCheckSpec(
@@ -257,6 +299,7 @@ def candidate_pools(
             asset="features_asof",
             blocking=True,
             description="No feature table row uses a value from after the score_time.",
+            partitions_def=PARTITIONS,
         ),
     ],
     kinds={"duckdb", "parquet"},
@@ -339,8 +382,10 @@ def features_asof(
         metadata={
             "feature_set_version": FEATURE_SET_VERSION,
             "score_time": str(now),
+            ROW_COUNT: sum(result.rows for result in results.values()),
             **{f"{table}_rows": result.rows for table, result in results.items()},
             "parts": max(result.parts for result in results.values()),
+            LOCATION: location(warehouse, stage_path("features_asof", partition.path)),
         },
         check_results=[contract, leakage],
     )
@@ -350,8 +395,9 @@ def features_asof(
     partitions_def=PARTITIONS,
     backfill_policy=ONE_RUN_PER_PARTITION,
     group_name=PIPELINE_GROUP,
-    deps=[features_asof, model_bundle],
+    deps=[features_asof, model_bundle, *raw_tables("items", "interactions")],
     check_specs=[_contract_check("scored_candidates")],
+    metadata=_schema("scored_candidates"),
     kinds={"torch", "parquet"},
 )
 def scored_candidates(
@@ -378,6 +424,7 @@ def scored_candidates(
         "pipeline_run_id": context.run.run_id,
     }
     utilities = UniformSample(UTILITY_SAMPLE_ROWS)
+    histogram = ScoreHistogram()
     sample = RowSample(FEATURE_SAMPLE_ROWS)
 
     def shards() -> Iterator[pd.DataFrame]:
@@ -414,6 +461,7 @@ def scored_candidates(
                 lineage=lineage,
             )
             utilities.add(scored["utility"].to_numpy())
+            histogram.add(scored["calibrated"].to_numpy())
             yield scored
 
     result = write_shards(
@@ -425,10 +473,9 @@ def scored_candidates(
     )
     metadata: dict[str, Any] = {
         **lineage,
-        "utility_distribution": dg.MetadataValue.json(
-            quantiles(utilities.values, (0.05, 0.5, 0.95))
-        ),
-        "utility_distribution_rows": len(utilities.values),
+        **distribution("utility", utilities.values, (0.05, 0.5, 0.95)),
+        "utility_sample_rows": len(utilities.values),
+        "score_histogram": histogram.to_markdown("candidates"),
     }
     sample_path = f"{stage_path('scored_candidates', partition.path)}/feature_sample"
     if result.violation is None and len(sample.rows()):
@@ -439,7 +486,7 @@ def scored_candidates(
     else:
         warehouse.delete(sample_path, recursive=True)
     metadata["feature_sample_rows"] = len(sample.rows())
-    return _outcome("scored_candidates", result, metadata)
+    return _outcome("scored_candidates", warehouse, partition, result, metadata)
 
 
 def _feature_part(
@@ -464,6 +511,7 @@ def _feature_part(
     group_name=PIPELINE_GROUP,
     deps=[scored_candidates],
     check_specs=[_contract_check("slates")],
+    metadata=_schema("slates"),
     kinds={"pandas", "parquet"},
 )
 def slates(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
@@ -496,11 +544,13 @@ def slates(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.Mate
     subjects_total = sum(len(part) for _, part in read_parts(warehouse, "subjects", partition.path))
     return _outcome(
         "slates",
+        warehouse,
+        partition,
         result,
         {
             "slate_policy_version": surface.slate_policy.version,
-            "exploration_seed": seed,
-            "list_length": dg.MetadataValue.json(quantiles(sizes)),
+            "exploration_seed": dg.MetadataValue.text(str(seed)),
+            **distribution("items_per_list", sizes),
             "lists": len(sizes),
             "empty_lists": int(subjects_total - int((sizes > 0).sum())),
             "exploration_items": explored,

@@ -9,7 +9,9 @@ import time
 
 from recsys_assets.config import load_settings
 from recsys_assets.data.snapshot import read_snapshot
+from recsys_assets.pipeline.resources import RecsysResource
 from recsys_assets.pipeline.runner import (
+    ParallelRuns,
     PartitionOutcome,
     local_instance,
     run_pipeline,
@@ -35,6 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="use the current model bundle instead of retraining (trains if there is none)",
     )
+    _workers_argument(run)
     run.set_defaults(handler=_run)
 
     demo = subparsers.add_parser(
@@ -44,15 +47,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "materialize every partition, and print a short summary.",
     )
     demo.add_argument("--seed", type=int, default=1, help="synthetic data seed (default 1)")
+    _workers_argument(demo)
     demo.set_defaults(handler=_demo)
 
 
+def _workers_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--workers",
+        type=_positive,
+        help="partitions to refresh at a time, each in its own process "
+        "(default: pipeline.partition_workers of the configuration; 1 = one after another)",
+    )
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def _run(args: argparse.Namespace) -> int:
+    started = time.monotonic()
     warehouse = Warehouse.from_env()
     read_snapshot(warehouse)  # no raw data: say so in one line, before any run starts
     train = not (args.reuse_model and warehouse.exists("models/current.json"))
-    outcomes = _execute(args.surface, args.region, train_model=train)
-    return _report(outcomes)
+    outcomes = _execute(
+        args.surface, args.region, train_model=train, workers=args.workers, verbose=args.verbose
+    )
+    return _report(outcomes, started)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -68,33 +94,49 @@ def _demo(args: argparse.Namespace) -> int:
         f"seeded tiny data into {warehouse.url} ({time.monotonic() - started:.1f}s): "
         + ", ".join(f"{table}={rows}" for table, rows in report.row_counts.items())
     )
-    outcomes = _execute(None, None, train_model=True)
-    return _report(outcomes)
+    outcomes = _execute(None, None, train_model=True, workers=args.workers, verbose=args.verbose)
+    return _report(outcomes, started)
 
 
 def _execute(
-    surfaces: list[str] | None, regions: list[str] | None, *, train_model: bool
+    surfaces: list[str] | None,
+    regions: list[str] | None,
+    *,
+    train_model: bool,
+    workers: int | None,
+    verbose: bool,
 ) -> list[PartitionOutcome]:
-    from recsys_assets.definitions import defs
+    from recsys_assets.definitions import build_definitions
 
-    partitions = select_partitions(load_settings(), surfaces, regions)
+    recsys = RecsysResource()
+    settings = recsys.settings()
+    partitions = select_partitions(settings, surfaces, regions)
+    workers = min(workers or settings.pipeline.partition_workers, max(len(partitions), 1))
     instance = local_instance()
     _say(
-        f"running {len(partitions)} partition(s) on the Dagster instance in "
-        f"{instance.root_directory}"
+        f"running {len(partitions)} partition(s), {workers} at a time, on the Dagster "
+        f"instance in {instance.root_directory}"
     )
-    return run_pipeline(defs, instance, partitions, train_model=train_model, progress=_say)
+    return run_pipeline(
+        build_definitions(recsys),
+        instance,
+        partitions,
+        train_model=train_model,
+        progress=_say,
+        parallel=ParallelRuns(recsys, workers),
+        verbose=verbose,
+    )
 
 
-def _report(outcomes: list[PartitionOutcome]) -> int:
+def _report(outcomes: list[PartitionOutcome], started: float) -> int:
+    """The summary line (wall time since `started`, seeding and training included)."""
     failed = [outcome for outcome in outcomes if not outcome.success]
     lists = sum(
         int(outcome.metadata.get("slates", {}).get("lists", 0) or 0) for outcome in outcomes
     )
-    seconds = sum(outcome.seconds for outcome in outcomes)
     _say(
         f"done: {len(outcomes) - len(failed)}/{len(outcomes)} partitions succeeded, "
-        f"{lists} lists, {seconds:.1f}s in partition runs"
+        f"{lists} lists in {time.monotonic() - started:.1f}s (wall)"
     )
     for outcome in failed:
         _say(f"failed: {outcome.partition.surface} × {outcome.partition.region}: {outcome.error}")

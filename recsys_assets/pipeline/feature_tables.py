@@ -46,10 +46,9 @@ from recsys_assets.pipeline.features import (
     NO_HISTORY,
     EventSource,
     Frame,
-    _as_arrow,
     _cursor,
-    _empty_controls,
     _naive,
+    _register_sources,
     _shared_tables_sql,
     source_features,
 )
@@ -102,15 +101,7 @@ def feature_tables(
                 }
             ),
         )
-        cur.register("_fs_interactions", _as_arrow(interactions, "interactions"))
-        cur.register("_fs_exposures", _as_arrow(exposures, "exposures"))
-        cur.register("_fs_items", _as_arrow(items, "items"))
-        cur.register(
-            "_fs_controls",
-            _as_arrow(user_controls, "user_controls")
-            if user_controls is not None
-            else _empty_controls(),
-        )
+        _register_sources(cur, interactions, exposures, items, user_controls)
         cur.execute(
             "CREATE OR REPLACE TEMP TABLE fs_bounds AS SELECT CAST(? AS TIMESTAMP) AS horizon",
             [horizon.to_pydatetime()],

@@ -170,15 +170,7 @@ def compute_features(
     probe = _probe_table(frame, score_time)
     with _cursor(con) as cur:
         cur.register("_fs_probe", probe)
-        cur.register("_fs_interactions", _as_arrow(interactions, "interactions"))
-        cur.register("_fs_exposures", _as_arrow(exposures, "exposures"))
-        cur.register("_fs_items", _as_arrow(items, "items"))
-        cur.register(
-            "_fs_controls",
-            _as_arrow(user_controls, "user_controls")
-            if user_controls is not None
-            else _empty_controls(),
-        )
+        _register_sources(cur, interactions, exposures, items, user_controls)
         with _timed(step_seconds, "build_state"):
             for statement in _build_tables_sql(surface, one_score_time=score_time is not None):
                 cur.execute(statement)
@@ -210,6 +202,25 @@ def _as_arrow(frame: EventSource, name: str) -> pa.Table | ds.Dataset:
         return pa.Table.from_pandas(frame, preserve_index=False)
     raise FeatureInputError(
         f"{name}: expected a pandas DataFrame, pyarrow Table or Dataset, got {frame!r}"
+    )
+
+
+def _register_sources(
+    cur: duckdb.DuckDBPyConnection,
+    interactions: EventSource,
+    exposures: EventSource,
+    items: Frame,
+    user_controls: EventSource | None,
+) -> None:
+    """The source tables under the names both feature paths' SQL reads."""
+    cur.register("_fs_interactions", _as_arrow(interactions, "interactions"))
+    cur.register("_fs_exposures", _as_arrow(exposures, "exposures"))
+    cur.register("_fs_items", _as_arrow(items, "items"))
+    cur.register(
+        "_fs_controls",
+        _as_arrow(user_controls, "user_controls")
+        if user_controls is not None
+        else _empty_controls(),
     )
 
 

@@ -32,15 +32,40 @@ def bind_partitions(
     The asset modules declare partitions when they are imported (from the environment's
     configuration), so that tests can `materialize()` them directly. A code location binds
     them to the `Settings` it serves instead, so its partitions and its `recsys` resource
-    never disagree. Every partitioned asset here is surface × region.
+    never disagree. Every partitioned asset here is surface × region, and so is each of its
+    partitioned asset checks (their results are recorded per partition).
     """
     partitions = surface_region_partitions(settings)
     return [
-        asset.map_asset_specs(lambda spec: spec.replace_attributes(partitions_def=partitions))
-        if asset.partitions_def is not None
-        else asset
+        _with_partitions(asset, partitions) if asset.partitions_def is not None else asset
         for asset in assets
     ]
+
+
+def _with_partitions(
+    asset: dg.AssetsDefinition, partitions: dg.PartitionsDefinition
+) -> dg.AssetsDefinition:
+    """`asset` with `partitions` on its specs and on its partitioned check specs.
+
+    `map_asset_specs` leaves check specs alone, and Dagster refuses an asset whose checks
+    are partitioned differently from it; nothing public replaces a check spec, so this
+    rebuilds the definition the way `map_asset_specs` itself does.
+    """
+    mapped = asset.map_asset_specs(lambda spec: spec.replace_attributes(partitions_def=partitions))
+    checks = mapped.node_check_specs_by_output_name
+    if not any(check.partitions_def is not None for check in checks.values()):
+        return mapped
+    return dg.AssetsDefinition.dagster_internal_init(
+        **{
+            **mapped.get_attributes_dict(),
+            "check_specs_by_output_name": {
+                output: check._replace(partitions_def=partitions)
+                if check.partitions_def is not None
+                else check
+                for output, check in checks.items()
+            },
+        }
+    )
 
 
 @dataclass(frozen=True)

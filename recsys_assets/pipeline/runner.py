@@ -1,25 +1,37 @@
-"""`recsys run`: materialize the graph on a local Dagster instance, partition by partition."""
+"""`recsys run`: materialize the graph on a local Dagster instance, partition by partition.
+
+Partitions (surface × region) are independent once the model bundle is trained, so they may
+run concurrently: `ParallelRuns` runs them in worker processes (each builds the code
+location from the same `RecsysResource` and records its runs in the same instance), at most
+`workers` at a time. The bundle is trained once, before any partition starts.
+"""
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
 from recsys_assets.config import Settings
 from recsys_assets.pipeline.jobs import MODEL_JOB, REFRESH_JOB
 from recsys_assets.pipeline.partitions import SurfaceRegion
+from recsys_assets.pipeline.resources import RecsysResource
 
 DEFAULT_DAGSTER_HOME = ".dagster_home"
 QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 """Runs log warnings and errors to the terminal, not Dagster's ~50 DEBUG events per step:
 `recsys run` prints one line per partition instead; the events stay in the instance (UI)."""
+VERBOSE_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "DEBUG"}}}}
+"""`recsys --verbose run`: Dagster's whole event stream on the terminal."""
 PROJECT_INSTANCE_CONFIG = Path(__file__).resolve().parents[2] / "dagster.yaml"
 
 
@@ -66,6 +78,15 @@ def select_partitions(
     ]
 
 
+@dataclass(frozen=True)
+class ParallelRuns:
+    """Run partitions in `workers` processes, each building the code location from `recsys`
+    (a Definitions object cannot cross a process boundary; its resource can)."""
+
+    recsys: RecsysResource
+    workers: int
+
+
 def run_pipeline(
     definitions: dg.Definitions,
     instance: dg.DagsterInstance,
@@ -73,13 +94,18 @@ def run_pipeline(
     *,
     train_model: bool,
     progress: Callable[[str], None],
+    parallel: ParallelRuns | None = None,
+    verbose: bool = False,
 ) -> list[PartitionOutcome]:
-    """Train the bundle (if asked), then refresh each partition in its own run."""
+    """Train the bundle (if asked), then refresh each partition in its own run: one after
+    another, or `parallel.workers` at a time (outcomes in partition order either way).
+    `verbose` puts Dagster's event log on the terminal."""
+    run_config = VERBOSE_RUN_CONFIG if verbose else QUIET_RUN_CONFIG
     if train_model:
         started = time.monotonic()
         progress("model_bundle: training …")
         result = definitions.resolve_job_def(MODEL_JOB).execute_in_process(
-            instance=instance, raise_on_error=False, run_config=QUIET_RUN_CONFIG
+            instance=instance, raise_on_error=False, run_config=run_config
         )
         if not result.success:
             raise RuntimeError(f"model_bundle failed: {_first_error(result)}")
@@ -88,26 +114,75 @@ def run_pipeline(
             f"model_bundle: {metadata.get('model_bundle', {}).get('model_version', '?')} "
             f"in {time.monotonic() - started:.1f}s"
         )
-    job = definitions.resolve_job_def(REFRESH_JOB)
-    outcomes = []
-    for index, partition in enumerate(partitions, start=1):
-        started = time.monotonic()
-        result = job.execute_in_process(
-            instance=instance,
-            partition_key=partition.to_key(),
-            raise_on_error=False,
-            run_config=QUIET_RUN_CONFIG,
+    outcomes: dict[SurfaceRegion, PartitionOutcome] = {}
+
+    def report(outcome: PartitionOutcome) -> None:
+        outcomes[outcome.partition] = outcome
+        progress(f"[{len(outcomes)}/{len(partitions)}] {_describe(outcome)}")
+
+    if parallel is None or parallel.workers <= 1 or len(partitions) <= 1:
+        for partition in partitions:
+            report(run_partition(definitions, instance, partition, run_config))
+    else:
+        workers = min(parallel.workers, len(partitions))
+        with ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(workers,),
+        ) as pool:
+            # A resource does not pickle; its fields do.
+            fields = {name: getattr(parallel.recsys, name) for name in RecsysResource.model_fields}
+            futures = [
+                pool.submit(_run_in_worker, fields, partition, run_config)
+                for partition in partitions
+            ]
+            for future in as_completed(futures):
+                report(future.result())
+    return [outcomes[partition] for partition in partitions]
+
+
+def run_partition(
+    definitions: dg.Definitions,
+    instance: dg.DagsterInstance,
+    partition: SurfaceRegion,
+    run_config: dict[str, Any],
+) -> PartitionOutcome:
+    """One partition's refresh run, its outcome and metadata."""
+    started = time.monotonic()
+    result = definitions.resolve_job_def(REFRESH_JOB).execute_in_process(
+        instance=instance,
+        partition_key=partition.to_key(),
+        raise_on_error=False,
+        run_config=run_config,
+    )
+    return PartitionOutcome(
+        partition=partition,
+        success=result.success,
+        seconds=time.monotonic() - started,
+        metadata=_metadata(result),
+        error="" if result.success else _first_error(result),
+    )
+
+
+def _start_worker(workers: int) -> None:
+    """Share the cores between the workers (torch and DuckDB would each take all of them)."""
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+    quiet_migrations()
+
+
+def _run_in_worker(
+    recsys_fields: dict[str, str], partition: SurfaceRegion, run_config: dict[str, Any]
+) -> PartitionOutcome:
+    """A worker's partition run, on the instance under the parent's DAGSTER_HOME."""
+    from recsys_assets.definitions import build_definitions
+
+    with dg.DagsterInstance.get() as instance:
+        return run_partition(
+            build_definitions(RecsysResource(**recsys_fields)), instance, partition, run_config
         )
-        outcome = PartitionOutcome(
-            partition=partition,
-            success=result.success,
-            seconds=time.monotonic() - started,
-            metadata=_metadata(result),
-            error="" if result.success else _first_error(result),
-        )
-        outcomes.append(outcome)
-        progress(f"[{index}/{len(partitions)}] {_describe(outcome)}")
-    return outcomes
 
 
 def _metadata(result: dg.ExecuteInProcessResult) -> dict[str, dict[str, object]]:

@@ -9,18 +9,23 @@ from collections.abc import Iterator
 
 import dagster as dg
 
+from recsys_assets.data.assets import raw_tables
+from recsys_assets.pipeline.metadata import LOCATION, ROW_COUNT, ScoreHistogram, location
 from recsys_assets.pipeline.partitions import (
     ONE_RUN_PER_PARTITION,
     SurfaceRegion,
     surface_region_partitions,
 )
 from recsys_assets.pipeline.resources import RecsysResource
+from recsys_assets.publish.lists import CALIBRATED_COLUMN
 from recsys_assets.publish.manifest import rollback
 from recsys_assets.publish.publisher import (
     PublishOutcome,
     publish_fallback_partition,
     publish_partition,
 )
+from recsys_assets.publish.versions import LISTS_FILE
+from recsys_assets.warehouse import Warehouse
 
 PUBLISH_GROUP = "publish"
 PUBLISH_CHECK = "publish_validation"
@@ -31,12 +36,14 @@ PARTITIONS = surface_region_partitions()
 
 
 def _gate(asset: str, name: str, what: str) -> dg.AssetCheckSpec:
+    """Partitioned like its asset, so each verdict is recorded against its partition."""
     return dg.AssetCheckSpec(
         name=name,
         asset=asset,
         blocking=True,
         description=f"The new version of {what} passed the publish validation gate "
         "(thresholds: publish.thresholds in surfaces.yaml); if not, the manifest was not flipped.",
+        partitions_def=PARTITIONS,
     )
 
 
@@ -44,7 +51,12 @@ def _gate(asset: str, name: str, what: str) -> dg.AssetCheckSpec:
     partitions_def=PARTITIONS,
     backfill_policy=ONE_RUN_PER_PARTITION,
     group_name=PUBLISH_GROUP,
-    deps=[dg.AssetKey("slates"), dg.AssetKey("subjects")],
+    deps=[
+        dg.AssetKey("slates"),
+        dg.AssetKey("subjects"),
+        # Validation judges the lists against current item state and person rules.
+        *raw_tables("items", "interactions", "users", "user_controls"),
+    ],
     check_specs=[_gate("published_lists", PUBLISH_CHECK, "the partition's lists")],
     kinds={"parquet"},
 )
@@ -53,21 +65,23 @@ def published_lists(
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     """Writes the slates as a new immutable version, validates it, and flips the manifest."""
     partition = SurfaceRegion.from_context(context)
+    warehouse = recsys.warehouse()
     outcome = publish_partition(
-        recsys.warehouse(),
+        warehouse,
         recsys.settings(),
         partition.surface,
         partition.region,
         now=recsys.now(),
         pipeline_run_id=context.run.run_id,
     )
-    yield from _report(context, outcome, PUBLISH_CHECK)
+    yield from _report(context, warehouse, outcome, PUBLISH_CHECK)
 
 
 @dg.asset(
     partitions_def=PARTITIONS,
     backfill_policy=ONE_RUN_PER_PARTITION,
     group_name=PUBLISH_GROUP,
+    deps=raw_tables("items", "interactions", "users", "editorial"),
     check_specs=[_gate("fallback_lists", FALLBACK_CHECK, "the partition's fallback lists")],
     kinds={"parquet"},
 )
@@ -77,38 +91,44 @@ def fallback_lists(
     """Non-personalized lists (popular, trending, editorial, new-user, tenant queues),
     aggregates only, published through the same versioned manifest."""
     partition = SurfaceRegion.from_context(context)
+    warehouse = recsys.warehouse()
     outcome = publish_fallback_partition(
-        recsys.warehouse(),
+        warehouse,
         recsys.settings(),
         partition.surface,
         partition.region,
         now=recsys.now(),
         pipeline_run_id=context.run.run_id,
     )
-    yield from _report(context, outcome, FALLBACK_CHECK)
+    yield from _report(context, warehouse, outcome, FALLBACK_CHECK)
 
 
 def _report(
-    context: dg.AssetExecutionContext, outcome: PublishOutcome, check_name: str
+    context: dg.AssetExecutionContext,
+    warehouse: Warehouse,
+    outcome: PublishOutcome,
+    check_name: str,
 ) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     """The check verdict and metadata; a refused version fails the step after reporting."""
     report = outcome.report
     metrics = report.metrics
     metadata: dict[str, dg.RawMetadataValue] = {
         "version": outcome.version,
-        "version_path": outcome.path,
+        LOCATION: location(warehouse, outcome.path),
         "published": outcome.published,
         "active_version": outcome.manifest.active_version if outcome.manifest else "none",
         "lists": int(metrics.get("lists", 0)),
-        "rows": int(metrics.get("rows", 0)),
+        ROW_COUNT: int(metrics.get("rows", 0)),
         "invalid_item_rate": float(metrics.get("invalid_item_rate", 0.0)),
         "duplicate_rate": float(metrics.get("duplicate_rate", 0.0)),
         "empty_list_rate": float(metrics.get("empty_list_rate", 0.0)),
         "validation": dg.MetadataValue.md(report.to_markdown()),
-        "garbage_collected": dg.MetadataValue.json(outcome.collected),
+        "garbage_collected": dg.MetadataValue.text(", ".join(outcome.collected) or "none"),
     }
     if "coverage" in metrics:
         metadata["coverage"] = float(metrics["coverage"])
+    if not outcome.fallback:  # fallback lists carry no calibrated prediction
+        metadata["score_histogram"] = _score_histogram(warehouse, outcome.path)
     if outcome.manifest is not None:
         metadata["lineage"] = dg.MetadataValue.json(outcome.manifest.lineage)
     check_metadata: dict[str, dg.RawMetadataValue] = {
@@ -133,6 +153,15 @@ def _report(
     yield check
     context.log.error(outcome.summary())
     raise dg.Failure(description=outcome.summary(), metadata=metadata)
+
+
+def _score_histogram(warehouse: Warehouse, version_path: str) -> dg.MetadataValue:
+    """Calibrated P(engage) of the version's list items, in the buckets scored_candidates uses
+    (read back from the one column, so a refused version is described too)."""
+    histogram = ScoreHistogram()
+    lists = warehouse.read_parquet(f"{version_path}/{LISTS_FILE}", columns=[CALIBRATED_COLUMN])
+    histogram.add(lists[CALIBRATED_COLUMN].to_numpy())
+    return histogram.to_markdown("list items")
 
 
 class RollbackConfig(dg.Config):

@@ -30,9 +30,18 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, create_model
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    WithJsonSchema,
+    create_model,
+    model_validator,
+)
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from recsys_assets.channels.attribution import ENGAGEMENT_TYPES, AttributionError
 from recsys_assets.config import Settings
 from recsys_assets.serving.auth import (
     ADMIN,
@@ -111,6 +120,29 @@ class EventIn(BaseModel):
     surface: str | None = Field(None, max_length=100)
     region: str | None = Field(None, max_length=100)
     ts: datetime | None = Field(None, description="When it happened (UTC); default: now")
+
+
+class EngagementIn(BaseModel):
+    """An open or a click of a sent email or push, attributed by its tracking token.
+
+    The token is the credential: no bearer token is needed (docs/CHANNELS.md).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal[ENGAGEMENT_TYPES]  # type: ignore[valid-type]
+    tracking_token: str = Field(
+        pattern="^[0-9a-f]{64}$", description="The item's token from the message (hex HMAC)"
+    )
+    item_id: int | None = Field(
+        None, ge=0, le=INT64_MAX, description="click only: must be the token's item"
+    )
+
+    @model_validator(mode="after")
+    def _item_on_clicks_only(self) -> "EngagementIn":
+        if self.type == "open" and self.item_id is not None:
+            raise ValueError("an open event carries no item_id")
+        return self
 
 
 def _one_of(values: Iterable[str]) -> WithJsonSchema:
@@ -253,7 +285,22 @@ class RequireScope:
 
 read_access = RequireScope(RECOMMENDATIONS_READ, open_when_unconfigured=True)
 write_access = RequireScope(EVENTS_WRITE, open_when_unconfigured=False)
-WriteScopes = Annotated[frozenset[str], Depends(write_access)]
+
+
+async def event_access(request: Request, credentials: Credentials) -> frozenset[str]:
+    """An open or click needs no bearer token (its verified tracking token is the
+    credential, and its body can only be an open or a click); every other event type needs
+    `events:write`, checked before the body is validated, as before."""
+    try:
+        body = json.loads(await request.body())
+    except (UnicodeDecodeError, ValueError):
+        body = None
+    if isinstance(body, dict) and body.get("type") in ENGAGEMENT_TYPES:
+        return frozenset()
+    return await write_access(request, credentials)
+
+
+WriteScopes = Annotated[frozenset[str], Depends(event_access)]
 
 
 def create_app(
@@ -332,6 +379,10 @@ def create_app(
     async def bad_request(request: Request, error: ServingRequestError) -> JSONResponse:
         return JSONResponse({"error": str(error)}, status_code=error.status_code)
 
+    @app.exception_handler(AttributionError)
+    async def unattributable(request: Request, error: AttributionError) -> JSONResponse:
+        return JSONResponse({"error": str(error)}, status_code=error.status_code)
+
     @app.exception_handler(InvalidEvent)
     async def bad_event(request: Request, error: InvalidEvent) -> JSONResponse:
         return JSONResponse({"error": f"invalid event: {error}"}, status_code=422)
@@ -370,9 +421,29 @@ def create_app(
         response_model=EventAccepted,
         status_code=202,
         responses={**errors, 503: {"model": ErrorOut}},
-        summary="Report a hide, exposure, purchase or consent change",
+        summary="Report a hide, exposure, purchase, consent change, or a message open / click",
+        description="Opens and clicks (`tracking_token` from the message) need no bearer "
+        "token: the token is verified against the send it belongs to; unknown → 404, not "
+        "verifying → 403. Every other type needs `events:write` (`consent_granted`: `admin`).",
     )
-    def events(event: EventBody, scopes: WriteScopes) -> Any:  # type: ignore[valid-type]
+    def events(
+        event: Annotated[EventBody | EngagementIn, Field(discriminator="type")],  # type: ignore[valid-type]
+        scopes: WriteScopes,
+    ) -> Any:
+        if isinstance(event, EngagementIn):
+            try:
+                path = serving.record_engagement(
+                    event.type, event.tracking_token, item_id=event.item_id
+                )
+            except AttributionError:
+                raise
+            except Exception as error:
+                log.exception("cannot persist engagement event")
+                return JSONResponse(
+                    {"error": f"event not recorded, storage unavailable ({error}); retry later"},
+                    status_code=503,
+                )
+            return EventAccepted(accepted=1, path=path)
         if event.type == "consent_granted" and not allows(scopes, ADMIN):
             return JSONResponse(
                 {"error": "a consent_granted event needs a token with the 'admin' scope"},

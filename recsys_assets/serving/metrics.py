@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
+    from recsys_assets.channels.attribution import TrackingIndex
     from recsys_assets.serving.decision_log import DecisionLog
 
 _PARTITION = ["surface", "region", "model_version"]
@@ -144,6 +145,11 @@ class ServingMetrics:
         """Export the decision log's own counts (it keeps plain ints: no lock on append)."""
         self.registry.register(_DecisionLogCollector(decision_log))
 
+    def watch_channels(self, index: TrackingIndex) -> None:
+        """Export channel sends, plan skips, opens, clicks and attributed CTR (read at scrape
+        time from the tracking index, which follows the sends ledger and engagement events)."""
+        self.registry.register(_ChannelCollector(index))
+
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -180,3 +186,45 @@ class _DecisionLogCollector(Collector):
             "Decision-log rows waiting for the next flush",
             value=log.pending,
         )
+
+
+class _ChannelCollector(Collector):
+    """Email/push/digest attribution by surface, region and model version."""
+
+    def __init__(self, index: TrackingIndex) -> None:
+        self.index = index
+
+    def collect(self) -> Iterator[Metric]:
+        sends, events, ctr = self.index.snapshot()
+        sent = CounterMetricFamily(
+            "recsys_channel_sends", "Messages handed to a sender (sends ledger)", labels=_PARTITION
+        )
+        for labels, count in sorted(sends.items()):
+            sent.add_metric(list(labels), count)
+        yield sent
+        for event_type in ("open", "click"):
+            family = CounterMetricFamily(
+                f"recsys_channel_{event_type}s",
+                f"Attributed {event_type}s (tracking token verified against its send)",
+                labels=_PARTITION,
+            )
+            for (labels, kind), count in sorted(events.items()):
+                if kind == event_type:
+                    family.add_metric(list(labels), count)
+            yield family
+        rate = GaugeMetricFamily(
+            "recsys_channel_attributed_ctr",
+            "Sends with at least one attributed click / sends",
+            labels=_PARTITION,
+        )
+        for labels, value in sorted(ctr.items()):
+            rate.add_metric(list(labels), value)
+        yield rate
+        skips = GaugeMetricFamily(
+            "recsys_channel_plan_skips",
+            "Subjects the partition's current send plan skipped, by reason",
+            labels=["surface", "region", "reason"],
+        )
+        for labels, count in sorted(self.index.skips.items()):
+            skips.add_metric(list(labels), count)
+        yield skips

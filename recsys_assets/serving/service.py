@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+from recsys_assets.channels.attribution import TrackingIndex
 from recsys_assets.config import Settings, SurfaceConfig, load_settings
+from recsys_assets.publish.lists import TRACKING_SECRET_ENV_VAR
 from recsys_assets.rules.eligibility import CODE_BY_REASON, CONSENT_REVOKED
 from recsys_assets.rules.person import CONSENT, EMAIL, PUSH, person_requirements
 from recsys_assets.serving.decision_log import DecisionLog, DecisionRecord
@@ -179,6 +181,10 @@ class RecommendationService:
         self.metrics = metrics or ServingMetrics()
         self.decision_log = decision_log or DecisionLog(self.warehouse)
         self.metrics.watch_decision_log(self.decision_log)
+        self.attribution = TrackingIndex(
+            self.warehouse, secret=os.environ.get(TRACKING_SECRET_ENV_VAR, "").strip() or None
+        )
+        self.metrics.watch_channels(self.attribution)
         self.poll_interval_s = poll_interval_s or self.settings.serving.manifest_poll_interval_s
         self.policies = {name: SurfacePolicy.of(s) for name, s in self.settings.surfaces.items()}
         self.regions = frozenset(self.settings.regions)
@@ -195,6 +201,7 @@ class RecommendationService:
         """Read state and the active lists now (the CLI's one-shot path)."""
         self.state.load()
         self._refresh_store()
+        self.attribution.refresh()
         self._loaded = True
 
     def start(self) -> None:
@@ -224,6 +231,7 @@ class RecommendationService:
         """Pick up manifest flips, tombstones, a new raw snapshot and others' events now."""
         self.state.sync()
         self._refresh_store()
+        self.attribution.refresh()
 
     def _refresh_store(self) -> None:
         for change in self.store.refresh():
@@ -254,6 +262,11 @@ class RecommendationService:
     def record_events(self, events: Iterable[ServingEvent]) -> str:
         """Persist and apply user events; effective for the next request. Returns the file."""
         return self.state.record(events)
+
+    def record_engagement(self, event_type: str, token: str, *, item_id: int | None = None) -> str:
+        """Attribute an open or click to its send by its tracking token (verified); returns
+        the event file. Raises `channels.attribution.AttributionError` when it cannot."""
+        return self.attribution.record(event_type, token, item_id=item_id)
 
     # -- requests -------------------------------------------------------------------------
 

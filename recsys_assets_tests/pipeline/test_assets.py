@@ -17,6 +17,7 @@ from recsys_assets.definitions import build_definitions
 from recsys_assets.pipeline import assets as pipeline_assets
 from recsys_assets.pipeline.feature_tables import FeatureTables
 from recsys_assets.pipeline.jobs import MODEL_JOB, REFRESH_JOB
+from recsys_assets.pipeline.metadata import COLUMN_SCHEMA, LOCATION, ROW_COUNT
 from recsys_assets.pipeline.partitions import SurfaceRegion
 from recsys_assets.pipeline.resources import RecsysResource
 from recsys_assets.pipeline.runner import run_pipeline, select_partitions
@@ -70,6 +71,68 @@ def test_every_partition_materializes(pipeline_run: PipelineRun) -> None:
             "published_lists",
             "fallback_lists",
         } <= set(outcome.metadata)
+
+
+@pytest.mark.parametrize(
+    ("asset", "check"),
+    [
+        ("subjects", "subjects_contract"),
+        ("features_asof", "no_future_feature_values"),
+        ("slates", "slates_contract"),
+        ("published_lists", "publish_validation"),
+        ("fallback_lists", "fallback_validation"),
+    ],
+)
+def test_check_evaluations_are_recorded_per_partition(
+    pipeline_run: PipelineRun, asset: str, check: str
+) -> None:
+    """The UI's check history names each verdict's partition (not one row per run with
+    "Partition: —"): the instance stores the partition with every evaluation."""
+    records = pipeline_run.instance.event_log_storage.get_asset_check_execution_history(
+        dg.AssetCheckKey(dg.AssetKey(asset), check), limit=1_000
+    )
+    evaluated = {record.partition for record in records}
+    assert evaluated == {str(outcome.partition.to_key()) for outcome in pipeline_run.outcomes}
+    for record in records:
+        evaluation = record.event.dagster_event.asset_check_evaluation_data
+        assert evaluation.partition == record.partition
+
+
+def _histogram_total(table: str) -> int:
+    """The sum of a Markdown histogram's counts (second column, after the header rows)."""
+    return sum(int(line.split("|")[2]) for line in table.splitlines()[2:])
+
+
+def test_metadata_is_chartable_and_linked(pipeline_run: PipelineRun) -> None:
+    """Numbers the Plots view can chart (floats, not JSON), Dagster's row count, where the
+    data lies, and the calibrated-score histogram on scored candidates and published lists."""
+    (outcome,) = [
+        o for o in pipeline_run.outcomes if o.partition == SurfaceRegion("home_feed", "na")
+    ]
+    metadata = outcome.metadata
+    for asset in ("subjects", "candidate_pools", "features_asof", "scored_candidates", "slates"):
+        assert metadata[asset][ROW_COUNT] > 0, asset
+        assert Path(metadata[asset][LOCATION]).is_dir(), asset
+        assert not {"rows", "list_length", "candidates_per_subject", "utility_distribution"} & set(
+            metadata[asset]
+        )
+    pools = metadata["candidate_pools"]
+    assert 0 < pools["candidates_per_subject_p50"] <= pools["candidates_per_subject_p95"]
+    assert isinstance(pools["candidates_per_subject_mean"], float)
+    shares = [value for key, value in pools.items() if key.startswith("candidate_share_")]
+    assert sum(shares) == pytest.approx(1.0, abs=1e-3)
+    scored = metadata["scored_candidates"]
+    assert scored["utility_p5"] <= scored["utility_p50"] <= scored["utility_p95"]
+    assert _histogram_total(scored["score_histogram"]) == scored[ROW_COUNT]
+    slates = metadata["slates"]
+    assert 0 < slates["items_per_list_p50"] <= slates["items_per_list_p95"]
+    assert isinstance(slates["exploration_seed"], str)  # a constant: text, not a flat line
+    published = metadata["published_lists"]
+    assert _histogram_total(published["score_histogram"]) == published[ROW_COUNT]
+    assert Path(published[LOCATION], "lists.parquet").is_file()
+    graph = pipeline_run.definitions.resolve_asset_graph()
+    schema = graph.get(dg.AssetKey("slates")).metadata[COLUMN_SCHEMA]
+    assert {"subject_id", "item_id", "position"} <= {column.name for column in schema.columns}
 
 
 def test_slates_satisfy_contract_and_surface_depth(pipeline_run: PipelineRun) -> None:

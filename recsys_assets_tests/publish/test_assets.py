@@ -8,6 +8,7 @@ import dagster as dg
 import pandas as pd
 import pytest
 
+from recsys_assets.pipeline.metadata import ROW_COUNT
 from recsys_assets.pipeline.partitions import SurfaceRegion
 from recsys_assets.pipeline.resources import RecsysResource
 from recsys_assets.publish import read_manifest
@@ -80,6 +81,10 @@ def test_published_lists_passes_the_gate_then_a_bad_batch_fails_the_run(
     active = read_manifest(local_warehouse, SURFACE, REGION).active_version
     metadata = good.asset_materializations_for_node("published_lists")[0].metadata
     assert metadata["active_version"].value == active
+    assert _check(good, PUBLISH_CHECK).partition == str(PARTITION.to_key())
+    # Five subjects' full lists; every listed item's calibrated score is in the histogram.
+    assert metadata[ROW_COUNT].value == 5 * settings().surface(SURFACE).store_depth
+    assert f"| {metadata[ROW_COUNT].value} |" in metadata["score_histogram"].value
     assert DIAGNOSIS_KEY not in metadata
     assert DIAGNOSIS_KEY not in _check(good, PUBLISH_CHECK).metadata
     assert read_manifest(local_warehouse, SURFACE, REGION).lineage["source_data_snapshot"] == (
@@ -193,6 +198,7 @@ def test_fallback_lists_publish_from_tiny_seeded_data(
     result = _materialize(fallback_lists, tiny_warehouse, TINY_AS_OF, partition)
     assert result.success
     assert _check(result, FALLBACK_CHECK).passed
+    assert _check(result, FALLBACK_CHECK).partition == str(partition.to_key())
     manifest = read_manifest(tiny_warehouse, surface, REGION, fallback=True)
     assert manifest is not None
     assert manifest.validation["metrics"]["lists"] >= 1

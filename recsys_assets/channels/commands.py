@@ -1,0 +1,50 @@
+"""`recsys send`: hand the partition's current send plan to the sender, once per message."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import pandas as pd
+
+from recsys_assets.channels.plans import read_send_plan
+from recsys_assets.channels.sender import OutboxSender, dispatch_plan
+from recsys_assets.config import load_settings
+from recsys_assets.warehouse import Warehouse
+
+
+def register(subparsers: Any) -> None:
+    """Add the `send` subcommand."""
+    parser = subparsers.add_parser(
+        "send",
+        help="send the partition's planned email / push messages (to the warehouse outbox)",
+        description=(
+            "Renders every message of the current send plan (materialize send_plans first) "
+            "and writes it to channels/outbox/... (.eml for email, .json for push), recording "
+            "each send in channels/sends/.... A message already sent for the same (channel, "
+            "subject, send date) is never sent again; a subject who unsubscribed since the "
+            "plan is withdrawn. --dry-run renders and counts, writes nothing."
+        ),
+    )
+    parser.add_argument("--surface", required=True)
+    parser.add_argument("--region", required=True)
+    parser.add_argument("--dry-run", action="store_true", help="count only, write nothing")
+    parser.set_defaults(handler=_send)
+
+
+def _send(args: argparse.Namespace) -> int:
+    settings = load_settings()
+    settings.surface(args.surface)
+    settings.check_region(args.region)
+    warehouse = Warehouse.from_env()
+    plan = read_send_plan(warehouse, args.surface, args.region)
+    report = dispatch_plan(
+        warehouse,
+        settings,
+        plan,
+        OutboxSender(warehouse),
+        now=pd.Timestamp.now("UTC").tz_localize(None).floor("us"),
+        dry_run=args.dry_run,
+    )
+    print(f"recsys send {args.surface}/{args.region}: {report.summary()}")
+    return 0

@@ -45,6 +45,8 @@ from recsys_assets.rules.person import (
     EMAIL,
     PUSH,
     PersonFacts,
+    in_quiet_hours,
+    known_timezone,
     person_requirements,
     read_person_facts,
 )
@@ -165,39 +167,24 @@ def _empty(columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame({name: pd.Series(dtype=object) for name in columns})
 
 
-def _quiet(hour: int, start: int, end: int) -> bool:
-    """Whether a local hour is inside [start, end), the window wrapping midnight if start > end."""
-    if start == end:
-        return False
-    return start <= hour < end if start < end else hour >= start or hour < end
-
-
-def _zone(name: str) -> str:
-    try:
-        pd.Timestamp(0, tz=name)
-    except (KeyError, ValueError):  # unknown tz name: judged in UTC, as publish schedules it
-        return "UTC"
-    return name
-
-
 def quiet_hours_end(send_at: pd.Timestamp, recipient: Recipient) -> pd.Timestamp | None:
     """The first full hour at/after `send_at` outside the recipient's quiet hours (naive
     UTC), or None when `send_at` is not quiet. Stepping in UTC keeps DST unambiguous."""
-    zone = _zone(recipient.timezone)
+    zone = known_timezone(recipient.timezone)
     local = send_at.tz_localize("UTC").tz_convert(zone)
-    if not _quiet(local.hour, recipient.quiet_start, recipient.quiet_end):
+    if not in_quiet_hours(local.hour, recipient.quiet_start, recipient.quiet_end):
         return None
     candidate = send_at.floor("h")
     for _ in range(25):
         candidate += pd.Timedelta(hours=1)
         hour = candidate.tz_localize("UTC").tz_convert(zone).hour
-        if not _quiet(hour, recipient.quiet_start, recipient.quiet_end):
+        if not in_quiet_hours(hour, recipient.quiet_start, recipient.quiet_end):
             return candidate
     return None  # quiet all day (start == end is never quiet, so unreachable)
 
 
 def _local_iso(send_at: pd.Timestamp, timezone: str) -> str:
-    return send_at.tz_localize("UTC").tz_convert(_zone(timezone)).isoformat()
+    return send_at.tz_localize("UTC").tz_convert(known_timezone(timezone)).isoformat()
 
 
 class _SubjectRules:
@@ -436,7 +423,7 @@ def plan_sends(
                 "model_version": str(first["model_version"]),
                 "send_at": send_at,
                 "send_at_local": _local_iso(send_at, zone),
-                "timezone": _zone(zone),
+                "timezone": known_timezone(zone),
                 "item_ids": "|".join(map(str, item_ids)),
                 "positions": "|".join(map(str, chosen["position"].astype(int))),
                 "tracking_tokens": "|".join(tokens.get((str(list_id), i), "") for i in item_ids),

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from recsys_assets.config import ConfigError, SurfaceConfig
+from recsys_assets.rules.person import in_quiet_hours, known_timezone
 from recsys_assets.warehouse import Warehouse, partition_path
 
 PERSONALIZED_CONTEXT = "default"
@@ -306,10 +307,7 @@ def _next_send(
 ) -> pd.Timestamp:
     """The first full UTC hour at/after generation whose local hour is the send hour and is
     outside quiet hours. Stepping in UTC keeps DST transitions unambiguous."""
-    try:
-        pd.Timestamp(0, tz=timezone)
-    except (KeyError, ValueError):  # unknown tz name: schedule in UTC rather than drop the send
-        timezone = "UTC"
+    timezone = known_timezone(timezone)
     first = generated_at.ceil("h").tz_localize("UTC")
     fallback: pd.Timestamp | None = None
     for step in range(48):
@@ -317,15 +315,9 @@ def _next_send(
         hour = candidate.tz_convert(timezone).hour
         if send_hour is not None and hour != send_hour:
             continue
-        if not _is_quiet(hour, quiet):
+        if quiet is None or not in_quiet_hours(hour, *quiet):
             return candidate.tz_localize(None)
         fallback = fallback if fallback is not None else candidate
     # Only reachable when the send hour itself is quiet: the send hour wins.
     return (fallback if fallback is not None else first).tz_localize(None)
 
-
-def _is_quiet(hour: int, quiet: tuple[int, int] | None) -> bool:
-    if quiet is None or quiet[0] == quiet[1]:
-        return False
-    start, end = quiet
-    return start <= hour < end if start < end else hour >= start or hour < end

@@ -303,3 +303,21 @@ def person_rejection_reasons(
     revoked = without_consent(rows["subject_id"], surface=surface, facts=facts)
     reasons[revoked] = CONSENT_REVOKED  # no list at all: every row fails
     return reasons
+
+
+def in_quiet_hours(hour: int, start: int, end: int) -> bool:
+    """Whether a local hour is inside a person's quiet hours [start, end), the window
+    wrapping midnight when start > end; start == end means no quiet hours."""
+    if start == end:
+        return False
+    return start <= hour < end if start < end else hour >= start or hour < end
+
+
+def known_timezone(name: str) -> str:
+    """`name` when it is a timezone pandas knows, else "UTC": a message to someone with an
+    unknown zone is scheduled and judged in UTC rather than dropped."""
+    try:
+        pd.Timestamp(0, tz=name)
+    except (KeyError, ValueError):
+        return "UTC"
+    return name

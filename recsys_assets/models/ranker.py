@@ -143,7 +143,7 @@ class RankerModel:
                 )
             position = {name: index for index, name in enumerate(columns)}
             matrix = matrix[:, [position[name] for name in self.feature_columns]]
-        matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+        matrix = np.asarray(matrix, dtype=np.float32)  # any layout: torch reads strided views
         out = np.empty(len(matrix), dtype=np.float32)
         with torch.inference_mode():
             for start in range(0, len(matrix), batch_size):

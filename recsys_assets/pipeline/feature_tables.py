@@ -42,8 +42,10 @@ from recsys_assets.pipeline.features import (
     _ITEM_AGGREGATE_SELECT,
     FEATURE_COLUMNS,
     FEATURE_SET_VERSION,
+    ITEM_FEATURES,
     MAX_DAYS_SINCE_ACTIVITY,
     NO_HISTORY,
+    USER_FEATURES,
     EventSource,
     Frame,
     _cursor,
@@ -260,51 +262,43 @@ class GatheredFeatures:
 
 def gather_features(tables: FeatureTables, pool: pd.DataFrame) -> GatheredFeatures:
     """The ranker's input matrix for `pool` (subject_id, item_id, rank_<source>,
-    retrieval_score, history scores) from the entity tables, by integer-coded lookups."""
+    retrieval_score, history scores) from the entity tables, by integer-coded lookups.
+
+    The matrix is filled feature by feature into contiguous rows of a (features × rows)
+    array and returned as its transpose (a column-major rows × features view): writing
+    one feature of every row at a time stays sequential in memory, and torch reads the
+    view without a copy.
+    """
     subject_ids = pool["subject_id"].to_numpy(dtype=np.int64)
     item_ids = pool["item_id"].to_numpy(dtype=np.int64)
     rows = len(pool)
-    columns: dict[str, np.ndarray] = {}
+    by_feature = np.zeros((len(FEATURE_COLUMNS), rows), dtype=np.float32)
+    column = {name: by_feature[index] for index, name in enumerate(FEATURE_COLUMNS)}
     newest = np.full(rows, np.iinfo(np.int64).min, dtype=np.int64)
 
     def look_up(table: str, at: np.ndarray, names: tuple[str, ...]) -> None:
         """Each of `names` from `table` at rows `at` (0 where -1), and the newest timestamp."""
         frame = tables[table]
+        if len(frame) == 0:
+            return
+        missing = at < 0
+        safe = np.where(missing, 0, at)
         for name in names:
-            columns[name] = _take(frame[name].to_numpy(dtype=np.float32), at)
+            np.take(frame[name].to_numpy(dtype=np.float32), safe, out=column[name])
+            column[name][missing] = 0.0
         stamps = frame["feature_timestamp"].to_numpy(dtype="datetime64[us]").view(np.int64)
-        np.maximum(newest, _take(stamps, at, fill=np.iinfo(np.int64).min), out=newest)
+        found = np.take(stamps, safe)
+        found[missing] = np.iinfo(np.int64).min
+        np.maximum(newest, found, out=newest)
 
     subjects = tables["subjects"]
     subject_at = pd.Index(subjects["subject_id"].to_numpy(dtype=np.int64)).get_indexer(subject_ids)
-    look_up(
-        "subjects",
-        subject_at,
-        (
-            "user_events_total",
-            "user_events_7d",
-            "user_clicks_total",
-            "user_purchases_total",
-            "user_days_since_last_activity",
-        ),
-    )
-    has_user = columns["user_events_total"] > 0
-    columns["user_days_since_last_activity"][subject_at < 0] = MAX_DAYS_SINCE_ACTIVITY
+    look_up("subjects", subject_at, USER_FEATURES)
+    column["user_days_since_last_activity"][subject_at < 0] = MAX_DAYS_SINCE_ACTIVITY
+    has_user = column["user_events_total"] > 0
     items = tables["items"]
     item_at = pd.Index(items["item_id"].to_numpy(dtype=np.int64)).get_indexer(item_ids)
-    look_up(
-        "items",
-        item_at,
-        (
-            "item_events_1d",
-            "item_events_7d",
-            "item_events_28d",
-            "item_events_total",
-            "item_age_days",
-            "item_stock",
-            "item_is_sponsored",
-        ),
-    )
+    look_up("items", item_at, ITEM_FEATURES)
     for table, target in TARGETS.items():
         codes = _take(items[f"{target}_code"].to_numpy(dtype=np.int64), item_at, fill=-1)
         frame = tables[table]
@@ -316,11 +310,13 @@ def gather_features(tables: FeatureTables, pool: pd.DataFrame) -> GatheredFeatur
             ),
         )
         look_up(table, at, (f"user_{target}_events", f"{target}_hidden"))
-        events = columns[f"user_{target}_events"]
-        affinity = np.zeros(rows, dtype=np.float32)
-        np.divide(events, columns["user_events_total"], out=affinity, where=has_user)
-        columns[f"user_{target}_affinity"] = affinity
-    columns["category_match"] = (columns["user_category_events"] > 0).astype(np.float32)
+        np.divide(
+            column[f"user_{target}_events"],
+            column["user_events_total"],
+            out=column[f"user_{target}_affinity"],
+            where=has_user,
+        )
+    column["category_match"][:] = column["user_category_events"] > 0
     exposures = tables["exposures"]
     look_up(
         "exposures",
@@ -333,12 +329,10 @@ def gather_features(tables: FeatureTables, pool: pd.DataFrame) -> GatheredFeatur
         ),
         ("shown_24h", "shown_7d"),
     )
-    columns.update(source_features(pool))
-    matrix = np.empty((rows, len(FEATURE_COLUMNS)), dtype=np.float32)
-    for position, name in enumerate(FEATURE_COLUMNS):
-        matrix[:, position] = columns[name]
+    for name, values in source_features(pool).items():
+        column[name][:] = values
     newest[newest == np.iinfo(np.int64).min] = _NO_HISTORY_US
-    return GatheredFeatures(matrix=matrix, feature_timestamp=newest.view("datetime64[us]"))
+    return GatheredFeatures(matrix=by_feature.T, feature_timestamp=newest.view("datetime64[us]"))
 
 
 def _take(values: np.ndarray, at: np.ndarray, fill: float | int = 0) -> np.ndarray:

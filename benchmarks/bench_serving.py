@@ -11,8 +11,15 @@ tombstones, hides by item/creator/category, consumption, frequency cap), then
    async httpx client, alternating the recommendation endpoint and /healthz so both see
    the same load, and reports both p99s and their ratio.
 
+3. unless `--skip-rss`: peak RSS of a serving process (state load, list store, then
+   `--rss-requests` recommendations of random listed subjects, decision log running) at
+   `--rss-scale` (default medium) and at 2× its users, each in a fresh subprocess (its own
+   peak: `bench_publish.own_peak_rss_mib`), on the warehouses `bench_publish.py` prepares
+   and publishes (reused under benchmarks/output/bench_publish), with the clock pinned ten
+   minutes after the lists were scored so every list is fresh and fully checked.
+
 The last line of output is a JSON summary. Targets: >= 10,000 fills/s per core;
-recommendation p99 <= 2x /healthz p99.
+recommendation p99 <= 2x /healthz p99; peak RSS 2× / 1× <= 1.3.
 """
 
 from __future__ import annotations
@@ -27,17 +34,29 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 import pandas as pd
 import yaml
+from bench_pipeline import RSS_RATIO_TARGET, seed_scales
+from bench_publish import (
+    DEFAULT_WORKDIR,
+    PUBLISH_AT,
+    own_peak_rss_mib,
+    prepare_partition,
+    publish_once,
+    run_script_child,
+)
 
 from recsys_assets.config.settings import DEFAULT_CONFIG_PATH, load_settings
 from recsys_assets.data.seed import seed_warehouse
 from recsys_assets.data.snapshot import read_raw
+from recsys_assets.publish.manifest import read_manifest
 from recsys_assets.rules.eligibility import item_rejection_reasons
 from recsys_assets.rules.tombstones import write_tombstones
 from recsys_assets.serving.service import RecommendationService
@@ -263,21 +282,84 @@ def _http(serve_command: str, env: dict[str, str], subjects: list[int], args: ar
             server.kill()
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--scale", default="small", help="seed scale (default: %(default)s)")
-    parser.add_argument("--subjects", type=int, default=3000, help="subjects with a list")
-    parser.add_argument("--fills", type=int, default=30_000, help="in-process fills to time")
-    parser.add_argument("--http-requests", type=int, default=4000, help="per endpoint")
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument(
-        "--serve-command",
-        default=f"{shlex.quote(sys.executable)} -m recsys_assets.cli serve",
-        help="command that runs `recsys serve` (host and port are appended)",
+def rss_child(warehouse_url: str, requests: int) -> dict[str, Any]:
+    """Load a serving process on a published warehouse and answer `requests` requests."""
+    clock_ns = int(PUBLISH_AT.value)
+    started = time.perf_counter()
+    service = RecommendationService(
+        Warehouse(warehouse_url), load_settings(DEFAULT_CONFIG_PATH), clock=lambda: clock_ns
     )
-    parser.add_argument("--skip-http", action="store_true")
-    args = parser.parse_args()
+    service.start()
+    load_s = time.perf_counter() - started
+    load_peak = own_peak_rss_mib()
+    version = service.store.lists(SURFACE, REGION).personalized
+    if version is None:
+        raise SystemExit(f"nothing published for {SURFACE}/{REGION} in {warehouse_url}")
+    order = np.random.default_rng(5).choice(version.subject_ids, size=requests).tolist()
+    served: Counter[str] = Counter()
+    started = time.perf_counter()
+    for subject in order:
+        served[service.recommend(subject, SURFACE, REGION).served_from] += 1
+    requests_s = time.perf_counter() - started
+    service.close()
+    return {
+        "lists": version.list_count,
+        "list_rows": version.row_count,
+        "load_s": load_s,
+        "requests": requests,
+        "requests_s": requests_s,
+        "served_from": dict(served),
+        "load_peak_rss_mib": load_peak,
+        "own_peak_rss_mib": own_peak_rss_mib(),
+    }
 
+
+def _rss(scale_name: str, requests: int) -> dict[str, Any]:
+    """Serving's peak RSS at `scale_name` and at 2× its users, side by side."""
+    runs: dict[str, dict[str, Any]] = {}
+    for scale in seed_scales(scale_name, with_double=True):
+        folder = DEFAULT_WORKDIR.resolve() / scale.name
+        prepare_partition(folder, scale, SURFACE, REGION, fresh=False)
+        if read_manifest(Warehouse(str(folder)), SURFACE, REGION) is None:
+            publish_once(folder, SURFACE, REGION)
+        found, _, rss = run_script_child(
+            Path(__file__).resolve(),
+            ["--rss-child", "--warehouse", str(folder), "--rss-requests", str(requests)],
+            folder.parent / f"{scale.name}_serving.json",
+        )
+        runs[scale.name] = {**found, "peak_rss_mib": rss}
+        print(
+            f"serving {scale.name}: {found['list_rows']:,} list rows, loaded in "
+            f"{found['load_s']:.1f}s, {requests:,} requests in {found['requests_s']:.1f}s, "
+            f"peak RSS {found['load_peak_rss_mib'] or 0:.0f} MiB after load, {rss:.0f} MiB in all",
+            flush=True,
+        )
+    base, double = runs.values()
+    ratio = double["peak_rss_mib"] / base["peak_rss_mib"]
+    return {
+        "scale": scale_name,
+        "runs": {
+            name: {
+                "lists": run["lists"],
+                "list_rows": run["list_rows"],
+                "load_s": round(run["load_s"], 2),
+                "requests": run["requests"],
+                "requests_s": round(run["requests_s"], 2),
+                "served_from": run["served_from"],
+                "load_peak_rss_mib": run["load_peak_rss_mib"]
+                and round(run["load_peak_rss_mib"], 1),
+                "peak_rss_mib": round(run["peak_rss_mib"], 1),
+            }
+            for name, run in runs.items()
+        },
+        "rss_ratio_2x": round(ratio, 3),
+    }
+
+
+def _fills(
+    args: argparse.Namespace,
+) -> tuple[dict[str, Any], dict[str, Any] | None, float, np.ndarray]:
+    """In-process fills and HTTP p99s on a small temporary warehouse (every check runs)."""
     with tempfile.TemporaryDirectory(prefix="bench_serving_") as temp:
         folder = Path(temp)
         config = _config(folder)
@@ -313,31 +395,78 @@ def main() -> int:
             }
             http = _http(args.serve_command, env, subjects.tolist(), args)
 
+    return in_process, http, setup_s, subjects
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scale", default="small", help="seed scale (default: %(default)s)")
+    parser.add_argument("--subjects", type=int, default=3000, help="subjects with a list")
+    parser.add_argument("--fills", type=int, default=30_000, help="in-process fills to time")
+    parser.add_argument("--http-requests", type=int, default=4000, help="per endpoint")
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument(
+        "--serve-command",
+        default=f"{shlex.quote(sys.executable)} -m recsys_assets.cli serve",
+        help="command that runs `recsys serve` (host and port are appended)",
+    )
+    parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--skip-fills", action="store_true", help="only the RSS measurement")
+    parser.add_argument("--skip-rss", action="store_true", help="no peak-RSS measurement")
+    parser.add_argument("--rss-scale", default="medium", help="seed scale of the RSS runs")
+    parser.add_argument("--rss-requests", type=int, default=20_000, help="per RSS run")
+    parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--warehouse", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.rss_child:
+        args.out.write_text(json.dumps(rss_child(args.warehouse, args.rss_requests)))
+        return 0
+    in_process = http = None
+    setup_s = 0.0
+    subjects = np.array([], dtype=np.int64)
+    if not args.skip_fills:
+        in_process, http, setup_s, subjects = _fills(args)
+    rss = None if args.skip_rss else _rss(args.rss_scale, args.rss_requests)
+
     summary = {
         "benchmark": "serving",
         "setup_s": round(setup_s, 1),
         "subjects": len(subjects),
         "in_process": in_process,
         "http": http,
+        "rss": rss,
         "targets": {
             "fills_per_s_per_core": TARGET_FILLS_PER_S,
             "recommend_p99_over_healthz_p99": TARGET_P99_RATIO,
+            "rss_ratio_2x": RSS_RATIO_TARGET,
         },
         "passed": {
-            "fills_per_s": in_process["fills_per_s_best_round"] >= TARGET_FILLS_PER_S,
+            "fills_per_s": None
+            if in_process is None
+            else in_process["fills_per_s_best_round"] >= TARGET_FILLS_PER_S,
             "http_p99_ratio": None if http is None else http["p99_ratio"] <= TARGET_P99_RATIO,
+            "rss_ratio": None if rss is None else rss["rss_ratio_2x"] <= RSS_RATIO_TARGET,
         },
     }
-    print(
-        f"in-process: {in_process['fills_per_s']} fills/s overall, "
-        f"{in_process['fills_per_s_best_round']} in the best round of 1,000, "
-        f"p50 {in_process['p50_us']} us, "
-        f"p99 {in_process['p99_us']} us"
-    )
+    if in_process is not None:
+        print(
+            f"in-process: {in_process['fills_per_s']} fills/s overall, "
+            f"{in_process['fills_per_s_best_round']} in the best round of 1,000, "
+            f"p50 {in_process['p50_us']} us, "
+            f"p99 {in_process['p99_us']} us"
+        )
     if http is not None:
         print(
             f"http @ {http['concurrency']}: recommend p99 {http['recommend_p99_ms']} ms, "
             f"healthz p99 {http['healthz_p99_ms']} ms, ratio {http['p99_ratio']}"
+        )
+    if rss is not None:
+        peaks = " / ".join(f"{run['peak_rss_mib']:,.0f}" for run in rss["runs"].values())
+        print(
+            f"serving peak RSS {' / '.join(rss['runs'])}: {peaks} MiB, "
+            f"ratio {rss['rss_ratio_2x']} (target <= {RSS_RATIO_TARGET})"
         )
     print(json.dumps(summary))
     return 0

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from recsys_assets.config import Settings
 from recsys_assets.pipeline.partitions import SurfaceRegion
+from recsys_assets.pipeline.runner import select_partitions
 
 
 def backfill_partitions(
@@ -20,14 +21,9 @@ def backfill_partitions(
     regions: Sequence[str] | None = None,
     surfaces: Sequence[str] | None = None,
 ) -> list[SurfaceRegion]:
-    """The partitions of the chosen regions × surfaces (default: all), validated."""
-    chosen_regions = [settings.check_region(r) for r in regions] if regions else settings.regions
-    chosen_surfaces = (
-        [settings.surface(s).name for s in surfaces] if surfaces else settings.surfaces
-    )
-    return [
-        SurfaceRegion(surface, region) for region in chosen_regions for surface in chosen_surfaces
-    ]
+    """The enabled partitions of the chosen regions × surfaces (default: all), validated
+    the way `recsys run` validates them."""
+    return select_partitions(settings, surfaces, regions)
 
 
 def partitions_argument(partitions: Sequence[SurfaceRegion]) -> str:

@@ -422,6 +422,8 @@ def _plan_refreshes(
     keys: dict[SurfaceRegion, str] = {}
     deferred: dict[str, DeferredRefresh] = {}
     for entry in owed:
+        if not settings.is_enabled(entry.partition.surface, entry.partition.region):
+            continue  # the configuration dropped the pair since the change was deferred
         if entry.due_at <= now:
             keys.setdefault(entry.partition, entry.run_key)
             files.setdefault(entry.partition, [])

@@ -200,7 +200,7 @@ class PolicyChange:
         return [{**scoped, "item_id": item} for item in self.item_ids]
 
     def affected_partitions(self, settings: Settings) -> frozenset[SurfaceRegion]:
-        """The surface × region partitions whose lists this change makes wrong.
+        """The enabled surface × region partitions whose lists this change makes wrong.
 
         Person-scoped changes (hides, consent) name no partition: their tombstone already
         suppresses what they concern everywhere, and recomputing whole partitions for one
@@ -214,7 +214,10 @@ class PolicyChange:
         if scope == "tenant_surfaces":
             surfaces = tenant_surfaces(settings) or surfaces
         return frozenset(
-            SurfaceRegion(surface, region) for region in regions for surface in surfaces
+            SurfaceRegion(surface, region)
+            for region in regions
+            for surface in surfaces
+            if settings.is_enabled(surface, region)
         )
 
 

@@ -34,12 +34,9 @@ ACTIVE_SUBJECTS = "active_subjects"
 
 
 def every_partition(settings: Settings) -> list[SurfaceRegion]:
-    """All surface × region partitions, region by region."""
-    return [
-        SurfaceRegion(surface, region)
-        for region in settings.regions
-        for surface in settings.surfaces
-    ]
+    """All enabled surface × region partitions, region by region: a pair a surface's
+    `regions` leaves out is never refreshed (it would only publish an empty version)."""
+    return [SurfaceRegion(surface, region) for surface, region in settings.enabled_partitions()]
 
 
 def refresh_lead(ttl: timedelta) -> timedelta:

@@ -81,48 +81,9 @@ class TrainingConfig(_Strict):
     seed: int = 7
 
 
-class IvfConfig(_Strict):
-    """faiss `IndexIVFFlat`: items split into clusters, each user searches the nearest few."""
-
-    nlist: int = Field(1024, ge=1)
-    """Clusters; capped at items / 39 (faiss wants 39 training items per cluster)."""
-    nprobe: int = Field(64, ge=1)
-    """Clusters searched per user: recall and cost both rise with it."""
-
-    @model_validator(mode="after")
-    def _probe_within_clusters(self) -> IvfConfig:
-        if self.nprobe > self.nlist:
-            raise ValueError(
-                f"nprobe ({self.nprobe}) must be at most nlist ({self.nlist}): a user cannot "
-                f"search more clusters than there are"
-            )
-        return self
-
-
-class HnswConfig(_Strict):
-    """faiss `IndexHNSWFlat`: a neighbour graph over the items, walked from an entry point."""
-
-    m: int = Field(32, ge=4, le=128)
-    """Graph neighbours per item: memory, build time and recall rise with it."""
-    ef_search: int = Field(512, ge=1)
-    """Candidates kept during a search (never fewer than k): recall and cost rise with it."""
-
-
-class RetrievalConfig(_Strict):
-    """How the two-tower source finds each subject's top-K items on the CPU (a GPU always
-    runs the exact search in torch)."""
-
-    index: Literal["flat", "ivf", "hnsw"] = "flat"
-    """flat: exact. ivf, hnsw: approximate, faster on large catalogs at a recall measured by
-    benchmarks/bench_retrieval.py."""
-    ivf: IvfConfig = IvfConfig()
-    hnsw: HnswConfig = HnswConfig()
-
-
 class PipelineConfig(_Strict):
     shard_subjects: int = Field(4000, ge=1)
     retrieval_item_chunk: int = Field(50000, ge=1)
-    retrieval: RetrievalConfig = RetrievalConfig()
     recent_items_per_user: int = Field(20, ge=1)
     recent_history_items: int = Field(5, ge=1)
     """The subject's latest items behind the `*_recent_score` ranker inputs."""
@@ -199,6 +160,10 @@ class SurfaceConfig(_Strict):
     repeat_consumption: bool = False
     """True lets items the subject already engaged with back into the candidates (groceries,
     music, re-watching); False (default) never recommends an item twice to the same person."""
+    regions: tuple[str, ...] | None = None
+    """Regions the surface has lists in (default: every region). A surface without subjects
+    somewhere (tenant queues where no tenant operates) is left out there rather than
+    publishing an empty version as the first page a user of that region sees."""
 
     @model_validator(mode="after")
     def _depths(self) -> SurfaceConfig:
@@ -276,6 +241,8 @@ class Settings(_Strict):
                 raise ValueError(
                     f"{key!r} cannot be a partition key: no '|', '[', ']', ',' or spaces"
                 )
+        for name, surface in self.surfaces.items():
+            _check_surface_regions(name, surface.regions, self.regions)
         return self
 
     def surface(self, name: str) -> SurfaceConfig:
@@ -294,6 +261,57 @@ class Settings(_Strict):
                 f"unknown region {region!r}; configured regions: {list(self.regions)}"
             )
         return region
+
+    def surface_regions(self, name: str) -> tuple[str, ...]:
+        """The regions surface `name` has lists in, in the order of `regions`."""
+        enabled = self.surface(name).regions
+        return self.regions if enabled is None else tuple(r for r in self.regions if r in enabled)
+
+    def is_enabled(self, surface: str, region: str) -> bool:
+        """Whether the (surface, region) partition has lists at all (False for a surface or
+        region no longer configured)."""
+        config = self.surfaces.get(surface)
+        return (
+            config is not None
+            and region in self.regions
+            and (config.regions is None or region in config.regions)
+        )
+
+    def check_enabled(self, surface: str, region: str) -> None:
+        """A ConfigError naming the config key when the partition is switched off."""
+        self.check_region(region)
+        if not self.is_enabled(surface, region):
+            raise ConfigError(
+                f"surface {surface} is not enabled in region {region} (surfaces.{surface}.regions)"
+            )
+
+    def enabled_partitions(self) -> list[tuple[str, str]]:
+        """Every enabled (surface, region) pair, region by region: what runs, schedules and
+        sensors recompute. The Dagster partitions stay the full grid (a
+        MultiPartitionsDefinition cannot leave pairs out)."""
+        return [
+            (surface, region)
+            for region in self.regions
+            for surface in self.surfaces
+            if self.is_enabled(surface, region)
+        ]
+
+
+def _check_surface_regions(
+    name: str, enabled: tuple[str, ...] | None, configured: tuple[str, ...]
+) -> None:
+    if enabled is None:
+        return
+    where = f"surfaces.{name}.regions"
+    if not enabled:
+        raise ValueError(f"{where}: lists no region; leave the key out for every region")
+    for region in enabled:
+        if region not in configured:
+            raise ValueError(
+                f"{where}: unknown region {region!r}; configured regions: {list(configured)}"
+            )
+    if len(set(enabled)) != len(enabled):
+        raise ValueError(f"{where}: duplicates in {list(enabled)}")
 
 
 def _format_validation_error(source: str, error: ValidationError) -> str:

@@ -518,7 +518,7 @@ def _evaluate_surface(
     seed: int,
     failures: dict[str, str],
 ) -> SurfaceEvaluation:
-    regions = list(settings.regions)
+    regions = list(settings.surface_regions(surface))
     notes = [
         f"{where}: {error}" for where, error in failures.items() if where.startswith(f"{surface}/")
     ]

@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 from dagster_duckdb import DuckDBResource
 
+from recsys_assets.config import ConfigError
 from recsys_assets.contracts.pipeline import PIPELINE_CONTRACTS, validate_stage
 from recsys_assets.data import read_raw
 from recsys_assets.data.assets import raw_tables
@@ -164,6 +165,12 @@ def subjects(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.Ma
     """Who may receive this surface in this region: consent, subscriptions, activity, tenant."""
     partition = SurfaceRegion.from_context(context)
     warehouse, settings = recsys.warehouse(), recsys.settings()
+    try:
+        settings.check_enabled(partition.surface, partition.region)
+    except ConfigError as error:
+        # The partitions are the full grid; a switched-off pair launched from the UI stops
+        # here, before anything downstream could publish an empty version.
+        raise dg.Failure(description=str(error), allow_retries=False) from None
     surface = settings.surface(partition.surface)
     now = recsys.now()
     suppressed = person_tombstones(load_tombstones(warehouse), now=now).no_personalization
@@ -238,7 +245,6 @@ def candidate_pools(
     two_tower = two_tower_retriever(
         bundle.two_tower,
         item_chunk=settings.pipeline.retrieval_item_chunk,
-        retrieval=settings.pipeline.retrieval,
     )
     per_subject: list[np.ndarray] = []
     source_counts: Counter[str] = Counter()

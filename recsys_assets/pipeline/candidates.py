@@ -4,7 +4,7 @@ Sources (names from `config.settings.SOURCES`):
 
 | source | what it proposes |
 | --- | --- |
-| two_tower | top-K inner product of the subject's and the items' tower embeddings (faiss: exact by default, `pipeline.retrieval`) |
+| two_tower | exact top-K inner product of the subject's and the items' tower embeddings |
 | collaborative | top-K EASE scores of the subject's engagement history (models/collaborative.py) |
 | item_to_item | co-engagement neighbours (cosine over users) of the subject's recent items |
 | content | popular items of the subject's favourite categories, by affinity share |

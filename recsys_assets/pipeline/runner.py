@@ -66,16 +66,26 @@ class PartitionOutcome:
 def select_partitions(
     settings: Settings, surfaces: Sequence[str] | None, regions: Sequence[str] | None
 ) -> list[SurfaceRegion]:
-    """The chosen partitions (default: all), validated against the configuration."""
+    """The chosen partitions (default: all), validated against the configuration.
+
+    Pairs a surface's `regions` leaves out are skipped; a choice that leaves nothing (e.g.
+    `--surface enterprise_action_queue --region latam`) is a ConfigError naming the key.
+    """
     chosen_surfaces = (
         [settings.surface(name).name for name in surfaces] if surfaces else list(settings.surfaces)
     )
     chosen_regions = (
         [settings.check_region(name) for name in regions] if regions else list(settings.regions)
     )
-    return [
-        SurfaceRegion(surface, region) for region in chosen_regions for surface in chosen_surfaces
+    chosen = [
+        SurfaceRegion(surface, region)
+        for region in chosen_regions
+        for surface in chosen_surfaces
+        if settings.is_enabled(surface, region)
     ]
+    if not chosen:
+        settings.check_enabled(chosen_surfaces[0], chosen_regions[0])
+    return chosen
 
 
 @dataclass(frozen=True)

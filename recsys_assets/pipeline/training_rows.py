@@ -82,12 +82,6 @@ def pool_training_rows(
     exposures = tables["exposures"][tables["exposures"]["ts"] < score_time]
     controls = tables["user_controls"][tables["user_controls"]["ts"] <= score_time]
     labels = split.relevant.rename(columns={"user_id": "subject_id"}).assign(label=np.float32(1))
-    # One source for all shards: it keeps a region's item index between them.
-    two_tower = two_tower_retriever(
-        models.two_tower,
-        item_chunk=settings.pipeline.retrieval_item_chunk,
-        retrieval=settings.pipeline.retrieval,
-    )
     frames = []
     for region, members in users.groupby("region", sort=True):
         if region not in settings.regions:
@@ -111,7 +105,9 @@ def pool_training_rows(
                 members.iloc[start : start + size],
                 context,
                 surface,
-                two_tower=two_tower,
+                two_tower=two_tower_retriever(
+                    models.two_tower, item_chunk=settings.pipeline.retrieval_item_chunk
+                ),
                 recent_items_per_user=settings.pipeline.recent_items_per_user,
             )
             features = compute_features(

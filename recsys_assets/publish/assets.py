@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import dagster as dg
 
+from recsys_assets.config import ConfigError
 from recsys_assets.data.assets import raw_tables
 from recsys_assets.pipeline.metadata import LOCATION, ROW_COUNT, ScoreHistogram, location
 from recsys_assets.pipeline.partitions import (
@@ -91,10 +92,15 @@ def fallback_lists(
     """Non-personalized lists (popular, trending, editorial, new-user, tenant queues),
     aggregates only, published through the same versioned manifest."""
     partition = SurfaceRegion.from_context(context)
-    warehouse = recsys.warehouse()
+    warehouse, settings = recsys.warehouse(), recsys.settings()
+    try:
+        settings.check_enabled(partition.surface, partition.region)
+    except ConfigError as error:
+        # A switched-off pair gets no lists at all, fallback lists included.
+        raise dg.Failure(description=str(error), allow_retries=False) from None
     outcome = publish_fallback_partition(
         warehouse,
-        recsys.settings(),
+        settings,
         partition.surface,
         partition.region,
         now=recsys.now(),

@@ -4,21 +4,31 @@ The order is the safety argument. A reader follows the manifest, and the manifes
 ever names a folder whose validation.json (written last) says it passed. A publisher
 killed at any point leaves either the old manifest or the new one, each naming a complete
 version; its half-written folder is collected later as an orphan.
+
+Memory is bounded by a part, not by the partition: a partition's slates are read part by
+part (one per subject shard), each part's lists and decision-log rows are appended to the
+version's lists.parquet and decision_log.parquet as row groups, and the gate reads
+lists.parquet back in parts of whole lists, merging their measures (`validate_parts`).
+Only a refusal for short or empty lists reads the version whole, for its diagnosis.
 """
 
 from __future__ import annotations
 
+import posixpath
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import pandas as pd
+import pyarrow as pa
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
-from recsys_assets.config import Settings
+from recsys_assets.config import Settings, SurfaceConfig
 from recsys_assets.data import read_raw, read_snapshot
 from recsys_assets.data.snapshot import raw_table_path
-from recsys_assets.publish.diagnosis import explain_short_lists
+from recsys_assets.publish.diagnosis import DIAGNOSED_CHECKS, explain_short_lists
 from recsys_assets.publish.fallback import compute_fallback_lists
 from recsys_assets.publish.lists import (
     LINEAGE_COLUMNS,
@@ -37,14 +47,20 @@ from recsys_assets.publish.manifest import (
     read_manifest,
     update_manifest,
 )
-from recsys_assets.publish.validation import GateLimits, ValidationReport, validate_lists
+from recsys_assets.publish.validation import (
+    VALIDATED_COLUMNS,
+    GateLimits,
+    ValidationReport,
+    validate_parts,
+    whole_lists,
+)
 from recsys_assets.publish.versions import (
+    DECISION_LOG_FILE,
+    LISTS_FILE,
     naive_utc,
     new_version_id,
-    read_version_lists,
     utc_now,
     version_path,
-    write_version_data,
     write_version_report,
 )
 from recsys_assets.rules.person import read_person_facts
@@ -75,7 +91,11 @@ class PublishOutcome:
         where = f"{kind} for surface={self.surface} region={self.region}"
         if self.published:
             active = self.manifest.active_version if self.manifest else self.version
-            return f"published {self.version} of {where}; active version is {active}"
+            empty = " (empty: no eligible subject; serving uses the fallback lists)"
+            return (
+                f"published {self.version} of {where}"
+                f"{empty if self.report.empty else ''}; active version is {active}"
+            )
         serving = self.manifest.active_version if self.manifest else "nothing (no manifest yet)"
         return (
             f"refused {self.version} of {where}; still serving {serving}. Failed checks: "
@@ -109,28 +129,63 @@ def publish_version(
     short and why. A refused version keeps its folder (with validation.json saying why) for
     inspection until garbage collection's grace period.
     """
+    return publish_parts(
+        warehouse,
+        settings,
+        surface,
+        region,
+        [lists],
+        items=items,
+        now=now,
+        subjects=subjects,
+        candidates=candidates,
+        interactions=interactions,
+        fallback=fallback,
+        tracking_secret=tracking_secret,
+        orphan_grace=orphan_grace,
+    )
+
+
+def publish_parts(
+    warehouse: Warehouse,
+    settings: Settings,
+    surface: str,
+    region: str,
+    parts: Iterable[pd.DataFrame],
+    *,
+    items: pd.DataFrame,
+    now: datetime | None = None,
+    subjects: pd.DataFrame | None = None,
+    candidates: pd.Series | None = None,
+    interactions: ds.Dataset | None = None,
+    fallback: bool = False,
+    tracking_secret: str | None = None,
+    orphan_grace: timedelta = DEFAULT_ORPHAN_GRACE,
+) -> PublishOutcome:
+    """`publish_version` of list records that come in parts (a partition's subject shards,
+    in subject order, each holding its subjects' whole lists): one part in memory at a time."""
     surface_config = settings.surface(surface)
     settings.check_region(region)
     at = naive_utc(now) if now is not None else utc_now()
     version = new_version_id(warehouse, surface, region, fallback=fallback)
     folder = version_path(surface, region, version, fallback=fallback)
-    records = finalize_lists(
-        lists, surface=surface, region=region, version=version, fallback=fallback
-    )
-    log = decision_log(
-        records,
+    written = _write_version_parts(
+        warehouse,
+        folder,
+        parts,
         surface=surface_config,
+        region=region,
+        version=version,
+        fallback=fallback,
         subjects=subjects,
         candidates=candidates,
         secret=tracking_secret,
     )
-    write_version_data(warehouse, folder, lists=records, decision_log=log)
     thresholds = settings.publish.thresholds
     limits = GateLimits.for_fallback(thresholds) if fallback else GateLimits.for_lists(thresholds)
-    judged = read_version_lists(warehouse, folder)  # judge the bytes serving will read
     tombstones = load_tombstones(warehouse)
-    report = validate_lists(
-        judged,
+    report = validate_parts(
+        whole_lists(_judged_parts(warehouse, folder)),  # judge the bytes serving will read
         surface=surface_config,
         region=region,
         items=items,
@@ -141,11 +196,11 @@ def publish_version(
         tombstones=tombstones,
         person=None if fallback else read_person_facts(warehouse),
     )
-    if interactions is not None and not fallback:
+    if interactions is not None and not fallback and report.failed_checks() & DIAGNOSED_CHECKS:
         report = explain_short_lists(
             report,
             warehouse,
-            judged,
+            warehouse.read_parquet(f"{folder}/{LISTS_FILE}", columns=VALIDATED_COLUMNS),
             surface=surface_config,
             region=region,
             items=items,
@@ -158,9 +213,9 @@ def publish_version(
     record = VersionRecord(
         version=version,
         path=folder,
-        generated_at=iso(records["generated_at"].min()) if len(records) else None,
-        expires_at=iso(records["expires_at"].min()) if len(records) else None,
-        lineage=lineage_of(records),
+        generated_at=written.first("generated_at"),
+        expires_at=written.first("expires_at"),
+        lineage=written.lineage(),
         validation=report.summary(),
     )
     write_version_report(
@@ -206,14 +261,145 @@ def publish_version(
     )
 
 
-def lineage_of(records: pd.DataFrame) -> dict[str, Any]:
-    """The version's lineage: each column's value, `|`-joined if lists disagree."""
-    lineage: dict[str, Any] = {}
-    for column in LINEAGE_COLUMNS:
-        values = sorted({str(value) for value in records[column].dropna().unique()})
-        lineage[column] = "|".join(values) if values else None
-    lineage["score_time"] = iso(records["generated_at"].min()) if len(records) else None
-    return lineage
+@dataclass
+class _WrittenVersion:
+    """What the version's parts held, gathered while writing them: its lineage and times."""
+
+    rows: int = 0
+    lineage_values: dict[str, set[str]] = field(
+        default_factory=lambda: {column: set() for column in LINEAGE_COLUMNS}
+    )
+    earliest: dict[str, pd.Timestamp] = field(default_factory=dict)
+    """The first generated_at and expires_at of every list."""
+    last_subject: int | None = None
+
+    def add(self, records: pd.DataFrame) -> None:
+        if records.empty:
+            return
+        self.rows += len(records)
+        for column, values in self.lineage_values.items():
+            values.update(str(value) for value in records[column].dropna().unique())
+        for column in ("generated_at", "expires_at"):
+            first = records[column].min()
+            self.earliest[column] = min(self.earliest.get(column, first), first)
+
+    def first(self, column: str) -> str | None:
+        return iso(self.earliest[column]) if self.rows else None
+
+    def lineage(self) -> dict[str, Any]:
+        """Each lineage column's value, `|`-joined if lists disagree."""
+        lineage: dict[str, Any] = {
+            column: "|".join(sorted(values)) if values else None
+            for column, values in self.lineage_values.items()
+        }
+        lineage["score_time"] = self.first("generated_at")
+        return lineage
+
+
+class _ParquetParts:
+    """One Parquet object written a part (a row group) at a time, schema set by the first
+    non-empty part. A half-written object only ever sits in a version folder nobody reads
+    until its validation.json exists (on S3 it appears only when the upload completes)."""
+
+    def __init__(self, warehouse: Warehouse, relative: str) -> None:
+        self.warehouse = warehouse
+        self.relative = relative
+        self._handle: Any = None
+        self._writer: pq.ParquetWriter | None = None
+        self._empty: pd.DataFrame | None = None
+
+    def write(self, frame: pd.DataFrame) -> None:
+        if frame.empty:  # its columns may lack types: it sets the schema only if all are empty
+            self._empty = frame
+            return
+        table = pa.Table.from_pandas(frame, preserve_index=False)
+        if self._writer is None:
+            target = self.warehouse.path(self.relative)
+            if self.warehouse.is_local:
+                self.warehouse.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+            self._handle = self.warehouse.fs.open(target, "wb")
+            self._writer = pq.ParquetWriter(self._handle, table.schema, compression="lz4")
+        elif not table.schema.equals(self._writer.schema, check_metadata=False):
+            table = table.cast(self._writer.schema)
+        self._writer.write_table(table)
+
+    def close(self) -> None:
+        if self._writer is None:
+            self.warehouse.write_parquet(self.relative, self._empty)
+            return
+        self.abandon()
+
+    def abandon(self) -> None:
+        """Close what was opened; an unfinished object stays in the unvalidated folder."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            finally:
+                self._handle.close()
+
+
+def _write_version_parts(
+    warehouse: Warehouse,
+    folder: str,
+    parts: Iterable[pd.DataFrame],
+    *,
+    surface: SurfaceConfig,
+    region: str,
+    version: str,
+    fallback: bool,
+    subjects: pd.DataFrame | None,
+    candidates: pd.Series | None,
+    secret: str | None,
+) -> _WrittenVersion:
+    """Stamp, write and log each part of list records: lists.parquet and
+    decision_log.parquet, one row group per part, in order (the file stays sorted by
+    subject, each list's rows together, as long as the parts come in subject order)."""
+    written = _WrittenVersion()
+    lists_file = _ParquetParts(warehouse, f"{folder}/{LISTS_FILE}")
+    log_file = _ParquetParts(warehouse, f"{folder}/{DECISION_LOG_FILE}")
+    try:
+        for part in parts:
+            records = finalize_lists(
+                part, surface=surface.name, region=region, version=version, fallback=fallback
+            )
+            log = decision_log(
+                records, surface=surface, subjects=subjects, candidates=candidates, secret=secret
+            )
+            if len(records) and not fallback:
+                first = int(records["subject_id"].iat[0])
+                if written.last_subject is not None and first <= written.last_subject:
+                    raise ValueError(
+                        f"list records of subject {first} come after those of subject "
+                        f"{written.last_subject}: publish parts must be subject shards in "
+                        "subject order (as the pipeline writes slates); re-materialize the slates"
+                    )
+                written.last_subject = int(records["subject_id"].iat[-1])
+            lists_file.write(records)
+            log_file.write(log)
+            written.add(records)
+    except BaseException:
+        lists_file.abandon()
+        log_file.abandon()
+        raise
+    lists_file.close()
+    log_file.close()
+    return written
+
+
+_JUDGED_BATCH_ROWS = 262_144
+
+
+def _judged_parts(warehouse: Warehouse, folder: str) -> Iterator[pd.DataFrame]:
+    """The version's lists.parquet as written, the columns the gate reads, a batch at a time."""
+    with warehouse.fs.open(warehouse.path(f"{folder}/{LISTS_FILE}"), "rb") as handle:
+        reader = pq.ParquetFile(handle)
+        # One pass per row group: a single pass over a whole file grows the allocator's
+        # footprint with the file's length, one per row group stays flat.
+        for row_group in range(reader.num_row_groups):
+            for batch in reader.iter_batches(
+                batch_size=_JUDGED_BATCH_ROWS, columns=VALIDATED_COLUMNS, row_groups=[row_group]
+            ):
+                yield batch.to_pandas()
 
 
 def publish_partition(
@@ -226,21 +412,26 @@ def publish_partition(
     pipeline_run_id: str | None = None,
     tracking_secret: str | None = None,
 ) -> PublishOutcome:
-    """Publish a partition's slates (what the `published_lists` asset runs)."""
+    """Publish a partition's slates (what the `published_lists` asset runs), part by part."""
     surface_config = settings.surface(surface)
     where = partition_path(surface=surface, region=region)
-    slates = _pipeline_table(warehouse, "slates", where)
+    slates = _pipeline_parts(warehouse, "slates", where)
     subjects = _pipeline_table(warehouse, "subjects", where)
-    lists = lists_from_slates(
-        slates,
-        surface=surface_config,
-        region=region,
-        ttl=surface_config.ttl,
-        source_data_snapshot=_snapshot_id(warehouse),
-        candidate_policy_version=_candidate_policy_version(warehouse, where),
-        pipeline_run_id=pipeline_run_id,
+    snapshot = _snapshot_id(warehouse)
+    candidate_policy_version = _candidate_policy_version(warehouse, where)
+    lists = (
+        lists_from_slates(
+            warehouse.read_parquet(part),
+            surface=surface_config,
+            region=region,
+            ttl=surface_config.ttl,
+            source_data_snapshot=snapshot,
+            candidate_policy_version=candidate_policy_version,
+            pipeline_run_id=pipeline_run_id,
+        )
+        for part in slates
     )
-    return publish_version(
+    return publish_parts(
         warehouse,
         settings,
         surface,
@@ -304,13 +495,19 @@ def publish_fallback_partition(
 
 
 def _pipeline_table(warehouse: Warehouse, asset: str, where: str) -> pd.DataFrame:
+    _pipeline_parts(warehouse, asset, where)
+    return warehouse.read_parquet(f"pipeline/{asset}/{where}")
+
+
+def _pipeline_parts(warehouse: Warehouse, asset: str, where: str) -> list[str]:
     path = f"pipeline/{asset}/{where}"
-    if not warehouse.parquet_parts(path):
+    parts = warehouse.parquet_parts(path)
+    if not parts:
         raise FileNotFoundError(
             f"no {asset} for {where} at {warehouse.uri(path)}: materialize {asset} for this "
             "partition before publishing it"
         )
-    return warehouse.read_parquet(path)
+    return parts
 
 
 def _snapshot_id(warehouse: Warehouse) -> str | None:

@@ -87,14 +87,6 @@ def new_version_id(
     return format_version(created_at)
 
 
-def write_version_data(
-    warehouse: Warehouse, folder: str, *, lists: pd.DataFrame, decision_log: pd.DataFrame
-) -> None:
-    """Write the lists and the decision log; the folder is not complete until its report is."""
-    warehouse.write_parquet(f"{folder}/{LISTS_FILE}", lists)
-    warehouse.write_parquet(f"{folder}/{DECISION_LOG_FILE}", decision_log)
-
-
 def write_version_report(warehouse: Warehouse, folder: str, report: dict[str, Any]) -> None:
     """Write validation.json: the last file, marking the folder complete."""
     warehouse.write_json(f"{folder}/{VALIDATION_FILE}", report)
@@ -107,6 +99,3 @@ def read_version_report(warehouse: Warehouse, folder: str) -> dict[str, Any] | N
     except FileNotFoundError:
         return None
 
-
-def read_version_lists(warehouse: Warehouse, folder: str) -> pd.DataFrame:
-    return warehouse.read_parquet(f"{folder}/{LISTS_FILE}")

@@ -110,7 +110,7 @@ def test_several_files_for_one_partition_need_one_run(local_warehouse: Warehouse
     drop_file(local_warehouse, "b.jsonl", change("oos-1", "item_out_of_stock", item_ids=[3]))
     tick = scan_inbox(local_warehouse, SETTINGS, PolicyChangeCursor(), now=NOW)
 
-    assert len(tick.refreshes) == len(SETTINGS.surfaces) * len(SETTINGS.regions)
+    assert len(tick.refreshes) == len(SETTINGS.enabled_partitions())
     home_eu = next(r for r in tick.refreshes if r.partition == SurfaceRegion("home_feed", "eu"))
     assert home_eu.files == ("a.jsonl", "b.jsonl")
     assert home_eu.change_types == ("item_banned", "item_out_of_stock")

@@ -34,7 +34,7 @@ def test_item_banned_in_one_region_refreshes_every_surface_of_that_region() -> N
 def test_global_change_refreshes_every_partition() -> None:
     deleted = parse(change("del-1", "item_deleted"))
     assert deleted.tombstone_rows()[0]["region"] is None
-    assert len(deleted.affected_partitions(SETTINGS)) == len(SURFACES) * len(SETTINGS.regions)
+    assert len(deleted.affected_partitions(SETTINGS)) == len(SETTINGS.enabled_partitions())
 
 
 def test_consent_revoked_suppresses_the_person_without_recomputing_partitions() -> None:
@@ -69,7 +69,10 @@ def test_tenant_and_case_changes_refresh_only_tenant_surfaces() -> None:
     assert [row["item_id"] for row in closed.tombstone_rows()] == [3]
     reopened = parse(change("case-2", "case_state_changed", item_ids=[3], case_state="open"))
     assert reopened.tombstone_rows() == []
-    assert len(reopened.affected_partitions(SETTINGS)) == len(SETTINGS.regions)
+    assert reopened.affected_partitions(SETTINGS) == {
+        SurfaceRegion("enterprise_action_queue", region)
+        for region in SETTINGS.surface_regions("enterprise_action_queue")
+    }
 
 
 def test_every_documented_type_parses() -> None:

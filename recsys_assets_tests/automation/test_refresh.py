@@ -51,7 +51,10 @@ def test_lists_in_their_last_quarter_are_due(local_warehouse: Warehouse) -> None
         ("push", "lists"),
         ("enterprise_action_queue", "lists"),
     }
-    assert len(due) == 2 * len(SETTINGS.regions)
+    # The enterprise queue only where it is enabled (surfaces.enterprise_action_queue.regions).
+    assert len(due) == len(SETTINGS.regions) + len(
+        SETTINGS.surface_regions("enterprise_action_queue")
+    )
 
 
 def test_fallback_lists_are_due_on_their_own_ttl(local_warehouse: Warehouse) -> None:
@@ -107,4 +110,4 @@ def test_incremental_plan_without_raw_data_still_refreshes_expiring(
     assert {(entry.partition.surface, entry.reasons) for entry in plan} == {
         ("enterprise_action_queue", (EXPIRING,))
     }
-    assert len(plan) == len(SETTINGS.regions)
+    assert len(plan) == len(SETTINGS.surface_regions("enterprise_action_queue"))

@@ -35,7 +35,7 @@ def test_daily_full_refresh_requests_every_partition_once_a_day(
     local_warehouse: Warehouse, instance: dg.DagsterInstance
 ) -> None:
     requests = evaluate(daily_full_refresh, datetime(2026, 11, 20, 2), local_warehouse, instance)
-    assert len(requests) == len(SETTINGS.surfaces) * len(SETTINGS.regions)
+    assert len(requests) == len(SETTINGS.enabled_partitions())
     assert len({r.partition_key for r in requests}) == len(requests)
     assert {r.tags[TRIGGER_TAG] for r in requests} == {"daily_full_refresh"}
     assert requests[0].run_key == "daily:2026-11-20:na:home_feed"

@@ -40,7 +40,7 @@ def test_demo_runs_partitions_in_parallel_and_keeps_the_terminal_short(
     assert len(terminal) < MAX_TERMINAL_LINES, "\n".join(terminal)
 
     settings = load_settings()
-    partitions = len(settings.surfaces) * len(settings.regions)
+    partitions = len(settings.enabled_partitions())
     assert f"{partitions} partition(s), 2 at a time" in result.stdout
     progress = [line for line in terminal if re.match(rf"\[\d+/{partitions}\] ", line)]
     assert len(progress) == partitions

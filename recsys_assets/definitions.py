@@ -27,7 +27,8 @@ from recsys_assets.pipeline.resources import RecsysResource
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
-    from recsys_assets.channels.assets import CHANNEL_ASSETS
+    from recsys_assets.channels.assets import CHANNEL_ASSETS, CHANNEL_JOBS
+    from recsys_assets.channels.schedules import channel_schedules
     from recsys_assets.data.assets import RAW_ASSETS, RAW_JOBS
     from recsys_assets.pipeline.assets import PIPELINE_ASSETS
     from recsys_assets.publish.assets import PUBLISH_ASSETS, PUBLISH_JOBS
@@ -49,9 +50,9 @@ def build_definitions(recsys: RecsysResource | None = None) -> dg.Definitions:
             *bind_partitions([*PIPELINE_ASSETS, *PUBLISH_ASSETS, *CHANNEL_ASSETS], settings),
             evaluation,
         ],
-        jobs=[train_model_bundle_job, refresh_lists_job, *PUBLISH_JOBS, *RAW_JOBS],
+        jobs=[train_model_bundle_job, refresh_lists_job, *PUBLISH_JOBS, *RAW_JOBS, *CHANNEL_JOBS],
         sensors=SENSORS,
-        schedules=SCHEDULES,
+        schedules=[*SCHEDULES, *channel_schedules(settings)],
         resources={
             "recsys": recsys,
             # One in-memory database per connection: parallel steps never share a file.

@@ -7,13 +7,21 @@ by reason and the attribution so far (opens, clicks, CTR of the partition's send
 import dagster as dg
 
 from recsys_assets.channels.attribution import attribution_summary
+from recsys_assets.channels.ledger import read_sends
 from recsys_assets.channels.plans import SKIP_REASONS, SendPlan, plan_sends, write_send_plan
+from recsys_assets.channels.unsubscribes import (
+    UNSUBSCRIBE_WINDOW,
+    opt_outs_of,
+    sends_of,
+    unsubscribes_after_send,
+)
 from recsys_assets.pipeline.partitions import (
     ONE_RUN_PER_PARTITION,
     SurfaceRegion,
     surface_region_partitions,
 )
 from recsys_assets.pipeline.resources import RecsysResource
+from recsys_assets.rules.person import read_events
 
 CHANNELS_GROUP = "channels"
 
@@ -60,8 +68,22 @@ def send_plans(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.
             "attributed_ctr": attribution.ctr,
         }
     )
+    unsubscribes = unsubscribes_after_send(
+        sends_of(read_sends(warehouse, surface=partition.surface, region=partition.region)),
+        opt_outs_of(read_events(warehouse)),
+    )
+    metadata["unsubscribes_after_send"] = sum(unsubscribes.values())
+    metadata["unsubscribe_window_hours"] = UNSUBSCRIBE_WINDOW.total_seconds() / 3600
     context.log.info(f"{partition.surface}/{partition.region}: {plan.summary()}")
     return dg.MaterializeResult(metadata=metadata)
 
 
 CHANNEL_ASSETS = [send_plans]
+
+SEND_PLANS_JOB = "send_plans_job"
+send_plans_job = dg.define_asset_job(
+    SEND_PLANS_JOB,
+    selection=dg.AssetSelection.assets(send_plans),
+    description="Plan one channel partition's sends (the channel schedules request it).",
+)
+CHANNEL_JOBS = [send_plans_job]

@@ -22,16 +22,25 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import pandas as pd
 
 from recsys_assets.channels.ledger import (
     PLANS_PREFIX,
     all_ledger_files,
+    empty_sends,
     read_ledger_files,
     read_sends,
 )
+from recsys_assets.channels.unsubscribes import (
+    UNSUBSCRIBE_WINDOW,
+    opt_outs_of,
+    sends_of,
+    unsubscribes_after_send,
+)
 from recsys_assets.publish.lists import tracking_token
+from recsys_assets.rules.person import empty_events, event_files, read_event_files
 from recsys_assets.warehouse import Warehouse
 
 ENGAGEMENT_PREFIX = "channels/engagement"
@@ -144,6 +153,7 @@ class TrackingIndex:
         *,
         secret: str | None,
         clock: Callable[[], int] = time.time_ns,
+        unsubscribe_window: timedelta = UNSUBSCRIBE_WINDOW,
     ) -> None:
         self.warehouse = warehouse
         self.secret = secret
@@ -154,6 +164,12 @@ class TrackingIndex:
         self.clicked: dict[Partition, set[str]] = {}
         self.skips: dict[tuple[str, str, str], int] = {}
         """(surface, region, reason) → skips in the partition's current send plan."""
+        self.unsubscribe_window = unsubscribe_window
+        self.unsubscribes: dict[Partition, int] = {}
+        """Sends followed by their subject's opt-out within `unsubscribe_window`."""
+        self._send_heads = sends_of(empty_sends())
+        self._opt_outs = opt_outs_of(empty_events())
+        self._events_seen: set[str] = set()
         self._ledger_seen: set[str] = set()
         self._engagement_seen: set[str] = set()
         self._last_miss_refresh = 0.0
@@ -170,6 +186,12 @@ class TrackingIndex:
         sends = read_ledger_files(self.warehouse, ledger)
         events = read_engagement(self.warehouse, engaged)
         skips = self._plan_skips()
+        serving_events, serving_read = read_event_files(
+            self.warehouse, [n for n in event_files(self.warehouse) if n not in self._events_seen]
+        )
+        send_heads = _appended(self._send_heads, sends_of(sends))
+        opt_outs = _appended(self._opt_outs, opt_outs_of(serving_events))
+        unsubscribes = unsubscribes_after_send(send_heads, opt_outs, window=self.unsubscribe_window)
         with self._lock:
             for row in sends.itertuples(index=False):
                 item = SentItem(
@@ -189,6 +211,9 @@ class TrackingIndex:
             self._ledger_seen.update(ledger)
             self._engagement_seen.update(engaged)
             self.skips = skips
+            self._events_seen.update(serving_read)
+            self._send_heads, self._opt_outs = send_heads, opt_outs
+            self.unsubscribes = unsubscribes
 
     def _plan_skips(self) -> dict[tuple[str, str, str], int]:
         found: dict[tuple[str, str, str], int] = {}
@@ -274,6 +299,13 @@ class TrackingIndex:
                 key: len(self.clicked.get(key, ())) / count for key, count in sends.items() if count
             }
         return sends, events, ctr
+
+
+def _appended(seen: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """`seen` then `new` (concat of an empty frame is deprecated in pandas)."""
+    if new.empty:
+        return seen
+    return new if seen.empty else pd.concat([seen, new], ignore_index=True)
 
 
 def _partition(item: SentItem) -> Partition:

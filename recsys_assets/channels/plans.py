@@ -34,6 +34,7 @@ from datetime import datetime
 import numpy as np
 import pandas as pd
 
+from recsys_assets.channels.digest import DEFAULT_LOCALE, DIGEST_TEMPLATE_VERSION, is_digest
 from recsys_assets.channels.ledger import PLANS_PREFIX, read_sends
 from recsys_assets.config import Settings, SurfaceConfig
 from recsys_assets.data.snapshot import read_raw
@@ -89,13 +90,13 @@ SKIP_REASONS = (
 PLAN_COLUMNS = [
     "subject_id", "surface", "medium", "region", "list_id", "version", "model_version",
     "send_at", "send_at_local", "timezone", "item_ids", "positions", "tracking_tokens",
-    "planned_at",
+    "planned_at", "locale", "template_version",
 ]  # fmt: skip
 """plan.parquet: one row per message to send; item columns `|`-joined, in message order."""
 DECISION_COLUMNS = [
     "subject_id", "surface", "region", "list_id", "version", "model_version",
     "scheduled_send_at", "send_at", "decision", "reason", "item_count", "item_rejections",
-    "planned_at",
+    "planned_at", "template_version",
 ]  # fmt: skip
 """decision_log.parquet: one row per subject of the list, sent or skipped, with why."""
 
@@ -161,6 +162,7 @@ class Recipient:
     timezone: str
     quiet_start: int
     quiet_end: int
+    locale: str = DEFAULT_LOCALE
 
 
 def _empty(columns: list[str]) -> pd.DataFrame:
@@ -289,11 +291,13 @@ class _SubjectRules:
 
 def _recipients(warehouse: Warehouse) -> dict[int, Recipient]:
     users = read_raw(
-        warehouse, "users", columns=["user_id", "timezone", "quiet_hours_start", "quiet_hours_end"]
+        warehouse,
+        "users",
+        columns=["user_id", "timezone", "quiet_hours_start", "quiet_hours_end", "locale"],
     ).drop_duplicates("user_id", keep="last")
     return {
-        int(user_id): Recipient(str(zone), int(start), int(end))
-        for user_id, zone, start, end in users.itertuples(index=False)
+        int(user_id): Recipient(str(zone), int(start), int(end), str(locale))
+        for user_id, zone, start, end, locale in users.itertuples(index=False)
     }
 
 
@@ -369,6 +373,7 @@ def plan_sends(
     )
     tokens = _tokens(log)
     scheduled = dict(zip(log["list_id"], log["scheduled_send_at"], strict=True))
+    template_version = DIGEST_TEMPLATE_VERSION if is_digest(surface_name) else None
     plan_rows: list[dict[str, object]] = []
     decisions: list[dict[str, object]] = []
     for list_id, rows in lists.sort_values(["subject_id", "position"]).groupby(
@@ -391,6 +396,7 @@ def plan_sends(
             "item_count": 0,
             "item_rejections": "{}",
             "planned_at": planned_at,
+            "template_version": template_version,
         }
         decisions.append(decision)
         if pd.isna(scheduled_at):  # publish gives every messaging list a send time
@@ -410,7 +416,8 @@ def plan_sends(
             decision["reason"] = reason
             continue
         decision.update(decision=SEND, send_at=send_at, item_count=len(chosen))
-        zone = rules.recipients.get(subject_id, Recipient("UTC", 0, 0)).timezone
+        recipient = rules.recipients.get(subject_id, Recipient("UTC", 0, 0))
+        zone = recipient.timezone
         item_ids = chosen["item_id"].astype(int).tolist()
         plan_rows.append(
             {
@@ -428,6 +435,8 @@ def plan_sends(
                 "positions": "|".join(map(str, chosen["position"].astype(int))),
                 "tracking_tokens": "|".join(tokens.get((str(list_id), i), "") for i in item_ids),
                 "planned_at": planned_at,
+                "locale": recipient.locale,
+                "template_version": template_version,
             }
         )
     return SendPlan(

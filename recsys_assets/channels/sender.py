@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC
 from email.message import EmailMessage
@@ -25,8 +26,10 @@ from typing import Protocol
 
 import pandas as pd
 
+from recsys_assets.channels.digest import DigestItem, is_digest, render_digest
 from recsys_assets.channels.ledger import SEND_SCHEMA, append_sends, read_sends, send_key
 from recsys_assets.config import Settings
+from recsys_assets.data.snapshot import read_raw
 from recsys_assets.rules.person import read_person_facts, without_consent
 from recsys_assets.warehouse import PreconditionFailed, Warehouse, partition_path
 
@@ -101,9 +104,13 @@ def _items(row: pd.Series) -> list[tuple[int, int, str]]:
     ]
 
 
-def render(row: pd.Series, *, tracking_base_url: str) -> RenderedMessage:
+def render(
+    row: pd.Series, *, tracking_base_url: str, titles: Mapping[int, str] | None = None
+) -> RenderedMessage:
     """The message for one plan row: an RFC 5322 email or a push JSON payload, each item
-    linked through its tracking token (opens: the email's pixel; clicks: the item link)."""
+    linked through its tracking token (opens: the email's pixel; clicks: the item link).
+    A digest row is the localized digest text (digest.py) over the row's items and their
+    `titles`, nothing else."""
     send_at = pd.Timestamp(row["send_at"])
     day = send_at.date().isoformat()
     medium = str(row["medium"])
@@ -115,15 +122,29 @@ def render(row: pd.Series, *, tracking_base_url: str) -> RenderedMessage:
         message = EmailMessage()
         message["From"] = SENDER_ADDRESS
         message["To"] = f"user-{subject_id}@recipients.invalid"
-        message["Subject"] = f"Picked for you ({surface})"
+        digest_version = row.get("template_version")
+        if is_digest(surface) and isinstance(digest_version, str):
+            subject_line, text = render_digest(
+                [
+                    DigestItem(item, (titles or {}).get(item), f"{tracking_base_url}/click/{token}")
+                    for item, _, token in items
+                ],
+                str(row["locale"]),
+            )
+            message["X-Recsys-Template-Version"] = digest_version
+        else:
+            subject_line = f"Picked for you ({surface})"
+            text = "\n".join(
+                f"Item {item}: {tracking_base_url}/click/{token}" for item, _, token in items
+            )
+        message["Subject"] = subject_line
         message["Date"] = format_datetime(send_at.to_pydatetime().replace(tzinfo=UTC))
         message["Message-ID"] = make_msgid(idstring=key.replace("/", "."), domain="recsys.invalid")
         message["X-Recsys-Send-Key"] = key
         message["X-Recsys-List-Id"] = str(row["list_id"])
         message["X-Recsys-Send-At-Local"] = str(row["send_at_local"])
-        lines = [f"Item {item}: {tracking_base_url}/click/{token}" for item, _, token in items]
         pixel = f"{tracking_base_url}/open/{items[0][2]}"
-        message.set_content("\n".join([*lines, "", f"(open pixel: {pixel})"]))
+        message.set_content("\n".join([text, "", f"(open pixel: {pixel})"]))
         body = bytes(message)
     else:
         item, _, token = items[0]
@@ -140,6 +161,11 @@ def render(row: pd.Series, *, tracking_base_url: str) -> RenderedMessage:
         }
         body = json.dumps(payload, sort_keys=True).encode()
     return RenderedMessage(key, medium, subject_id, send_at, path, body)
+
+
+def _titles(warehouse: Warehouse) -> dict[int, str]:
+    items = read_raw(warehouse, "items", columns=["item_id", "title"]).dropna(subset=["title"])
+    return dict(zip(items["item_id"].astype(int), items["title"].astype(str), strict=True))
 
 
 @dataclass(frozen=True)
@@ -177,9 +203,10 @@ def dispatch_plan(
     if facts is None:
         raise FileNotFoundError("cannot send: the raw snapshot or its users table is missing")
     withdrawn = without_consent(plan["subject_id"].astype("int64"), surface=surface, facts=facts)
+    titles = _titles(warehouse) if is_digest(surface_name) else None
     ledger_rows: list[dict[str, object]] = []
     for (_, row), revoked in zip(plan.iterrows(), withdrawn, strict=True):
-        message = render(row, tracking_base_url=tracking_base_url)
+        message = render(row, tracking_base_url=tracking_base_url, titles=titles)
         if message.key in sent_keys:
             outcomes[ALREADY_SENT] += 1
             continue

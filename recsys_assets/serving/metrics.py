@@ -228,3 +228,12 @@ class _ChannelCollector(Collector):
         for labels, count in sorted(self.index.skips.items()):
             skips.add_metric(list(labels), count)
         yield skips
+        unsubscribes = CounterMetricFamily(
+            "recsys_channel_unsubscribes_after_send",
+            "Sends whose subject opted out (consent_revoked) within the unsubscribe window "
+            "after the send",
+            labels=_PARTITION,
+        )
+        for labels, count in sorted(self.index.unsubscribes.items()):
+            unsubscribes.add_metric(list(labels), count)
+        yield unsubscribes

@@ -578,60 +578,74 @@ def _list_lengths(
     return check, metrics
 
 
+def _rate_check(
+    name: str, count: int, total: int, limit: float, label: str, detail: str
+) -> tuple[Check, float]:
+    """`count / total` (0 when nothing to count) against its maximum `limit`."""
+    rate = count / total if total else 0.0
+    limit_name = "max_" + name
+    return (
+        Check(
+            name,
+            rate,
+            float(limit),
+            rate <= limit,
+            f"{label} {rate:.4f} > {limit_name} {limit} {detail}",
+        ),
+        rate,
+    )
+
+
 def _invalid_items(
     measures: ListMeasures, invalid_by_reason: dict[str, int], limits: GateLimits
 ) -> tuple[Check, dict[str, Any]]:
     invalid = sum(invalid_by_reason.values())
-    rate = invalid / measures.rows if measures.rows else 0.0
-    check = Check(
+    check, rate = _rate_check(
         "invalid_item_rate",
-        rate,
-        float(limits.max_invalid_item_rate),
-        rate <= limits.max_invalid_item_rate,
-        f"invalid-item rate {rate:.4f} > max_invalid_item_rate "
-        f"{limits.max_invalid_item_rate} against current item state ({invalid_by_reason})",
+        invalid,
+        measures.rows,
+        limits.max_invalid_item_rate,
+        "invalid-item rate",
+        f"against current item state ({invalid_by_reason})",
     )
     return check, {"invalid_items": invalid, "invalid_item_rate": round(rate, 6)}
 
 
 def _duplicates(measures: ListMeasures, limits: GateLimits) -> tuple[Check, dict[str, Any]]:
     duplicates = measures.duplicate_rows
-    rate = duplicates / measures.rows if measures.rows else 0.0
-    check = Check(
+    check, rate = _rate_check(
         "duplicate_rate",
-        rate,
-        float(limits.max_duplicate_rate),
-        rate <= limits.max_duplicate_rate,
-        f"duplicate rate {rate:.4f} > max_duplicate_rate {limits.max_duplicate_rate} "
+        duplicates,
+        measures.rows,
+        limits.max_duplicate_rate,
+        "duplicate rate",
         f"({duplicates} repeated (list, item) rows)",
     )
     return check, {"duplicate_items": duplicates, "duplicate_rate": round(rate, 6)}
 
 
 def _empty_lists(measures: ListMeasures, limits: GateLimits) -> tuple[Check, dict[str, Any]]:
-    empty, lists = measures.empty_lists, len(measures.list_lengths)
-    rate = empty / lists if lists else 0.0
-    check = Check(
+    empty = measures.empty_lists
+    check, rate = _rate_check(
         "empty_list_rate",
-        rate,
-        float(limits.max_empty_list_rate),
-        rate <= limits.max_empty_list_rate,
-        f"empty-list rate {rate:.4f} > max_empty_list_rate {limits.max_empty_list_rate} "
+        empty,
+        len(measures.list_lengths),
+        limits.max_empty_list_rate,
+        "empty-list rate",
         f"({empty} list(s) have no item that is eligible now)",
     )
     return check, {"empty_lists": empty, "empty_list_rate": round(rate, 6)}
 
 
 def _policy(measures: ListMeasures, limits: GateLimits) -> tuple[Check, dict[str, Any]]:
-    violating, lists = measures.policy_violating_lists, len(measures.list_lengths)
-    rate = violating / lists if lists else 0.0
-    check = Check(
+    violating = measures.policy_violating_lists
+    check, rate = _rate_check(
         "policy_violation_rate",
-        rate,
-        float(limits.max_policy_violation_rate),
-        rate <= limits.max_policy_violation_rate,
-        f"slate-policy violation rate {rate:.4f} > max_policy_violation_rate "
-        f"{limits.max_policy_violation_rate} ({measures.violations_by_rule})",
+        violating,
+        len(measures.list_lengths),
+        limits.max_policy_violation_rate,
+        "slate-policy violation rate",
+        f"({measures.violations_by_rule})",
     )
     return check, {"policy_violating_lists": violating, "policy_violation_rate": round(rate, 6)}
 

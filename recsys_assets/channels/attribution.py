@@ -7,6 +7,9 @@ token of a skipped or never-sent list is unknown) and re-computing the HMAC over
 ledger's (list_id, item_id, position) with the secret gives the same token (a ledger row or
 token not minted with this secret is refused). Accepted events go to
 `channels/engagement/date=D/<uuid>.parquet`, one row each, with the send they belong to.
+An open or a click counts once per token: a repeat (a mail client re-fetching the pixel, a
+replayed request) is answered like the first and neither stored nor counted again, so one
+leaked message cannot inflate the counters or fill storage.
 
 The token is the credential of these events (mail clients and devices hold no API token),
 so `POST /v1/events` takes opens and clicks without a bearer token; it proves which send and
@@ -111,11 +114,13 @@ def engagement_files(warehouse: Warehouse) -> list[str]:
 
 
 def read_engagement(warehouse: Warehouse, files: list[str] | None = None) -> pd.DataFrame:
+    """Engagement events, one per (type, tracking token): the first one recorded."""
     files = engagement_files(warehouse) if files is None else files
     frames = [warehouse.read_parquet(name) for name in files]
     if not frames:
         return pd.DataFrame({k: pd.Series(dtype=v) for k, v in ENGAGEMENT_SCHEMA.items()})
-    return pd.concat(frames, ignore_index=True)
+    events = pd.concat(frames, ignore_index=True).sort_values("ts", kind="stable")
+    return events.drop_duplicates(["type", "tracking_token"]).reset_index(drop=True)
 
 
 @dataclass(frozen=True)
@@ -172,6 +177,8 @@ class TrackingIndex:
         self._events_seen: set[str] = set()
         self._ledger_seen: set[str] = set()
         self._engagement_seen: set[str] = set()
+        self._recorded: set[tuple[str, str]] = set()
+        """(type, tracking token) of every open and click counted."""
         self._last_miss_refresh = 0.0
         self._lock = threading.Lock()
 
@@ -207,6 +214,9 @@ class TrackingIndex:
                 self.tokens[row.tracking_token] = item
                 self.sends.setdefault(_partition(item), set()).add(item.send_key)
             for row in events.itertuples(index=False):
+                if (row.type, row.tracking_token) in self._recorded:
+                    continue
+                self._recorded.add((row.type, row.tracking_token))
                 self._count((row.surface, row.region, row.model_version), row.type, row.send_key)
             self._ledger_seen.update(ledger)
             self._engagement_seen.update(engaged)
@@ -255,13 +265,18 @@ class TrackingIndex:
             )
         return item
 
-    def record(self, event_type: str, token: str, *, item_id: int | None = None) -> str:
-        """Verify and persist one open or click; returns the event file's path."""
+    def record(self, event_type: str, token: str, *, item_id: int | None = None) -> str | None:
+        """Verify and persist one open or click; returns the event file's path, or None for
+        a repeat of an event already counted (accepted, not stored again)."""
         item = self.resolve(token)
         if item_id is not None and item_id != item.item_id:
             raise ItemMismatch(
                 f"item_id {item_id} is not the item of this tracking token ({item.item_id})"
             )
+        with self._lock:
+            if (event_type, token) in self._recorded:
+                return None
+            self._recorded.add((event_type, token))
         now = pd.Timestamp(self.clock(), unit="ns")
         frame = pd.DataFrame(
             [

@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from recsys_assets.channels.plans import read_send_plan
+from recsys_assets.channels.plans import plan_root, read_send_plan
 from recsys_assets.channels.sender import OutboxSender, dispatch_plan
 from recsys_assets.config import load_settings
 from recsys_assets.warehouse import Warehouse
@@ -46,5 +46,19 @@ def _send(args: argparse.Namespace) -> int:
         now=pd.Timestamp.now("UTC").tz_localize(None).floor("us"),
         dry_run=args.dry_run,
     )
-    print(f"recsys send {args.surface}/{args.region}: {report.summary()}")
+    skipped = _plan_skips(warehouse, args.surface, args.region)
+    print(f"recsys send {args.surface}/{args.region}: {report.summary()}{skipped}")
     return 0
+
+
+def _plan_skips(warehouse: Warehouse, surface: str, region: str) -> str:
+    """ "; the plan skipped N (reason n, …)" from the plan's summary, so an empty send says why."""
+    try:
+        summary = warehouse.read_json(f"{plan_root(surface, region)}/summary.json")
+    except FileNotFoundError:
+        return ""
+    skips = {str(reason): int(n) for reason, n in (summary.get("skips_by_reason") or {}).items()}
+    if not skips:
+        return ""
+    reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(skips.items()))
+    return f"; the plan skipped {sum(skips.values())} ({reasons}: docs/CHANNELS.md)"

@@ -177,7 +177,12 @@ class SendReport:
     dry_run: bool
 
     def summary(self) -> str:
-        counts = ", ".join(f"{name} {count}" for name, count in sorted(self.outcomes.items()))
+        """One line: outcome counts (a dry run says what it *would* send) and the ledger."""
+        named = {
+            ("would send" if self.dry_run and name == "sent" else name): count
+            for name, count in self.outcomes.items()
+        }
+        counts = ", ".join(f"{name} {count}" for name, count in sorted(named.items()))
         where = f"; ledger {self.ledger_path}" if self.ledger_path else ""
         return f"{'dry run: ' if self.dry_run else ''}{counts or 'nothing planned'}{where}"
 

@@ -34,6 +34,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictInt,
     StringConstraints,
     WithJsonSchema,
     create_model,
@@ -113,8 +114,9 @@ class EventIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal[EVENT_TYPES]  # type: ignore[valid-type]
-    user_id: int = Field(ge=0, le=INT64_MAX)
-    item_id: int | None = Field(None, ge=0, le=INT64_MAX)
+    # Strict: a JSON true, "1" or 1.0 is not an id (lax mode made true user 1).
+    user_id: StrictInt = Field(ge=0, le=INT64_MAX)
+    item_id: StrictInt | None = Field(None, ge=0, le=INT64_MAX)
     creator_id: str | None = Field(None, min_length=1, max_length=200)
     category: str | None = Field(None, min_length=1, max_length=200)
     surface: str | None = Field(None, max_length=100)
@@ -134,7 +136,7 @@ class EngagementIn(BaseModel):
     tracking_token: str = Field(
         pattern="^[0-9a-f]{64}$", description="The item's token from the message (hex HMAC)"
     )
-    item_id: int | None = Field(
+    item_id: StrictInt | None = Field(
         None, ge=0, le=INT64_MAX, description="click only: must be the token's item"
     )
 
@@ -171,7 +173,9 @@ def _configured_models(settings: Settings) -> tuple[type[RecommendationOut], typ
 
 class EventAccepted(BaseModel):
     accepted: int
-    path: str
+    """Events stored: 0 for the repeat of an open or click already counted."""
+    path: str | None
+    """Where they were stored; null when nothing new was."""
 
 
 class ErrorOut(BaseModel):
@@ -443,7 +447,7 @@ def create_app(
                     {"error": f"event not recorded, storage unavailable ({error}); retry later"},
                     status_code=503,
                 )
-            return EventAccepted(accepted=1, path=path)
+            return EventAccepted(accepted=0 if path is None else 1, path=path)
         if event.type == "consent_granted" and not allows(scopes, ADMIN):
             return JSONResponse(
                 {"error": "a consent_granted event needs a token with the 'admin' scope"},

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from typing import Any
 
+from recsys_assets.serving import service as service_module
 from recsys_assets.serving.auth import ApiTokens
 from recsys_assets.serving.service import RecommendationService
 from recsys_assets.warehouse import Warehouse
@@ -48,6 +50,9 @@ def register(subparsers: Any) -> None:
 def _recommend(args: argparse.Namespace) -> int:
     service = RecommendationService(Warehouse.from_env())
     service.check_request(args.surface, args.region, args.limit)
+    if not getattr(args, "verbose", False):  # the top-level flag (absent in direct calls)
+        # One answer on stdout: the store's per-version "loaded" lines are for servers.
+        logging.getLogger(service_module.__name__).setLevel(logging.WARNING)
     service.load()
     try:
         recommendation = service.recommend(

@@ -263,9 +263,12 @@ class RecommendationService:
         """Persist and apply user events; effective for the next request. Returns the file."""
         return self.state.record(events)
 
-    def record_engagement(self, event_type: str, token: str, *, item_id: int | None = None) -> str:
+    def record_engagement(
+        self, event_type: str, token: str, *, item_id: int | None = None
+    ) -> str | None:
         """Attribute an open or click to its send by its tracking token (verified); returns
-        the event file. Raises `channels.attribution.AttributionError` when it cannot."""
+        the event file (None for a repeat, counted once). Raises
+        `channels.attribution.AttributionError` when it cannot."""
         return self.attribution.record(event_type, token, item_id=item_id)
 
     # -- requests -------------------------------------------------------------------------

@@ -56,6 +56,13 @@ def test_opens_and_clicks_are_attributed_to_their_send(
         )
         assert (opened.status_code, clicked.status_code) == (202, 202)
         assert opened.json()["path"].startswith("channels/engagement/date=")
+        # Replays (a re-fetched pixel, a repeated request) are answered, not counted again.
+        for _ in range(3):
+            replay = client.post(
+                "/v1/events", json={"type": "open", "tracking_token": first["tracking_token"]}
+            )
+            assert replay.status_code == 202
+            assert replay.json() == {"accepted": 0, "path": None}
 
         forged = client.post("/v1/events", json={"type": "click", "tracking_token": "ab" * 32})
         assert forged.status_code == 404 and "unknown tracking token" in forged.json()["error"]

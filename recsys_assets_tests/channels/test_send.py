@@ -79,7 +79,7 @@ def test_plan_then_send_once_per_subject_and_day(
     assert (metadata["status"], metadata["sends"], metadata["skips"]) == ("planned", 2, 1)
     assert "| consent_revoked | 1 |" in str(metadata["skips_by_reason"])
 
-    assert "dry run: sent 2" in send(capsys, "--dry-run")
+    assert "dry run: would send 2" in send(capsys, "--dry-run")
     assert (
         warehouse.list(OUTBOX) == []
         and read_sends(warehouse, surface="email_daily", region=REGION).empty

@@ -130,8 +130,19 @@ def copy_bundle(source: Path, target: Path) -> None:
 
 def run_child(arguments: list[str], result_file: Path) -> tuple[dict[str, Any], float, float]:
     """Run this script as a child; (its JSON result, wall seconds, its peak RSS in MiB)."""
+    return run_script_child(Path(__file__).resolve(), arguments, result_file)
+
+
+def run_script_child(
+    script: Path, arguments: list[str], result_file: Path
+) -> tuple[dict[str, Any], float, float]:
+    """Run `script` with `arguments --out result_file`; (its JSON, wall s, peak RSS MiB).
+
+    The peak is the child's own (`own_peak_rss_mib` in its JSON) where it reports one, else
+    wait4's ru_maxrss (which can include the parent's peak carried over by the fork).
+    """
     result_file.unlink(missing_ok=True)
-    command = [sys.executable, str(Path(__file__).resolve()), *arguments, "--out", str(result_file)]
+    command = [sys.executable, str(script), *arguments, "--out", str(result_file)]
     started = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     assert child.stderr is not None
@@ -141,7 +152,8 @@ def run_child(arguments: list[str], result_file: Path) -> tuple[dict[str, Any], 
     wall = time.perf_counter() - started
     if child.returncode != 0 or not result_file.exists():
         raise SystemExit(f"child {arguments[:2]} failed ({child.returncode}):\n{stderr[-4000:]}")
-    return json.loads(result_file.read_text()), wall, _rss_mib(usage.ru_maxrss)
+    found = json.loads(result_file.read_text())
+    return found, wall, found.get("own_peak_rss_mib") or _rss_mib(usage.ru_maxrss)
 
 
 def _rss_mib(ru_maxrss: int) -> float:

@@ -21,16 +21,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from bench_pipeline import AS_OF, RSS_RATIO_TARGET, _rss_mib, _table, ensure_seeded, seed_scales
+from bench_pipeline import (
+    AS_OF,
+    RSS_RATIO_TARGET,
+    _table,
+    ensure_seeded,
+    run_script_child,
+    seed_scales,
+)
 
 DEFAULT_WORKDIR = Path(__file__).resolve().parent / "output" / "bench_publish"
 SEED = 7
@@ -61,30 +65,6 @@ def own_peak_rss_mib() -> float | None:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return None
-
-
-def run_script_child(
-    script: Path, arguments: list[str], result_file: Path
-) -> tuple[dict[str, Any], float, float]:
-    """Run `script` with `arguments --out result_file`; (its JSON, wall s, peak RSS MiB).
-
-    bench_pipeline's `run_child` measurement (wait4 on the child) for a child that is not
-    bench_pipeline itself; the peak is the child's own (`own_peak_rss_mib` in its JSON)
-    where it reports one, else wait4's ru_maxrss.
-    """
-    result_file.unlink(missing_ok=True)
-    command = [sys.executable, str(script), *arguments, "--out", str(result_file)]
-    started = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    assert child.stderr is not None
-    stderr = child.stderr.read()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - started
-    if child.returncode != 0 or not result_file.exists():
-        raise SystemExit(f"child {arguments[:2]} failed ({child.returncode}):\n{stderr[-4000:]}")
-    found = json.loads(result_file.read_text())
-    return found, wall, found.get("own_peak_rss_mib") or _rss_mib(usage.ru_maxrss)
 
 
 # -- the partition's upstream tables -------------------------------------------------------

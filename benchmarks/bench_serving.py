@@ -43,14 +43,13 @@ import httpx
 import numpy as np
 import pandas as pd
 import yaml
-from bench_pipeline import RSS_RATIO_TARGET, seed_scales
+from bench_pipeline import RSS_RATIO_TARGET, run_script_child, seed_scales
 from bench_publish import (
     DEFAULT_WORKDIR,
     PUBLISH_AT,
     own_peak_rss_mib,
     prepare_partition,
     publish_once,
-    run_script_child,
 )
 
 from recsys_assets.config.settings import DEFAULT_CONFIG_PATH, load_settings

@@ -80,12 +80,15 @@ def _add_users(warehouse: Warehouse) -> None:
     )
 
 
-def record_event(warehouse: Warehouse, event_type: str, user_id: int) -> None:
-    """A serving event file, as `POST /v1/events` writes it."""
-    at = pd.Timestamp(TINY_AS_OF - timedelta(minutes=30))
+def record_event(
+    warehouse: Warehouse, event_type: str, user_id: int, at: pd.Timestamp | None = None
+) -> None:
+    """A serving event file, as `POST /v1/events` writes it (default: 30 minutes before
+    the data's as-of time)."""
+    at = pd.Timestamp(TINY_AS_OF - timedelta(minutes=30)) if at is None else at
     frame = pd.DataFrame(
         {
-            "event_id": ["e1"],
+            "event_id": [f"{event_type}-{user_id}-{at.value}"],
             "type": [event_type],
             "user_id": pd.array([user_id], dtype="int64"),
             "item_id": pd.array([None], dtype="Int64"),
@@ -98,7 +101,9 @@ def record_event(warehouse: Warehouse, event_type: str, user_id: int) -> None:
         }
     )
     day = at.date().isoformat()
-    warehouse.write_parquet(f"{EVENTS_PREFIX}/date={day}/{event_type}-{user_id}.parquet", frame)
+    warehouse.write_parquet(
+        f"{EVENTS_PREFIX}/date={day}/{event_type}-{user_id}-{at.value}.parquet", frame
+    )
 
 
 def publish_channel_version(

@@ -10,10 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from recsys_assets.channels.unsubscribes import unsubscribes_after_send
-from recsys_assets.rules.person import EVENTS_PREFIX
 from recsys_assets.serving.api import create_app
-from recsys_assets.warehouse import Warehouse
-from recsys_assets_tests.channels.conftest import REGION, ChannelWorld, at_hours
+from recsys_assets_tests.channels.conftest import REGION, ChannelWorld, at_hours, record_event
 from recsys_assets_tests.channels.test_send import (
     EMAIL,
     materialize_plan,
@@ -22,28 +20,6 @@ from recsys_assets_tests.channels.test_send import (
     send,
 )
 from recsys_assets_tests.serving.conftest import CONSUMER, READER, TOKENS
-
-
-def _opt_out(warehouse: Warehouse, user_id: int, at: pd.Timestamp) -> None:
-    """A consent_revoked serving event at `at`, as `POST /v1/events` writes it."""
-    frame = pd.DataFrame(
-        {
-            "event_id": [f"revoke-{user_id}-{at.value}"],
-            "type": ["consent_revoked"],
-            "user_id": pd.array([user_id], dtype="int64"),
-            "item_id": pd.array([None], dtype="Int64"),
-            "creator_id": pd.array([None], dtype="str"),
-            "category": pd.array([None], dtype="str"),
-            "surface": pd.array([None], dtype="str"),
-            "region": pd.array([None], dtype="str"),
-            "ts": [at],
-            "received_at": [at],
-        }
-    )
-    day = at.date().isoformat()
-    warehouse.write_parquet(
-        f"{EVENTS_PREFIX}/date={day}/revoke-{user_id}-{at.value}.parquet", frame
-    )
 
 
 def test_only_opt_outs_after_a_send_and_within_the_window_count_once_per_send() -> None:
@@ -86,7 +62,7 @@ def test_unsubscribes_after_send_reach_metrics_and_plan_metadata(
     publish_email(channel)
     materialize_plan(warehouse, EMAIL)
     send(capsys)  # CONSUMER and CAPPED get the 09:00 email
-    _opt_out(warehouse, CONSUMER, at_hours(9 + 3))
+    record_event(warehouse, "consent_revoked", CONSUMER, at_hours(9 + 3))
 
     with TestClient(create_app(channel.base.service(), tokens=TOKENS)) as client:
         metrics = client.get("/metrics", headers={"Authorization": f"Bearer {READER}"}).text

@@ -30,10 +30,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 
 import duckdb
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from recsys_assets.config import SurfaceConfig
 from recsys_assets.config.settings import SOURCES
@@ -82,6 +84,11 @@ class CandidateContext:
     """True for surfaces that recommend a tenant's own cases (enterprise queue)."""
     collaborative: CollaborativeModel | None = None
     recent_history_items: int = 5
+
+    @cached_property
+    def similarity(self) -> SimilarityGraph:
+        """`neighbours` as a sparse graph, built once per partition for every shard."""
+        return SimilarityGraph.of(self.neighbours)
 
 
 def build_context(
@@ -362,7 +369,7 @@ def generate_candidates(
             context.collaborative, subject_ids, shard_engagement, eligible_items, shard_blocked, n
         ),
         "item_to_item": lambda n: _from_neighbours(
-            shard_history, context.neighbours, n, recent_items_per_user
+            shard_history, context.similarity, n, recent_items_per_user
         ),
         "content": lambda n: _from_categories(affinity, eligible_items, n),
         "trending": lambda n: _same_for_all(subject_ids, context.trending[:n]),
@@ -388,7 +395,7 @@ def generate_candidates(
     scores = history_scores(
         merged[["subject_id", "item_id"]],
         shard_engagement,
-        context.neighbours,
+        context.similarity,
         context.collaborative,
         recent_items=context.recent_history_items,
     )
@@ -408,7 +415,7 @@ def latest_items(engagement: pd.DataFrame, count: int) -> pd.DataFrame:
 def history_scores(
     pairs: pd.DataFrame,
     engagement: pd.DataFrame,
-    neighbours: pd.DataFrame,
+    similarity: SimilarityGraph,
     collaborative: CollaborativeModel | None,
     *,
     recent_items: int,
@@ -424,7 +431,7 @@ def history_scores(
     rows = np.searchsorted(subjects, pair_subjects)
     found: dict[str, np.ndarray] = {}
     for suffix, history in (("score", engagement), ("recent_score", recent)):
-        found[f"item_to_item_{suffix}"] = _neighbour_sums(pairs, history, neighbours)
+        found[f"item_to_item_{suffix}"] = similarity.pair_sums(pairs, history)
         found[f"collaborative_{suffix}"] = (
             np.zeros(len(pairs), dtype=np.float32)
             if collaborative is None or collaborative.size == 0
@@ -437,18 +444,78 @@ def history_scores(
     return found
 
 
-def _neighbour_sums(
-    pairs: pd.DataFrame, history: pd.DataFrame, neighbours: pd.DataFrame
-) -> np.ndarray:
-    """Σ over the subject's history items h of similarity(h → item); 0 without neighbours."""
-    if pairs.empty or history.empty or neighbours.empty:
-        return np.zeros(len(pairs), dtype=np.float32)
-    linked = history[["subject_id", "item_id"]].merge(neighbours, on="item_id")
-    sums = linked.groupby(["subject_id", "neighbour_id"], sort=False)["similarity"].sum()
-    keys = pd.MultiIndex.from_arrays(
-        [pairs["subject_id"].to_numpy(dtype=np.int64), pairs["item_id"].to_numpy(dtype=np.int64)]
-    )
-    return sums.reindex(keys).fillna(0.0).to_numpy(dtype=np.float32)
+@dataclass(frozen=True)
+class SimilarityGraph:
+    """Item → neighbour similarities as a sparse matrix over the graph's (sorted) item ids.
+
+    A subject's item_to_item evidence for an item is Σ over their history items h of
+    similarity(h → item): one sparse product (history × graph) for a whole shard.
+    Similarities are float64 so a sum over a long history rounds once.
+    """
+
+    item_ids: np.ndarray
+    matrix: sp.csr_matrix
+
+    @classmethod
+    def of(cls, neighbours: pd.DataFrame) -> SimilarityGraph:
+        sources = neighbours["item_id"].to_numpy(dtype=np.int64)
+        targets = neighbours["neighbour_id"].to_numpy(dtype=np.int64)
+        item_ids = np.unique(np.concatenate((sources, targets)))
+        matrix = sp.csr_matrix(
+            (
+                neighbours["similarity"].to_numpy(dtype=np.float64),
+                (np.searchsorted(item_ids, sources), np.searchsorted(item_ids, targets)),
+            ),
+            shape=(len(item_ids), len(item_ids)),
+        )
+        return cls(item_ids, matrix)
+
+    def totals(self, subjects: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, sp.csr_matrix]:
+        """Sorted subject ids and their subjects × graph-items sums (indices sorted) over the
+        history rows (subjects[i], items[i]); a row counts as often as it appears."""
+        item_at = _positions(self.item_ids, items)
+        linked = item_at >= 0
+        subject_ids, subject_row = np.unique(subjects[linked], return_inverse=True)
+        visits = sp.csr_matrix(
+            (np.ones(int(linked.sum())), (subject_row, item_at[linked])),
+            shape=(len(subject_ids), len(self.item_ids)),
+        )
+        totals = (visits @ self.matrix).tocsr()
+        totals.sort_indices()
+        return subject_ids, totals
+
+    def pair_sums(self, pairs: pd.DataFrame, history: pd.DataFrame) -> np.ndarray:
+        """The sum for each (subject_id, item_id) row of `pairs` over `history` (subject_id,
+        item_id rows), float32; 0 where the subject's history never links to the item."""
+        if pairs.empty or history.empty or len(self.item_ids) == 0:
+            return np.zeros(len(pairs), dtype=np.float32)
+        subject_ids, totals = self.totals(
+            history["subject_id"].to_numpy(dtype=np.int64),
+            history["item_id"].to_numpy(dtype=np.int64),
+        )
+        rows = _positions(subject_ids, pairs["subject_id"].to_numpy(dtype=np.int64))
+        columns = _positions(self.item_ids, pairs["item_id"].to_numpy(dtype=np.int64))
+        # Stored entries keyed row * items + column ascend (rows, then sorted indices).
+        width = len(self.item_ids)
+        entry_rows = np.repeat(np.arange(totals.shape[0], dtype=np.int64), np.diff(totals.indptr))
+        keys = entry_rows * width + totals.indices
+        sums = np.zeros(len(pairs), dtype=np.float32)
+        known = np.flatnonzero((rows >= 0) & (columns >= 0))
+        if len(keys) == 0 or len(known) == 0:
+            return sums
+        wanted = rows[known] * width + columns[known]
+        at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
+        hit = keys[at] == wanted
+        sums[known[hit]] = totals.data[at[hit]]
+        return sums
+
+
+def _positions(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Index of each id in the sorted unique `sorted_ids`; -1 where absent."""
+    if len(sorted_ids) == 0:
+        return np.full(len(ids), -1, dtype=np.int64)
+    at = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
+    return np.where(sorted_ids[at] == ids, at, -1).astype(np.int64)
 
 
 def _from_collaborative(
@@ -531,19 +598,29 @@ def _category_affinity(history: pd.DataFrame, items: pd.DataFrame) -> pd.DataFra
 
 
 def _from_neighbours(
-    history: pd.DataFrame, neighbours: pd.DataFrame, n: int, recent_per_user: int
+    history: pd.DataFrame, similarity: SimilarityGraph, n: int, recent_per_user: int
 ) -> pd.DataFrame:
+    """Each subject's n items of highest summed similarity to their recent items."""
     recent = (
         history.sort_values(["user_id", "ts"], ascending=[True, False])
         .groupby("user_id", sort=False)
-        .head(recent_per_user)[["user_id", "item_id"]]
+        .head(recent_per_user)
     )
-    scored = recent.merge(neighbours, on="item_id")
-    totals = (
-        scored.groupby(["user_id", "neighbour_id"], sort=False)["similarity"].sum().reset_index()
+    subject_ids, totals = similarity.totals(
+        recent["user_id"].to_numpy(dtype=np.int64), recent["item_id"].to_numpy(dtype=np.int64)
     )
-    totals = totals.rename(columns={"user_id": "subject_id", "neighbour_id": "item_id"})
-    return _top_n(totals, "similarity", n)
+    entry_rows = np.repeat(np.arange(totals.shape[0]), np.diff(totals.indptr))
+    return _top_n(
+        pd.DataFrame(
+            {
+                "subject_id": subject_ids[entry_rows],
+                "item_id": similarity.item_ids[totals.indices],
+                "similarity": totals.data,
+            }
+        ),
+        "similarity",
+        n,
+    )
 
 
 def _from_categories(affinity: pd.DataFrame, items: pd.DataFrame, n: int) -> pd.DataFrame:

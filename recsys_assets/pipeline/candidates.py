@@ -32,7 +32,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 
-import duckdb
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -51,6 +50,10 @@ CANDIDATE_POLICY_VERSION = "candidates_v2"
 NEW_ITEM_DAYS = 14
 LONG_TAIL_HEAD_SHARE = 0.1
 I2I_NEIGHBOURS = 50
+I2I_RECENT_ITEMS = 30
+"""Each user's latest distinct items that co-occur in the item_to_item similarity."""
+I2I_ITEM_BLOCK = 4096
+"""Items per block of the co-occurrence product (memory: the block's co-occurrences)."""
 RANK_COLUMNS = [f"rank_{source}" for source in SOURCES]
 SOURCE_CODES = {source: np.int8(code) for code, source in enumerate(SOURCES)}
 """Proposals carry their source as its index in SOURCES (cheaper than a text column)."""
@@ -230,50 +233,63 @@ def _blocked_pairs(
 
 
 def _item_neighbours(history: pd.DataFrame, eligible_ids: np.ndarray) -> pd.DataFrame:
-    """Top co-engaged items per item, cosine-normalised by item engagement counts.
+    """Top I2I_NEIGHBOURS co-engaged eligible items per item, ordered by item_id, similarity
+    descending, neighbour_id.
 
-    Each user's 30 most recent distinct items co-occur pairwise. The self-join and the
-    per-pair counts run in DuckDB: in pandas they were most of a partition's candidate
-    context time and memory (the pair table grows with users).
+    Each user's I2I_RECENT_ITEMS most recent distinct items (latest engagement first, ties:
+    lower item_id) co-occur pairwise; similarity = co-occurrences / sqrt(degree × degree),
+    degree = users with the item among their recent ones. The co-occurrence counts are a
+    sparse product (items × users) @ (users × items), a block of items at a time, so memory
+    stays bounded by the block, not by items².
     """
-    with duckdb.connect(":memory:") as con:
-        con.execute("SET enable_progress_bar = false")  # it draws on stdout
-        con.register("i2i_history", history[["user_id", "item_id", "ts"]])
-        con.register("i2i_eligible", pd.DataFrame({"item_id": np.asarray(eligible_ids, "int64")}))
-        return (
-            con.sql(_I2I_SQL)
-            .df()
-            .astype({"item_id": "int64", "neighbour_id": "int64", "similarity": "float32"})
+    users, items = _recent_distinct(history, I2I_RECENT_ITEMS)
+    item_ids, item_code = np.unique(items, return_inverse=True)
+    user_code = np.unique(users, return_inverse=True)[1]
+    engaged = sp.csr_matrix(
+        (np.ones(len(item_code), dtype=np.int64), (user_code, item_code)),
+        shape=(int(user_code.max(initial=-1)) + 1, len(item_ids)),
+    )
+    degree = np.bincount(item_code, minlength=len(item_ids)).astype(np.float64)
+    eligible = np.isin(item_ids, np.asarray(eligible_ids, dtype=np.int64))
+    by_item = engaged.T.tocsr()
+    blocks = []
+    for start in range(0, len(item_ids), I2I_ITEM_BLOCK):
+        co = (by_item[start : start + I2I_ITEM_BLOCK] @ engaged).tocoo()
+        row = co.row.astype(np.int64) + start
+        column = co.col.astype(np.int64)
+        keep = (row != column) & eligible[column]
+        row, column, count = row[keep], column[keep], co.data[keep].astype(np.float64)
+        similarity = (count / np.sqrt(degree[row] * degree[column])).astype(np.float32)
+        order = np.lexsort((column, -similarity, row))
+        top = rank_within_runs(row[order]) < I2I_NEIGHBOURS
+        blocks.append((row[order][top], column[order][top], similarity[order][top]))
+    if not blocks:
+        return pd.DataFrame(
+            {
+                "item_id": pd.Series(dtype="int64"),
+                "neighbour_id": pd.Series(dtype="int64"),
+                "similarity": pd.Series(dtype="float32"),
+            }
         )
+    rows, columns, similarities = (np.concatenate(parts) for parts in zip(*blocks, strict=True))
+    return pd.DataFrame(
+        {"item_id": item_ids[rows], "neighbour_id": item_ids[columns], "similarity": similarities}
+    )
 
 
-_I2I_SQL = f"""
-WITH latest AS (
-    SELECT user_id, item_id, max(ts) AS ts FROM i2i_history GROUP BY user_id, item_id
-),
-recent AS (
-    SELECT user_id, item_id FROM latest
-    QUALIFY row_number() OVER (PARTITION BY user_id ORDER BY ts DESC, item_id) <= 30
-),
-degree AS (SELECT item_id, count(*) AS degree FROM recent GROUP BY item_id),
-pairs AS (
-    SELECT a.item_id, b.item_id AS neighbour_id, count(*) AS co
-    FROM recent a JOIN recent b ON a.user_id = b.user_id AND a.item_id <> b.item_id
-    WHERE b.item_id IN (SELECT item_id FROM i2i_eligible)
-    GROUP BY ALL
-),
-scored AS (
-    SELECT p.item_id, p.neighbour_id,
-           CAST(p.co / sqrt(CAST(da.degree AS DOUBLE) * db.degree) AS FLOAT) AS similarity
-    FROM pairs p JOIN degree da ON p.item_id = da.item_id
-    JOIN degree db ON p.neighbour_id = db.item_id
-)
-SELECT item_id, neighbour_id, similarity FROM scored
-QUALIFY row_number() OVER (
-    PARTITION BY item_id ORDER BY similarity DESC, neighbour_id
-) <= {I2I_NEIGHBOURS}
-ORDER BY item_id, similarity DESC, neighbour_id
-"""
+def _recent_distinct(history: pd.DataFrame, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """(user_id, item_id) of each user's `count` most recently engaged distinct items."""
+    users = history["user_id"].to_numpy(dtype=np.int64)
+    items = history["item_id"].to_numpy(dtype=np.int64)
+    stamps = history["ts"].to_numpy(dtype="datetime64[ns]").view(np.int64)
+    order = np.lexsort((items, -stamps, users))  # per user: latest first, ties lower item
+    users, items = users[order], items[order]
+    item_code, item_values = pd.factorize(items)
+    pair = pd.factorize(users)[0].astype(np.int64) * max(len(item_values), 1) + item_code
+    latest = np.sort(np.unique(pair, return_index=True)[1])  # each pair's latest engagement
+    users, items = users[latest], items[latest]
+    recent = rank_within_runs(users) < count
+    return users[recent], items[recent]
 
 
 def _trending(

@@ -13,8 +13,12 @@ from recsys_assets.config.settings import SOURCES
 from recsys_assets.models.collaborative import fit_collaborative
 from recsys_assets.pipeline.candidates import (
     CANDIDATE_POLICY_VERSION,
+    I2I_NEIGHBOURS,
+    I2I_RECENT_ITEMS,
     RANK_COLUMNS,
     CandidateContext,
+    SimilarityGraph,
+    _item_neighbours,
     _merge_sources,
     _top_n,
     build_context,
@@ -356,3 +360,72 @@ def test_trending_window_widens_to_hold_a_share_of_events() -> None:
     assert trending_window(history, 3, 0.05, NOW) > pd.Timedelta(days=40)
     recent = pd.DataFrame({"ts": [NOW - pd.Timedelta(hours=1)] * 100})
     assert trending_window(recent, 3, 0.05, NOW) == pd.Timedelta(days=3)
+
+
+def _neighbours_reference(history: pd.DataFrame, eligible: set[int]) -> list[tuple[int, int]]:
+    """_item_neighbours spelled out in plain Python: (item, neighbour) in output order."""
+    latest: dict[tuple[int, int], pd.Timestamp] = {}
+    for user, item, ts in history[["user_id", "item_id", "ts"]].itertuples(index=False):
+        latest[(user, item)] = max(ts, latest.get((user, item), ts))
+    recent: dict[int, list[int]] = {}
+    for (user, item), _ts in sorted(
+        latest.items(), key=lambda kv: (kv[0][0], -kv[1].value, kv[0][1])
+    ):
+        if len(recent.setdefault(user, [])) < I2I_RECENT_ITEMS:
+            recent[user].append(item)
+    degree: dict[int, int] = {}
+    co: dict[tuple[int, int], int] = {}
+    for items in recent.values():
+        for a in items:
+            degree[a] = degree.get(a, 0) + 1
+            for b in items:
+                if a != b and b in eligible:
+                    co[(a, b)] = co.get((a, b), 0) + 1
+    rows = []
+    for item in sorted({a for a, _ in co}):
+        scored = [
+            (np.float32(count / math.sqrt(float(degree[a]) * degree[b])), b)
+            for (a, b), count in co.items()
+            if a == item
+        ]
+        scored.sort(key=lambda pair: (-pair[0], pair[1]))
+        rows += [(item, b) for _, b in scored[:I2I_NEIGHBOURS]]
+    return rows
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    events=st.lists(
+        st.tuples(st.integers(0, 6), st.integers(0, 70), st.integers(0, 40)),
+        min_size=1,
+        max_size=300,
+    ),
+    eligible_share=st.integers(1, 3),
+)
+def test_item_neighbours_match_a_plain_reference(
+    events: list[tuple[int, int, int]], eligible_share: int
+) -> None:
+    """Recent distinct items per user (latest first), co-occurrence cosine, top neighbours."""
+    history = pd.DataFrame(events, columns=["user_id", "item_id", "ts"]).assign(
+        ts=lambda frame: NOW - pd.to_timedelta(frame["ts"], unit="h")
+    )
+    eligible = {item for item in range(71) if item % eligible_share == 0}
+    found = _item_neighbours(history, np.array(sorted(eligible), dtype=np.int64))
+    assert list(zip(found["item_id"], found["neighbour_id"], strict=True)) == (
+        _neighbours_reference(history, eligible)
+    )
+
+
+def test_similarity_graph_sums_each_pair_over_the_history() -> None:
+    neighbours = pd.DataFrame(
+        {
+            "item_id": [1, 1, 2, 3],
+            "neighbour_id": [2, 3, 3, 1],
+            "similarity": [0.5, 0.25, 0.125, 1.0],
+        }
+    )
+    graph = SimilarityGraph.of(neighbours)
+    history = pd.DataFrame({"subject_id": [10, 10, 11, 11], "item_id": [1, 2, 3, 99]})
+    pairs = pd.DataFrame({"subject_id": [10, 10, 11, 11, 12], "item_id": [3, 2, 1, 2, 3]})
+    # 10: 1→3 (0.25) + 2→3 (0.125); 10→2 via 1 (0.5); 11: 3→1 (1.0), nothing to 2; 12: none.
+    assert graph.pair_sums(pairs, history).tolist() == [0.375, 0.5, 1.0, 0.0, 0.0]

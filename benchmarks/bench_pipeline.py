@@ -200,12 +200,16 @@ def partition_child(warehouse: str, surface: str, region: str, score_time: str) 
 
 
 def _step_seconds(result: Any) -> dict[str, float]:
-    """Seconds of each step (the asset's whole compute), from its STEP_SUCCESS event."""
-    return {
-        event.step_key: event.event_specific_data.duration_ms / 1000  # type: ignore[union-attr]
-        for event in result.all_events
-        if event.event_type_value == "STEP_SUCCESS" and event.step_key is not None
-    }
+    """Seconds of each asset's steps, from their STEP_SUCCESS events: a sharded asset's
+    steps (`scored_candidates.scored_candidates_shard[shard_00000]`, …, its fan-out and
+    merge) add up under the asset's name."""
+    seconds: dict[str, float] = {}
+    for event in result.all_events:
+        if event.event_type_value == "STEP_SUCCESS" and event.step_key is not None:
+            asset = event.step_key.split(".", 1)[0]
+            duration = event.event_specific_data.duration_ms / 1000  # type: ignore[union-attr]
+            seconds[asset] = seconds.get(asset, 0.0) + duration
+    return seconds
 
 
 def kernel_child(warehouse: str, rows: int, repeats: int) -> dict[str, Any]:

@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "recsys_assets.serving.commands",
     "recsys_assets.evaluation.commands",
     "recsys_assets.channels.commands",
+    "recsys_assets.deployment.commands",
 )
 
 

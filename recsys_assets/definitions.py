@@ -9,6 +9,7 @@ from dagster_duckdb import DuckDBResource
 
 from recsys_assets.automation.schedules import SCHEDULES
 from recsys_assets.automation.sensors import SENSORS
+from recsys_assets.deployment import build_deployment, deployment_name
 from recsys_assets.evaluation.assets import evaluation
 from recsys_assets.pipeline.jobs import (
     STEPS_IN_ONE_PROCESS,
@@ -28,6 +29,7 @@ with warnings.catch_warnings():
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
     from recsys_assets.channels.assets import CHANNEL_ASSETS, CHANNEL_JOBS
+    from recsys_assets.channels.delivery import deliver_send_plans, deliver_sends
     from recsys_assets.channels.schedules import channel_schedules
     from recsys_assets.data.assets import RAW_ASSETS, RAW_JOBS
     from recsys_assets.pipeline.assets import PIPELINE_ASSETS
@@ -44,22 +46,41 @@ def build_definitions(recsys: RecsysResource | None = None) -> dg.Definitions:
     """
     recsys = recsys or RecsysResource()
     settings = recsys.settings()
+    assets = [
+        *RAW_ASSETS,
+        *bind_partitions([*PIPELINE_ASSETS, *PUBLISH_ASSETS, *CHANNEL_ASSETS], settings),
+        evaluation,
+    ]
+    # RECSYS_DEPLOYMENT (local, celery, k8s) picks where steps run: docs/SCALE.md.
+    deployment = build_deployment(
+        deployment_name(),
+        settings=settings,
+        warehouse=recsys.warehouse(),
+        assets=assets,
+        local_executor=STEPS_IN_ONE_PROCESS,
+    )
     return dg.Definitions(
-        assets=[
-            *RAW_ASSETS,
-            *bind_partitions([*PIPELINE_ASSETS, *PUBLISH_ASSETS, *CHANNEL_ASSETS], settings),
-            evaluation,
-        ],
-        jobs=[train_model_bundle_job, refresh_lists_job, *PUBLISH_JOBS, *RAW_JOBS, *CHANNEL_JOBS],
-        sensors=SENSORS,
+        assets=assets,
+        jobs=deployment.apply_to_jobs(
+            [
+                train_model_bundle_job,
+                refresh_lists_job,
+                *PUBLISH_JOBS,
+                *RAW_JOBS,
+                *CHANNEL_JOBS,
+                deliver_sends,
+            ]
+        ),
+        sensors=[*SENSORS, deliver_send_plans],
         schedules=[*SCHEDULES, *channel_schedules(settings)],
         resources={
             "recsys": recsys,
             # One in-memory database per connection: parallel steps never share a file.
             "duckdb": DuckDBResource(database=":memory:"),
+            **deployment.resources,
         },
         # Also for runs outside the jobs: an asset backfill or a materialization from the UI.
-        executor=STEPS_IN_ONE_PROCESS,
+        executor=deployment.executor,
     )
 
 

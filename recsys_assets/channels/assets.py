@@ -11,6 +11,7 @@ from recsys_assets.channels.ledger import read_sends
 from recsys_assets.channels.plans import SKIP_REASONS, SendPlan, plan_sends, write_send_plan
 from recsys_assets.channels.unsubscribes import (
     UNSUBSCRIBE_WINDOW,
+    Unsubscribes,
     opt_outs_of,
     sends_of,
     unsubscribes_after_send,
@@ -30,6 +31,14 @@ def _markdown(plan: SendPlan) -> str:
     skips = plan.skips_by_reason()
     rows = [f"| {reason} | {skips[reason]} |" for reason in SKIP_REASONS if reason in skips]
     return "\n".join(["| skip reason | subjects |", "| --- | --- |", *rows])
+
+
+def _unsubscribes_markdown(unsubscribes: dict[Unsubscribes, int]) -> str:
+    rows = [
+        f"| {model_version} | {opt_out} | {count} |"
+        for (_, _, model_version, opt_out), count in sorted(unsubscribes.items())
+    ]
+    return "\n".join(["| model_version | opt-out | sends |", "| --- | --- | --- |", *rows])
 
 
 @dg.asset(
@@ -73,6 +82,7 @@ def send_plans(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.
         opt_outs_of(read_events(warehouse)),
     )
     metadata["unsubscribes_after_send"] = sum(unsubscribes.values())
+    metadata["unsubscribes_by_opt_out"] = dg.MetadataValue.md(_unsubscribes_markdown(unsubscribes))
     metadata["unsubscribe_window_hours"] = UNSUBSCRIBE_WINDOW.total_seconds() / 3600
     context.log.info(f"{partition.surface}/{partition.region}: {plan.summary()}")
     return dg.MaterializeResult(metadata=metadata)

@@ -38,6 +38,7 @@ from recsys_assets.channels.ledger import (
 )
 from recsys_assets.channels.unsubscribes import (
     UNSUBSCRIBE_WINDOW,
+    Unsubscribes,
     opt_outs_of,
     sends_of,
     unsubscribes_after_send,
@@ -170,8 +171,9 @@ class TrackingIndex:
         self.skips: dict[tuple[str, str, str], int] = {}
         """(surface, region, reason) → skips in the partition's current send plan."""
         self.unsubscribe_window = unsubscribe_window
-        self.unsubscribes: dict[Partition, int] = {}
-        """Sends followed by their subject's opt-out within `unsubscribe_window`."""
+        self.unsubscribes: dict[Unsubscribes, int] = {}
+        """Sends followed by their subject's opt-out of their medium within
+        `unsubscribe_window`, by partition and opt-out event type."""
         self._send_heads = sends_of(empty_sends())
         self._opt_outs = opt_outs_of(empty_events())
         self._events_seen: set[str] = set()

@@ -7,8 +7,8 @@ from typing import Any
 
 import pandas as pd
 
-from recsys_assets.channels.plans import plan_root, read_send_plan
-from recsys_assets.channels.sender import OutboxSender, dispatch_plan
+from recsys_assets.channels.delivery import deliver_partition
+from recsys_assets.channels.plans import plan_root
 from recsys_assets.config import load_settings
 from recsys_assets.warehouse import Warehouse
 
@@ -33,16 +33,12 @@ def register(subparsers: Any) -> None:
 
 
 def _send(args: argparse.Namespace) -> int:
-    settings = load_settings()
-    settings.surface(args.surface)
-    settings.check_region(args.region)
     warehouse = Warehouse.from_env()
-    plan = read_send_plan(warehouse, args.surface, args.region)
-    report = dispatch_plan(
+    report = deliver_partition(
         warehouse,
-        settings,
-        plan,
-        OutboxSender(warehouse),
+        load_settings(),
+        args.surface,
+        args.region,
         now=pd.Timestamp.now("UTC").tz_localize(None).floor("us"),
         dry_run=args.dry_run,
     )

@@ -38,6 +38,16 @@ SUBJECT_REQUIREMENTS = (
     "push_enabled",
     "tenant_actor",
 )
+SERVING_MODES = ("final_slate", "candidate_pool_rerank", "fallback_only")
+"""How serving answers a surface's requests (docs/SERVING.md, "Serving modes")."""
+STORAGE_MODES = ("final_slate", "candidate_pool")
+MODE_NEEDS_STORAGE = {
+    "final_slate": ("final_slate", "candidate_pool"),
+    "candidate_pool_rerank": ("candidate_pool",),
+}
+"""The storage_modes a serving mode can read: final_slate serves the stored slate, which a
+candidate pool holds too (its `in_slate` rows); fallback_only reads only the fallback lists."""
+_EXPERIMENT_NAME = r"^[A-Za-z0-9_.\-]{1,64}$"
 _PARTITION_KEY_FORBIDDEN = re.compile(r"[|\[\],\s]")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -82,7 +92,11 @@ class TrainingConfig(_Strict):
 
 
 class PipelineConfig(_Strict):
+    shards: Annotated[int, Field(ge=1, strict=True)] | Literal["auto"] = "auto"
+    """Subject shards per partition, each one step of the heavy assets: a count, or `auto`
+    for one shard per `shard_subjects` subjects."""
     shard_subjects: int = Field(4000, ge=1)
+    """Target subjects per shard under `shards: auto` (bounds a step's memory)."""
     retrieval_item_chunk: int = Field(50000, ge=1)
     recent_items_per_user: int = Field(20, ge=1)
     recent_history_items: int = Field(5, ge=1)
@@ -145,6 +159,60 @@ class ChannelRulesConfig(_Strict):
         return self
 
 
+class CandidatePoolConfig(_Strict):
+    """A `storage_mode: candidate_pool` surface: what publish stores per subject and how
+    serving reranks it online (docs/SERVING.md, "Candidate-pool serving")."""
+
+    shortlist_size: int = Field(300, ge=1)
+    """Candidates stored per subject: the slate's store_depth items in slate order, then the
+    best of the rest by batch utility (with their features for the online model)."""
+    exploration_candidates: int = Field(20, ge=0)
+    """Exploration candidates (new-item / long-tail) kept beyond the top by utility, within
+    shortlist_size, so online exploration has a pool to draw from."""
+    latency_budget_ms: float = Field(25.0, gt=0)
+    """A rerank slower than this serves the batch order instead (and is counted)."""
+    overlay_share: float = Field(0.2, ge=0, lt=1)
+    """Share of the displayed slots filled online from fresh sources (trending in the region,
+    items created after generation, session neighbours)."""
+    overlay_window: Duration = timedelta(hours=1)
+    """Serving events within this window make an item trending in its region."""
+    overlay_candidates: int = Field(30, ge=1)
+    """Fresh candidates per source considered for the overlay slots."""
+    intent_weight: float = Field(3.0, ge=0)
+    """Engagement events a request's category intent counts as, in that category."""
+
+    @model_validator(mode="after")
+    def _sizes(self) -> CandidatePoolConfig:
+        if self.exploration_candidates >= self.shortlist_size:
+            raise ValueError(
+                f"exploration_candidates ({self.exploration_candidates}) must be below "
+                f"shortlist_size ({self.shortlist_size})"
+            )
+        if self.overlay_window <= timedelta(0):
+            raise ValueError("overlay_window must be positive")
+        return self
+
+
+class ExperimentArmConfig(_Strict):
+    serving_mode: Literal[SERVING_MODES]  # type: ignore[valid-type]
+    weight: float = Field(gt=0)
+    """Relative share of the subjects this arm gets (weights need not sum to 1)."""
+
+
+class ExperimentConfig(_Strict):
+    """A deterministic split of a surface's subjects between serving modes."""
+
+    id: str = Field(pattern=_EXPERIMENT_NAME)
+    """Part of the assignment hash: a new id reshuffles every subject."""
+    arms: dict[Annotated[str, Field(pattern=_EXPERIMENT_NAME)], ExperimentArmConfig]
+
+    @model_validator(mode="after")
+    def _two_arms(self) -> ExperimentConfig:
+        if len(self.arms) < 2:
+            raise ValueError(f"experiment {self.id!r} needs at least two arms")
+        return self
+
+
 class SurfaceConfig(_Strict):
     name: str = ""
     personalized: bool = True
@@ -160,6 +228,13 @@ class SurfaceConfig(_Strict):
     repeat_consumption: bool = False
     """True lets items the subject already engaged with back into the candidates (groceries,
     music, re-watching); False (default) never recommends an item twice to the same person."""
+    storage_mode: Literal[STORAGE_MODES] = "final_slate"  # type: ignore[valid-type]
+    """What publish stores per subject: final slates, or candidate pools for online rerank."""
+    serving_mode: Literal[SERVING_MODES] = "final_slate"  # type: ignore[valid-type]
+    """How serving answers: the stored slate, an online rerank of the pool, or the fallback
+    lists only. An `experiment` overrides it per subject."""
+    experiment: ExperimentConfig | None = None
+    candidate_pool: CandidatePoolConfig = CandidatePoolConfig()
     regions: tuple[str, ...] | None = None
     """Regions the surface has lists in (default: every region). A surface without subjects
     somewhere (tenant queues where no tenant operates) is left out there rather than
@@ -181,7 +256,38 @@ class SurfaceConfig(_Strict):
             raise ValueError("per-source candidate counts must be >= 0")
         if self.ttl <= timedelta(0):
             raise ValueError("ttl must be positive")
+        self._check_serving_modes()
+        self._check_candidate_pool()
         return self
+
+    def _check_candidate_pool(self) -> None:
+        """A shortlist holds the stored slate and more, within the candidate budget."""
+        if self.storage_mode != "candidate_pool":
+            return
+        size = self.candidate_pool.shortlist_size
+        if not self.store_depth <= size <= self.candidate_budget:
+            raise ValueError(
+                f"candidate_pool.shortlist_size ({size}) must be between store_depth "
+                f"({self.store_depth}) and candidate_budget ({self.candidate_budget})"
+            )
+
+    def _check_serving_modes(self) -> None:
+        """Every mode the surface can serve in must find what its storage_mode publishes."""
+        modes = [("serving_mode", self.serving_mode)]
+        if self.experiment is not None:
+            modes += [
+                (f"experiment.arms.{arm}.serving_mode", config.serving_mode)
+                for arm, config in self.experiment.arms.items()
+            ]
+        for key, mode in modes:
+            needed = MODE_NEEDS_STORAGE.get(mode)
+            if needed is not None and self.storage_mode not in needed:
+                wanted = " or ".join(repr(storage) for storage in needed)
+                raise ValueError(
+                    f"{key} {mode!r} needs storage_mode {wanted}, but the surface's "
+                    f"storage_mode is {self.storage_mode!r}: set storage_mode: {needed[0]} or "
+                    "choose another serving mode"
+                )
 
 
 class FallbackConfig(_Strict):
@@ -208,6 +314,40 @@ class ServingConfig(_Strict):
     manifest_poll_interval_s: float = Field(5.0, gt=0)
 
 
+_K8S_QUANTITY = r"^\d+(\.\d+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$"
+
+
+class StepResourcesConfig(_Strict):
+    """What one step pod requests on Kubernetes (`RECSYS_DEPLOYMENT=k8s`)."""
+
+    cpu: str = Field("1", pattern=_K8S_QUANTITY)
+    """CPU request and limit, as a Kubernetes quantity ('2', '500m')."""
+    memory: str = Field("2Gi", pattern=_K8S_QUANTITY)
+    """Memory request and limit, as a Kubernetes quantity ('4Gi')."""
+    gpus: int = Field(0, ge=0)
+    """`nvidia.com/gpu` the pod requests; 0 on clusters without GPUs."""
+
+
+class K8sDeploymentConfig(_Strict):
+    step_resources: dict[str, StepResourcesConfig] = {"default": StepResourcesConfig()}
+    """Pod resources by the `recsys/step` tag of a step (`scoring`, …); `default` for the
+    steps whose tag has no entry and the steps without the tag."""
+    max_concurrent_steps: int = Field(0, ge=0)
+    """Step pods one run may have at a time; 0 = no limit."""
+
+    @model_validator(mode="after")
+    def _default(self) -> K8sDeploymentConfig:
+        if "default" not in self.step_resources:
+            raise ValueError("step_resources: a 'default' entry is required")
+        return self
+
+
+class DeploymentConfig(_Strict):
+    """Settings that only matter past one machine (docs/SCALE.md)."""
+
+    k8s: K8sDeploymentConfig = K8sDeploymentConfig()
+
+
 class Settings(_Strict):
     regions: tuple[str, ...]
     training: TrainingConfig = TrainingConfig()
@@ -216,6 +356,7 @@ class Settings(_Strict):
     fallback: FallbackConfig = FallbackConfig()
     publish: PublishConfig = PublishConfig()
     serving: ServingConfig = ServingConfig()
+    deployment: DeploymentConfig = DeploymentConfig()
 
     @model_validator(mode="before")
     @classmethod

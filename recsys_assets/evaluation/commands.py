@@ -28,7 +28,9 @@ def register(subparsers: Any) -> None:
             "the rest in a scratch warehouse (yours is only read), and score each surface's "
             "lists against the held-out positives next to popularity, item-kNN, ALS and "
             "EASE baselines on the same split: Recall, nDCG, hit rate, catalog coverage and "
-            "category diversity at K. Prints a table, then one JSON line. RECSYS_CONFIG "
+            "category diversity at K; a surface with an experiment also gets its arms "
+            "compared (each arm's serving mode on its subjects, every mode on all). Prints a "
+            "table, then one JSON line. RECSYS_CONFIG "
             "picks the configuration to evaluate (e.g. a new slate policy) before you "
             "publish with it. See docs/EVALUATION.md."
         ),
@@ -83,6 +85,8 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(f"{evaluation.surface} ({evaluation.lists_source}): {verdict}")
         for note in evaluation.notes:
             print(f"  note: {note}")
+        if evaluation.experiment is not None:
+            print("\n".join(evaluation.experiment.text_lines(report.k)))
     print(json.dumps(report.as_json(), sort_keys=True, default=str), flush=True)
     return 0
 

@@ -13,6 +13,9 @@
 
 Diagnostics say where relevance is lost: the scored candidates ranked by utility without the
 slate policy (the policy's cost), and how many relevant items each candidate source found.
+
+A surface running an experiment also gets its arms compared on the same split
+(`evaluation/arms.py`): each arm's serving mode on its subjects, and every mode on all.
 """
 
 from __future__ import annotations
@@ -35,8 +38,10 @@ from recsys_assets.contracts.raw import RAW_CONTRACTS
 from recsys_assets.data import read_raw, read_snapshot
 from recsys_assets.data.holdout import HoldoutSplit, temporal_holdout
 from recsys_assets.data.snapshot import RawSnapshotWriter
+from recsys_assets.evaluation.arms import ArmComparison, ArmInputs, compare_arms
 from recsys_assets.evaluation.baselines import BASELINES, baseline_lists, build_catalog
 from recsys_assets.evaluation.metrics import ListMetrics, evaluate_lists
+from recsys_assets.serving.experiments import experiment_of
 from recsys_assets.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
@@ -83,6 +88,8 @@ class SurfaceEvaluation:
     source_recall: dict[str, float] = field(default_factory=dict)
     """Share of relevant (user, item) pairs proposed by each candidate source, and 'any'."""
     notes: tuple[str, ...] = ()
+    experiment: ArmComparison | None = None
+    """The surface's experiment arms compared offline, when it runs one."""
 
     def beats_baselines(self) -> dict[str, bool]:
         """Per quality metric: the lists score above every baseline."""
@@ -173,6 +180,11 @@ class EvaluationReport:
                     "slate_policy_cost": _policy_cost(evaluation),
                     "source_recall": evaluation.source_recall,
                     "notes": list(evaluation.notes),
+                    **(
+                        {"experiment": evaluation.experiment.as_json()}
+                        if evaluation.experiment is not None
+                        else {}
+                    ),
                 }
                 for evaluation in self.surfaces
             },
@@ -318,7 +330,9 @@ def surface_lists(
 ) -> tuple[pd.DataFrame, str]:
     """Every subject's stored list (`user_id`, `rank`, `item_id`) and where it was read from.
 
-    The published version is read where every region has one; otherwise the slates.
+    The published version is read where every region has one; otherwise the slates. A
+    `storage_mode: candidate_pool` version holds shortlists: their stored slate (the rows
+    `in_slate`, first in position order) is the list.
     """
     published = _published_lists(scratch, surface, regions)
     if published is not None:
@@ -341,6 +355,7 @@ def _published_lists(
 ) -> pd.DataFrame | None:
     try:
         from recsys_assets.publish.manifest import active_lists
+        from recsys_assets.publish.validation import IN_SLATE_COLUMN
     except ImportError:
         return None
     frames = []
@@ -350,6 +365,8 @@ def _published_lists(
         except FileNotFoundError:
             return None
         personal = lists[lists["subject_id"] >= 0]
+        if IN_SLATE_COLUMN in personal.columns:
+            personal = personal[personal[IN_SLATE_COLUMN].to_numpy(dtype=bool)]
         frames.append(personal[["subject_id", "position", "item_id"]])
     lists = pd.concat(frames, ignore_index=True)
     return lists.rename(columns={"subject_id": "user_id", "position": "rank"})
@@ -545,14 +562,14 @@ def _evaluate_surface(
     )
     relevant = split.relevant[split.relevant["user_id"].isin(users)]
 
-    def score(recommendations: pd.DataFrame) -> ListMetrics:
+    def score(recommendations: pd.DataFrame, who: np.ndarray = users) -> ListMetrics:
         return evaluate_lists(
             recommendations,
-            relevant,
+            relevant[relevant["user_id"].isin(who)],
             k=k,
             catalog_size=max(catalog.size, 1),
             item_categories=catalog.categories,
-            users=users,
+            users=who,
         )
 
     metrics = {LISTS: score(lists)}
@@ -562,6 +579,17 @@ def _evaluate_surface(
     baselines = baseline_lists(split.train, catalog, users, k=k, seed=seed, holdout=split.holdout)
     for name, baseline in baselines.items():
         metrics[name] = score(baseline)
+    experiment = experiment_of(settings.surface(surface))
+    comparison = (
+        compare_arms(
+            experiment,
+            ArmInputs(settings, surface, regions, split.split_time, past, lists, scratch),
+            users,
+            score,
+        )
+        if experiment is not None
+        else None
+    )
     return SurfaceEvaluation(
         surface=surface,
         lists_source=lists_source,
@@ -571,4 +599,5 @@ def _evaluate_surface(
         mean_list_length=mean_list_length(lists, subjects, split.train),
         source_recall=source_recall(scratch, surface, regions, relevant),
         notes=tuple(notes),
+        experiment=comparison,
     )

@@ -1,13 +1,21 @@
 """The batch pipeline's assets: thin shells over the stage functions.
 
-Every partitioned asset reads its upstream partition from the warehouse, processes it in
-subject shards (one Parquet part per shard, so memory does not grow with users), checks
-each part against the stage's Pandera contract, writes it, and reports metadata. The
-contract checks are blocking: a violation stops the downstream steps of the run.
+`subjects` splits a surface × region partition into subject shards (a stable hash of
+subject_id, `pipeline.shards`). The heavy stages (candidate_pools, features_asof,
+scored_candidates, slates) are graph-backed assets that run one step per shard: a fan-out
+step yields the shards (DynamicOut), a shard step (retried on failure) reads its upstream
+part, checks its output against the stage's Pandera contract and writes its own part, and
+a merge step verifies that every shard's part is there and holds only that shard's
+subjects, then reports the metadata and the contract checks. The contract checks are
+blocking: a violation stops the downstream steps of the run. docs/AUTOMATION.md, "Shards".
 """
 
+import math
+import os
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -18,11 +26,12 @@ import pyarrow.dataset as ds
 from dagster_duckdb import DuckDBResource
 
 from recsys_assets.config import ConfigError
+from recsys_assets.contracts import ContractViolation
 from recsys_assets.contracts.pipeline import PIPELINE_CONTRACTS, validate_stage
 from recsys_assets.data import read_raw
-from recsys_assets.data.assets import raw_tables
+from recsys_assets.data.assets import raw_table_key, raw_tables
 from recsys_assets.data.snapshot import raw_table_path
-from recsys_assets.models.bundle import load_bundle, train_bundle
+from recsys_assets.models.bundle import ModelBundle, load_bundle, train_bundle
 from recsys_assets.pipeline import candidates as candidate_stage
 from recsys_assets.pipeline.feature_tables import (
     PER_SUBJECT_TABLES,
@@ -50,19 +59,28 @@ from recsys_assets.pipeline.retrieval import two_tower_retriever
 from recsys_assets.pipeline.scoring import ITEM_COLUMNS as SCORING_ITEM_COLUMNS
 from recsys_assets.pipeline.scoring import score_candidates
 from recsys_assets.pipeline.shards import (
+    SHARDS_FOLDER,
     RowSample,
     ShardWriteResult,
     UniformSample,
     markdown_table,
+    merge_in_subject_order,
     part_name,
     raw_dataset,
-    read_parts,
+    remove_parts_beyond,
+    shard_part_path,
+    shard_parts,
     stage_path,
-    write_shards,
-    write_table_shards,
+    verify_shard_parts,
+    write_shard_part,
 )
 from recsys_assets.pipeline.slates import build_slates
-from recsys_assets.pipeline.subjects import select_subjects, shard_bounds
+from recsys_assets.pipeline.subjects import (
+    select_subjects,
+    shard_bounds,
+    shard_count,
+    subject_shards,
+)
 from recsys_assets.rules.person import read_events
 from recsys_assets.rules.tombstones import load_tombstones, person_tombstones
 from recsys_assets.warehouse import Warehouse
@@ -73,9 +91,17 @@ PIPELINE_GROUP = "pipeline"
 FEATURE_SAMPLE_ROWS = 1_000
 """Full feature rows kept per partition (scored_candidates/…/feature_sample) for debugging:
 scoring gathers features without writing them."""
+FEATURE_SAMPLE = "feature_sample"
 UTILITY_SAMPLE_ROWS = 1_000_000
 """The utility quantiles in metadata come from a uniform sample of this many rows (exact below
 it), so scored_candidates' memory does not grow with the partition."""
+SCORING_BLOCK_ROWS = 4_096
+"""Rows per ranker forward pass (see `score_in_blocks`)."""
+
+
+def _raw(*tables: str) -> dict[str, dg.AssetKey]:
+    """Graph inputs for source tables an asset reads: `raw_<table>` → its key."""
+    return {f"raw_{table}": raw_table_key(table) for table in tables}
 
 
 def _contract_check(asset: str) -> dg.AssetCheckSpec:
@@ -162,7 +188,11 @@ def model_bundle(context: dg.AssetExecutionContext, recsys: RecsysResource) -> d
     kinds={"pandas", "parquet"},
 )
 def subjects(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
-    """Who may receive this surface in this region: consent, subscriptions, activity, tenant."""
+    """Who may receive this surface in this region: consent, subscriptions, activity, tenant.
+
+    Also decides the partition's subject shards (`pipeline.shards`, a stable hash of
+    subject_id): one part per shard, which every downstream stage follows, one step each.
+    """
     partition = SurfaceRegion.from_context(context)
     warehouse, settings = recsys.warehouse(), recsys.settings()
     try:
@@ -183,19 +213,33 @@ def subjects(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.Ma
         events=read_events(warehouse),
     )
     frame = selection.subjects
-    size = settings.pipeline.shard_subjects
-    shards = (frame.iloc[start:stop] for start, stop in shard_bounds(len(frame), size))
-    result = write_shards(
-        warehouse, "subjects", partition.path, shards, lambda part: validate_stage("subjects", part)
-    )
+    shards = shard_count(len(frame), settings.pipeline.shards, settings.pipeline.shard_subjects)
+    shard_of = subject_shards(frame["subject_id"].to_numpy(), shards)
+    sizes: list[int] = []
+    violation: ContractViolation | None = None
+    for index in range(shards):
+        shard = frame[shard_of == index].reset_index(drop=True)
+        violation = write_shard_part(
+            warehouse,
+            shard_part_path("subjects", partition.path, index),
+            shard,
+            lambda part: validate_stage("subjects", part),
+        )
+        if violation is not None:
+            warehouse.delete(stage_path("subjects", partition.path), recursive=True)
+            break
+        sizes.append(len(shard))
+    remove_parts_beyond(warehouse, stage_path("subjects", partition.path), shards)
     excluded = {reason: count for reason, count in selection.excluded.items() if count}
     return _outcome(
         "subjects",
         warehouse,
         partition,
-        result,
+        ShardWriteResult(rows=sum(sizes), parts=shards, violation=violation),
         {
             "subjects": len(frame),
+            "shards": shards,
+            **distribution("subjects_per_shard", np.array(sizes)),
             "excluded_by_reason": dg.MetadataValue.md(
                 markdown_table(excluded, ("reason", "users"))
             ),
@@ -204,27 +248,200 @@ def subjects(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.Ma
     )
 
 
-@dg.asset(
-    partitions_def=PARTITIONS,
-    backfill_policy=ONE_RUN_PER_PARTITION,
-    group_name=PIPELINE_GROUP,
-    deps=[
-        subjects,
-        model_bundle,
-        *raw_tables("items", "interactions", "user_controls", "editorial"),
-    ],
-    check_specs=[_contract_check("candidate_pools")],
-    metadata=_schema("candidate_pools"),
-    kinds={"pandas", "torch", "parquet"},
-)
-def candidate_pools(
-    context: dg.AssetExecutionContext, recsys: RecsysResource
-) -> dg.MaterializeResult:
-    """Multi-source candidates with provenance, deduplicated, within the surface's budget."""
+SHARD_RETRY = dg.RetryPolicy(max_retries=2, delay=1.0, backoff=dg.Backoff.EXPONENTIAL)
+"""Shard steps are retried: each rewrites its own fixed-name part atomically, so an attempt
+that died half-way leaves nothing the retry could duplicate."""
+SHARD_STEP_TAGS = {"recsys/step": "shard"}
+"""Shard steps' tags: a deployment sizes their workers by them (deployment.k8s.step_resources)."""
+SHARD_FAULT_ENV_VAR = "RECSYS_SHARD_FAULT"
+"""Fault drill: a file path; while the file exists and reads `<asset>/<shard>`, that shard
+step fails once after writing its part (the file is removed), as a crash would."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One subject shard of a partition: the unit of work of a heavy stage's step."""
+
+    index: int
+    count: int
+
+
+@dataclass(frozen=True)
+class ShardOutcome:
+    """What a shard step wrote (rows per table, "" for the asset's own folder) and the small
+    per-shard aggregates its merge step turns into metadata."""
+
+    shard: int
+    rows: dict[str, int]
+    violation: str | None = None
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _plan_op(asset: str, upstream: Sequence[str], folders: Sequence[str]) -> dg.OpDefinition:
+    """The fan-out step of `asset`: one dynamic output per shard the subjects asset wrote.
+
+    First it removes parts of `folders` (under the asset's partition folder) beyond this
+    run's shard count, left by an earlier run with more shards.
+    """
+
+    @dg.op(
+        name=f"{asset}_shards",
+        ins={name: dg.In(dg.Nothing) for name in upstream},
+        out=dg.DynamicOut(Shard),
+        description=f"One {asset} step per subject shard of the partition.",
+    )
+    def plan(
+        context: dg.OpExecutionContext, recsys: RecsysResource
+    ) -> Iterator[dg.DynamicOutput[Shard]]:
+        partition = SurfaceRegion.from_context(context)
+        warehouse = recsys.warehouse()
+        count = shard_parts(warehouse, "subjects", partition.path)
+        for folder in folders:
+            remove_parts_beyond(
+                warehouse, stage_path(asset, f"{partition.path}/{folder}".rstrip("/")), count
+            )
+        for index in range(count):
+            yield dg.DynamicOutput(Shard(index, count), mapping_key=f"shard_{index:05d}")
+
+    return plan
+
+
+def _sharded_asset(
+    asset: str,
+    *,
+    description: str,
+    upstream: dict[str, dg.AssetKey],
+    folders: Sequence[str],
+    shard_op: dg.OpDefinition,
+    merge_op: dg.OpDefinition,
+    check_specs: Sequence[dg.AssetCheckSpec],
+    kinds: set[str],
+    metadata: dict[str, Any] | None = None,
+) -> dg.AssetsDefinition:
+    """A graph-backed asset: fan out over the shards, one `shard_op` step each, collect,
+    and `merge_op` verifies the parts and reports the asset's metadata and checks.
+    `folders` are where the shard steps write their parts ("" for the partition's own)."""
+    plan = _plan_op(asset, list(upstream), folders)
+    check_outputs = [spec.get_python_identifier() for spec in check_specs]
+
+    def compose(**ready: Any) -> dict[str, Any]:
+        merged = merge_op(plan(**ready).map(shard_op).collect())
+        return dict(zip(["result", *check_outputs], merged, strict=True))
+
+    return dg.graph_asset(
+        compose,
+        name=asset,
+        description=description,
+        ins={name: dg.AssetIn(key=key, dagster_type=dg.Nothing) for name, key in upstream.items()},
+        partitions_def=PARTITIONS,
+        backfill_policy=ONE_RUN_PER_PARTITION,
+        group_name=PIPELINE_GROUP,
+        check_specs=check_specs,
+        metadata=metadata,
+        kinds=kinds,
+    )
+
+
+def _merge_outs(check_specs: Sequence[dg.AssetCheckSpec]) -> dict[str, dg.Out]:
+    return {
+        "result": dg.Out(dg.Nothing),
+        **{spec.get_python_identifier(): dg.Out(dg.Nothing) for spec in check_specs},
+    }
+
+
+def _inject_fault(asset: str, shard: Shard) -> None:
+    """The fault drill of SHARD_FAULT_ENV_VAR (after the part is written, as a crash)."""
+    marker = os.environ.get(SHARD_FAULT_ENV_VAR)
+    if not marker:
+        return
+    path = Path(marker)
+    if path.is_file() and path.read_text().strip() == f"{asset}/{shard.index}":
+        path.unlink()
+        raise RuntimeError(f"fault drill: {asset} shard {shard.index} fails once")
+
+
+def _sorted(outcomes: Sequence[ShardOutcome]) -> list[ShardOutcome]:
+    """Shard order, whatever order the steps finished in."""
+    return sorted(outcomes, key=lambda outcome: outcome.shard)
+
+
+def _shard_subjects(warehouse: Warehouse, partition: SurfaceRegion, count: int) -> list[np.ndarray]:
+    """Each shard's subject ids, as the subjects asset wrote them."""
+    return [
+        warehouse.read_parquet(
+            shard_part_path("subjects", partition.path, index), columns=["subject_id"]
+        )["subject_id"].to_numpy()
+        for index in range(count)
+    ]
+
+
+def _verified(
+    warehouse: Warehouse,
+    folder: str,
+    subjects_by_shard: Sequence[np.ndarray],
+    outcomes: Sequence[ShardOutcome],
+    table: str = "",
+) -> None:
+    """Fail the merge step when a shard's part is missing, extra, or holds subjects of
+    another shard: the partition would lose or duplicate subjects."""
+    problems = verify_shard_parts(
+        warehouse, folder, subjects_by_shard, [outcome.rows[table] for outcome in outcomes]
+    )
+    if problems:
+        raise dg.Failure(
+            description=f"the shard parts of {warehouse.uri(folder)} do not add up: "
+            + "; ".join(problems[:10]),
+            allow_retries=False,
+        )
+
+
+def _merged(
+    asset: str,
+    warehouse: Warehouse,
+    partition: SurfaceRegion,
+    outcomes: Sequence[ShardOutcome],
+    metadata: dict[str, Any],
+) -> Iterator[dg.Output[None] | dg.AssetCheckResult]:
+    """The asset's materialization (rows, shards, where) and its contract check's verdict;
+    a shard's contract violation removes the partition's folder (nothing half-written
+    downstream)."""
+    violations = [f"shard {o.shard}: {o.violation}" for o in outcomes if o.violation]
+    folder = stage_path(asset, partition.path)
+    if violations:
+        warehouse.delete(folder, recursive=True)
+    rows = sum(outcome.rows.get("", 0) for outcome in outcomes)
+    yield dg.Output(
+        None,
+        "result",
+        metadata={
+            ROW_COUNT: rows,
+            "parts": len(outcomes),
+            "shards": len(outcomes),
+            **distribution("rows_per_shard", np.array([o.rows.get("", 0) for o in outcomes])),
+            LOCATION: location(warehouse, folder),
+            **metadata,
+        },
+    )
+    yield dg.AssetCheckResult(
+        check_name=f"{asset}_contract",
+        asset_key=asset,
+        passed=not violations,
+        severity=dg.AssetCheckSeverity.ERROR,
+        metadata={"violations": "\n".join(violations) or "none", "rows_checked": rows},
+    )
+
+
+# -- candidate_pools -------------------------------------------------------------------
+
+
+@dg.op(retry_policy=SHARD_RETRY, tags=SHARD_STEP_TAGS)
+def candidate_pools_shard(
+    context: dg.OpExecutionContext, recsys: RecsysResource, shard: Shard
+) -> ShardOutcome:
+    """Candidates of one subject shard."""
     partition = SurfaceRegion.from_context(context)
     warehouse, settings = recsys.warehouse(), recsys.settings()
     surface = settings.surface(partition.surface)
-    now = recsys.now()
     bundle = load_bundle(warehouse)
     ingredients = candidate_stage.build_context(
         items=read_raw(warehouse, "items"),
@@ -233,7 +450,7 @@ def candidate_pools(
         editorial=read_raw(warehouse, "editorial"),
         region=partition.region,
         surface=surface,
-        score_time=now,
+        score_time=recsys.now(),
         trending_window_days=settings.pipeline.trending_window_days,
         trending_min_share=settings.pipeline.trending_min_share,
         recent_history_items=settings.pipeline.recent_history_items,
@@ -241,49 +458,75 @@ def candidate_pools(
         tombstones=load_tombstones(warehouse),
         events=read_events(warehouse),
     )
-
     two_tower = two_tower_retriever(
-        bundle.two_tower,
-        item_chunk=settings.pipeline.retrieval_item_chunk,
+        bundle.two_tower, item_chunk=settings.pipeline.retrieval_item_chunk
     )
-    per_subject: list[np.ndarray] = []
-    source_counts: Counter[str] = Counter()
-
-    def shards() -> Iterator[pd.DataFrame]:
-        for _, subject_shard in read_parts(warehouse, "subjects", partition.path):
-            pool = candidate_stage.generate_candidates(
-                subject_shard,
-                ingredients,
-                surface,
-                two_tower=two_tower,
-                recent_items_per_user=settings.pipeline.recent_items_per_user,
-            )
-            counts = (
-                pool.groupby("subject_id").size().reindex(subject_shard["subject_id"], fill_value=0)
-            )
-            per_subject.append(counts.to_numpy())
-            for column in candidate_stage.RANK_COLUMNS:
-                source_counts[column.removeprefix("rank_")] += int((pool[column] > 0).sum())
-            yield pool
-
-    result = write_shards(
+    subject_shard = warehouse.read_parquet(shard_part_path("subjects", partition.path, shard.index))
+    pool = candidate_stage.generate_candidates(
+        subject_shard,
+        ingredients,
+        surface,
+        two_tower=two_tower,
+        recent_items_per_user=settings.pipeline.recent_items_per_user,
+    )
+    per_subject = (
+        pool.groupby("subject_id").size().reindex(subject_shard["subject_id"], fill_value=0)
+    )
+    source_counts = {
+        column.removeprefix("rank_"): int((pool[column] > 0).sum())
+        for column in candidate_stage.RANK_COLUMNS
+    }
+    violation = write_shard_part(
         warehouse,
-        "candidate_pools",
-        partition.path,
-        shards(),
+        shard_part_path("candidate_pools", partition.path, shard.index),
+        pool.sort_values("subject_id", kind="stable"),
         lambda part: validate_stage("candidate_pools", part),
     )
-    sizes = np.concatenate(per_subject) if per_subject else np.array([])
+    _inject_fault("candidate_pools", shard)
+    return ShardOutcome(
+        shard.index,
+        {"": 0 if violation else len(pool)},
+        str(violation) if violation else None,
+        {
+            "per_subject": per_subject.to_numpy(),
+            "source_counts": source_counts,
+            "model_version": bundle.info.model_version,
+        },
+    )
+
+
+_CANDIDATE_CHECKS = [_contract_check("candidate_pools")]
+
+
+@dg.op(out=_merge_outs(_CANDIDATE_CHECKS))
+def candidate_pools_merge(
+    context: dg.OpExecutionContext, recsys: RecsysResource, outcomes: list[ShardOutcome]
+) -> Iterator[dg.Output[None] | dg.AssetCheckResult]:
+    """Every shard's candidate pools present and its own; metadata over the partition."""
+    partition = SurfaceRegion.from_context(context)
+    warehouse = recsys.warehouse()
+    outcomes = _sorted(outcomes)
+    if not any(outcome.violation for outcome in outcomes):
+        _verified(
+            warehouse,
+            stage_path("candidate_pools", partition.path),
+            _shard_subjects(warehouse, partition, len(outcomes)),
+            outcomes,
+        )
+    sizes = np.concatenate([outcome.stats["per_subject"] for outcome in outcomes])
+    source_counts: Counter[str] = Counter()
+    for outcome in outcomes:
+        source_counts.update(outcome.stats["source_counts"])
     total = max(sum(source_counts.values()), 1)
     shares = {source: count / total for source, count in source_counts.items()}
     source_mix = {source: f"{share:.1%}" for source, share in shares.items()}
-    return _outcome(
+    yield from _merged(
         "candidate_pools",
         warehouse,
         partition,
-        result,
+        outcomes,
         {
-            "model_version": bundle.info.model_version,
+            "model_version": outcomes[0].stats["model_version"],
             "candidate_policy_version": candidate_stage.CANDIDATE_POLICY_VERSION,
             **distribution("candidates_per_subject", sizes),
             "subjects_without_candidates": int((sizes == 0).sum()),
@@ -293,124 +536,216 @@ def candidate_pools(
     )
 
 
-@dg.asset(
-    partitions_def=PARTITIONS,
-    backfill_policy=ONE_RUN_PER_PARTITION,
-    group_name=PIPELINE_GROUP,
-    deps=[candidate_pools, *raw_tables("items", "interactions", "exposures", "user_controls")],
-    check_specs=[
-        _contract_check("features_asof"),
-        dg.AssetCheckSpec(
-            name="no_future_feature_values",
-            asset="features_asof",
-            blocking=True,
-            description="No feature table row uses a value from after the score_time.",
-            partitions_def=PARTITIONS,
-        ),
-    ],
-    kinds={"duckdb", "parquet"},
+candidate_pools = _sharded_asset(
+    "candidate_pools",
+    description="Multi-source candidates with provenance, deduplicated, within the surface's "
+    "budget; one step per subject shard.",
+    upstream={
+        "subjects": dg.AssetKey("subjects"),
+        "model_bundle": dg.AssetKey("model_bundle"),
+        **_raw("items", "interactions", "user_controls", "editorial"),
+    },
+    folders=[""],
+    shard_op=candidate_pools_shard,
+    merge_op=candidate_pools_merge,
+    check_specs=_CANDIDATE_CHECKS,
+    metadata=_schema("candidate_pools"),
+    kinds={"pandas", "torch", "parquet"},
 )
-def features_asof(
-    context: dg.AssetExecutionContext, recsys: RecsysResource, duckdb: DuckDBResource
-) -> dg.MaterializeResult:
-    """Features as of the partition's score_time where they live: subject, item,
-    subject × category / creator and exposure tables (pipeline/feature_tables.py)."""
-    partition = SurfaceRegion.from_context(context)
-    warehouse = recsys.warehouse()
-    now = recsys.now()
-    sources = {
+
+
+# -- features_asof ---------------------------------------------------------------------
+
+
+def _feature_sources(
+    warehouse: Warehouse, surface: str, score_time: pd.Timestamp
+) -> dict[str, Any]:
+    return {
         # Event tables stay lazy datasets: each shard's SQL scans only its rows and columns.
         "interactions": raw_dataset(warehouse, "interactions"),
         "exposures": raw_dataset(warehouse, "exposures"),
         "user_controls": raw_dataset(warehouse, "user_controls"),
         "items": warehouse.read_arrow(raw_table_path("items"), columns=FEATURE_ITEM_COLUMNS),
-        "surface": partition.surface,
-        "score_time": now,
+        "surface": surface,
+        "score_time": score_time,
     }
-    leaks = 0
 
-    def checked(table: str) -> Callable[[pd.DataFrame], pd.DataFrame]:
-        def validate(part: pd.DataFrame) -> pd.DataFrame:
-            nonlocal leaks
-            leaks += int((part["feature_timestamp"] >= part["score_time"]).sum())
-            return validate_stage(f"features_asof.{table}", part)
 
-        return validate
+def _future_rows(part: pd.DataFrame) -> int:
+    return int((part["feature_timestamp"] >= part["score_time"]).sum())
 
-    def per_subject_shards(con: Any) -> Iterator[dict[str, pd.DataFrame]]:
-        for _, pool in read_parts(
-            warehouse, "candidate_pools", partition.path, columns=["subject_id"]
-        ):
-            yield feature_tables(
-                con, pool["subject_id"].unique(), tables=PER_SUBJECT_TABLES, **sources
-            ).tables
 
+@dg.op(retry_policy=SHARD_RETRY, tags=SHARD_STEP_TAGS)
+def features_asof_shard(
+    context: dg.OpExecutionContext,
+    recsys: RecsysResource,
+    duckdb: DuckDBResource,
+    shard: Shard,
+) -> ShardOutcome:
+    """The per-subject feature tables of one shard's subjects with candidates."""
+    partition = SurfaceRegion.from_context(context)
+    warehouse = recsys.warehouse()
+    pool = warehouse.read_parquet(
+        shard_part_path("candidate_pools", partition.path, shard.index), columns=["subject_id"]
+    )
+    sources = _feature_sources(warehouse, partition.surface, recsys.now())
     with duckdb.get_connection() as con:
-        item_table = feature_tables(con, np.array([], dtype=np.int64), tables=("items",), **sources)
-        results = {
-            "items": write_shards(
-                warehouse,
-                "features_asof",
-                f"{partition.path}/items",
-                [item_table["items"]],
-                checked("items"),
-            )
-        }
-        if results["items"].violation is None:
-            results.update(
-                write_table_shards(
-                    warehouse,
-                    "features_asof",
-                    partition.path,
-                    per_subject_shards(con),
-                    {table: checked(table) for table in PER_SUBJECT_TABLES},
-                )
-            )
-    for stale in warehouse.list(stage_path("features_asof", partition.path), suffix=".parquet"):
-        warehouse.delete(stale)  # row-per-candidate parts of an older version
-    violations = [str(result.violation) for result in results.values() if result.violation]
-    contract = dg.AssetCheckResult(
+        built = feature_tables(
+            con, pool["subject_id"].unique(), tables=PER_SUBJECT_TABLES, **sources
+        ).tables
+    rows: dict[str, int] = {}
+    leaks = 0
+    for table in PER_SUBJECT_TABLES:
+        part = built[table]
+        leaks += _future_rows(part)
+        violation = write_shard_part(
+            warehouse,
+            shard_part_path("features_asof", partition.path, shard.index, table),
+            part,
+            lambda frame, table=table: validate_stage(f"features_asof.{table}", frame),
+        )
+        if violation is not None:
+            return ShardOutcome(shard.index, rows, str(violation), {"leaks": leaks})
+        rows[table] = len(part)
+    _inject_fault("features_asof", shard)
+    return ShardOutcome(shard.index, {"": sum(rows.values()), **rows}, None, {"leaks": leaks})
+
+
+_FEATURE_CHECKS = [
+    _contract_check("features_asof"),
+    dg.AssetCheckSpec(
+        name="no_future_feature_values",
+        asset="features_asof",
+        blocking=True,
+        description="No feature table row uses a value from after the score_time.",
+        partitions_def=PARTITIONS,
+    ),
+]
+
+
+@dg.op(out=_merge_outs(_FEATURE_CHECKS))
+def features_asof_merge(
+    context: dg.OpExecutionContext,
+    recsys: RecsysResource,
+    duckdb: DuckDBResource,
+    outcomes: list[ShardOutcome],
+) -> Iterator[dg.Output[None] | dg.AssetCheckResult]:
+    """The partition's item feature table, every shard's subject tables present and its
+    own, and the contract and no-future-values verdicts over all of them."""
+    partition = SurfaceRegion.from_context(context)
+    warehouse = recsys.warehouse()
+    now = recsys.now()
+    outcomes = _sorted(outcomes)
+    with duckdb.get_connection() as con:
+        items = feature_tables(
+            con,
+            np.array([], dtype=np.int64),
+            tables=("items",),
+            **_feature_sources(warehouse, partition.surface, now),
+        )["items"]
+    leaks = _future_rows(items) + sum(outcome.stats["leaks"] for outcome in outcomes)
+    items_violation = write_shard_part(
+        warehouse,
+        shard_part_path("features_asof", partition.path, 0, "items"),
+        items,
+        lambda part: validate_stage("features_asof.items", part),
+    )
+    violations = [f"shard {o.shard}: {o.violation}" for o in outcomes if o.violation]
+    if items_violation is not None:
+        violations.append(f"items: {items_violation}")
+    folder = stage_path("features_asof", partition.path)
+    if violations:
+        warehouse.delete(folder, recursive=True)
+    else:
+        subjects_by_shard = _shard_subjects(warehouse, partition, len(outcomes))
+        for table in PER_SUBJECT_TABLES:
+            _verified(warehouse, f"{folder}/{table}", subjects_by_shard, outcomes, table)
+        for stale in warehouse.list(folder, suffix=".parquet"):
+            warehouse.delete(stale)  # row-per-candidate parts of an older version
+    rows = {
+        "items": len(items),
+        **{table: sum(o.rows.get(table, 0) for o in outcomes) for table in PER_SUBJECT_TABLES},
+    }
+    yield dg.Output(
+        None,
+        "result",
+        metadata={
+            "feature_set_version": FEATURE_SET_VERSION,
+            "score_time": str(now),
+            ROW_COUNT: sum(rows.values()),
+            **{f"{table}_rows": count for table, count in rows.items()},
+            "parts": len(outcomes),
+            "shards": len(outcomes),
+            LOCATION: location(warehouse, folder),
+        },
+    )
+    yield dg.AssetCheckResult(
         check_name="features_asof_contract",
+        asset_key="features_asof",
         passed=not violations,
         severity=dg.AssetCheckSeverity.ERROR,
         metadata={
             "violations": "\n".join(violations) or "none",
-            "rows_checked": sum(result.rows for result in results.values()),
+            "rows_checked": sum(rows.values()),
         },
     )
-    leakage = dg.AssetCheckResult(
+    yield dg.AssetCheckResult(
         check_name="no_future_feature_values",
+        asset_key="features_asof",
         passed=leaks == 0,
         severity=dg.AssetCheckSeverity.ERROR,
         metadata={"rows_with_future_values": leaks},
     )
-    return dg.MaterializeResult(
-        metadata={
-            "feature_set_version": FEATURE_SET_VERSION,
-            "score_time": str(now),
-            ROW_COUNT: sum(result.rows for result in results.values()),
-            **{f"{table}_rows": result.rows for table, result in results.items()},
-            "parts": max(result.parts for result in results.values()),
-            LOCATION: location(warehouse, stage_path("features_asof", partition.path)),
-        },
-        check_results=[contract, leakage],
-    )
 
 
-@dg.asset(
-    partitions_def=PARTITIONS,
-    backfill_policy=ONE_RUN_PER_PARTITION,
-    group_name=PIPELINE_GROUP,
-    deps=[features_asof, model_bundle, *raw_tables("items", "interactions")],
-    check_specs=[_contract_check("scored_candidates")],
-    metadata=_schema("scored_candidates"),
-    kinds={"torch", "parquet"},
+features_asof = _sharded_asset(
+    "features_asof",
+    description="Features as of the partition's score_time where they live: subject, item, "
+    "subject × category / creator and exposure tables (pipeline/feature_tables.py); the "
+    "per-subject tables one step per subject shard.",
+    upstream={
+        "candidate_pools": dg.AssetKey("candidate_pools"),
+        **_raw("items", "interactions", "exposures", "user_controls"),
+    },
+    folders=PER_SUBJECT_TABLES,
+    shard_op=features_asof_shard,
+    merge_op=features_asof_merge,
+    check_specs=_FEATURE_CHECKS,
+    kinds={"duckdb", "parquet"},
 )
-def scored_candidates(
-    context: dg.AssetExecutionContext, recsys: RecsysResource
-) -> dg.MaterializeResult:
-    """Gather each pool row's features from features_asof and score them in one pass:
-    calibrated ranker predictions and utility with its components, with lineage."""
+
+
+# -- scored_candidates -----------------------------------------------------------------
+
+
+def score_in_blocks(
+    bundle: ModelBundle, matrix: np.ndarray, block_rows: int = SCORING_BLOCK_ROWS
+) -> tuple[np.ndarray, np.ndarray]:
+    """`bundle.score_matrix` in blocks of exactly `block_rows` rows (the last one padded
+    with zero rows), so every forward pass has the same shape and a row's score does not
+    depend on which shard or batch it came in with (BLAS picks kernels by shape)."""
+    prediction = np.empty(len(matrix), dtype=np.float32)
+    calibrated = np.empty(len(matrix), dtype=np.float64)
+    for start in range(0, len(matrix), block_rows):
+        block = matrix[start : start + block_rows]
+        rows = len(block)
+        if rows < block_rows:
+            block = np.concatenate(
+                [block, np.zeros((block_rows - rows, matrix.shape[1]), dtype=block.dtype)]
+            )
+        raw, probability = bundle.score_matrix(
+            block, columns=tuple(FEATURE_COLUMNS), feature_set_version=FEATURE_SET_VERSION
+        )
+        prediction[start : start + rows] = raw[:rows]
+        calibrated[start : start + rows] = probability[:rows]
+    return prediction, calibrated
+
+
+@dg.op(retry_policy=SHARD_RETRY, tags=SHARD_STEP_TAGS)
+def scored_candidates_shard(
+    context: dg.OpExecutionContext, recsys: RecsysResource, shard: Shard
+) -> ShardOutcome:
+    """Gather and score one shard's candidate rows."""
     partition = SurfaceRegion.from_context(context)
     warehouse = recsys.warehouse()
     bundle = load_bundle(warehouse)
@@ -429,70 +764,112 @@ def scored_candidates(
         "feature_set_version": bundle.info.feature_set_version,
         "pipeline_run_id": context.run.run_id,
     }
-    utilities = UniformSample(UTILITY_SAMPLE_ROWS)
+    pool = warehouse.read_parquet(shard_part_path("candidate_pools", partition.path, shard.index))
+    tables = FeatureTables(
+        score_time=score_time,
+        tables={
+            "items": item_features,
+            **{
+                table: _feature_part(warehouse, partition, table, part_name(shard.index))
+                for table in PER_SUBJECT_TABLES
+            },
+        },
+    )
+    gathered = gather_features(tables, pool)
+    prediction, calibrated = score_in_blocks(bundle, gathered.matrix)
+    sample = RowSample(math.ceil(FEATURE_SAMPLE_ROWS / shard.count), seed=shard.index)
+    sample.add(len(pool), lambda rows: gathered.take(rows).frame(pool.iloc[rows], score_time))
+    scored = score_candidates(
+        pool,
+        prediction,
+        calibrated,
+        items,
+        score_time=score_time,
+        popularity_percentile=popularity,
+        lineage=lineage,
+    )
+    utilities = UniformSample(math.ceil(UTILITY_SAMPLE_ROWS / shard.count), seed=shard.index)
+    utilities.add(scored["utility"].to_numpy())
     histogram = ScoreHistogram()
-    sample = RowSample(FEATURE_SAMPLE_ROWS)
-
-    def shards() -> Iterator[pd.DataFrame]:
-        for name, pool in read_parts(warehouse, "candidate_pools", partition.path):
-            tables = FeatureTables(
-                score_time=score_time,
-                tables={
-                    "items": item_features,
-                    **{
-                        table: _feature_part(warehouse, partition, table, name)
-                        for table in PER_SUBJECT_TABLES
-                    },
-                },
-            )
-            gathered = gather_features(tables, pool)
-            prediction, calibrated = bundle.score_matrix(
-                gathered.matrix,
-                columns=tuple(FEATURE_COLUMNS),
-                feature_set_version=FEATURE_SET_VERSION,
-            )
-            sample.add(
-                len(pool),
-                lambda rows, gathered=gathered, pool=pool: gathered.take(rows).frame(
-                    pool.iloc[rows], score_time
-                ),
-            )
-            scored = score_candidates(
-                pool,
-                prediction,
-                calibrated,
-                items,
-                score_time=score_time,
-                popularity_percentile=popularity,
-                lineage=lineage,
-            )
-            utilities.add(scored["utility"].to_numpy())
-            histogram.add(scored["calibrated"].to_numpy())
-            yield scored
-
-    result = write_shards(
+    histogram.add(scored["calibrated"].to_numpy())
+    violation = write_shard_part(
         warehouse,
-        "scored_candidates",
-        partition.path,
-        shards(),
+        shard_part_path("scored_candidates", partition.path, shard.index),
+        scored,
         lambda part: validate_stage("scored_candidates", part),
     )
+    sample_path = f"{stage_path('scored_candidates', partition.path)}/{FEATURE_SAMPLE}"
+    if violation is None and len(sample.rows()):
+        warehouse.write_parquet(
+            f"{sample_path}/{part_name(shard.index)}",
+            validate_stage("feature_rows", sample.rows()),
+        )
+    else:
+        warehouse.delete(f"{sample_path}/{part_name(shard.index)}")
+    _inject_fault("scored_candidates", shard)
+    return ShardOutcome(
+        shard.index,
+        {"": 0 if violation else len(scored)},
+        str(violation) if violation else None,
+        {
+            "lineage": lineage,
+            "utilities": utilities,
+            "histogram": histogram.counts,
+            "sample_rows": len(sample.rows()),
+        },
+    )
+
+
+_SCORED_CHECKS = [_contract_check("scored_candidates")]
+
+
+@dg.op(out=_merge_outs(_SCORED_CHECKS))
+def scored_candidates_merge(
+    context: dg.OpExecutionContext, recsys: RecsysResource, outcomes: list[ShardOutcome]
+) -> Iterator[dg.Output[None] | dg.AssetCheckResult]:
+    """Every shard's scored candidates present and its own; score metadata over them."""
+    partition = SurfaceRegion.from_context(context)
+    warehouse = recsys.warehouse()
+    outcomes = _sorted(outcomes)
+    folder = stage_path("scored_candidates", partition.path)
+    if not any(outcome.violation for outcome in outcomes):
+        _verified(warehouse, folder, _shard_subjects(warehouse, partition, len(outcomes)), outcomes)
+    utilities = UniformSample(UTILITY_SAMPLE_ROWS)
+    histogram = ScoreHistogram()
+    for outcome in outcomes:
+        utilities.merge(outcome.stats["utilities"])
+        histogram.counts += outcome.stats["histogram"]
+    sample_rows = sum(outcome.stats["sample_rows"] for outcome in outcomes)
     metadata: dict[str, Any] = {
-        **lineage,
+        **outcomes[0].stats["lineage"],
         **distribution("utility", utilities.values, (0.05, 0.5, 0.95)),
         "utility_sample_rows": len(utilities.values),
         "score_histogram": histogram.to_markdown("candidates"),
+        "feature_sample_rows": sample_rows,
     }
-    sample_path = f"{stage_path('scored_candidates', partition.path)}/feature_sample"
-    if result.violation is None and len(sample.rows()):
-        warehouse.replace_folder(
-            sample_path, {part_name(0): validate_stage("feature_rows", sample.rows())}
-        )
+    sample_path = f"{folder}/{FEATURE_SAMPLE}"
+    if sample_rows:
         metadata["feature_sample"] = dg.MetadataValue.path(warehouse.uri(sample_path))
-    else:
-        warehouse.delete(sample_path, recursive=True)
-    metadata["feature_sample_rows"] = len(sample.rows())
-    return _outcome("scored_candidates", warehouse, partition, result, metadata)
+    yield from _merged("scored_candidates", warehouse, partition, outcomes, metadata)
+
+
+scored_candidates = _sharded_asset(
+    "scored_candidates",
+    description="Gather each pool row's features from features_asof and score them in one "
+    "pass: calibrated ranker predictions and utility with its components, with lineage; one "
+    "step per subject shard.",
+    upstream={
+        "features_asof": dg.AssetKey("features_asof"),
+        "model_bundle": dg.AssetKey("model_bundle"),
+        **_raw("items", "interactions"),
+    },
+    folders=["", FEATURE_SAMPLE],
+    shard_op=scored_candidates_shard,
+    merge_op=scored_candidates_merge,
+    check_specs=_SCORED_CHECKS,
+    metadata=_schema("scored_candidates"),
+    kinds={"torch", "parquet"},
+)
 
 
 def _feature_part(
@@ -511,57 +888,101 @@ def _feature_part(
         ) from None
 
 
-@dg.asset(
-    partitions_def=PARTITIONS,
-    backfill_policy=ONE_RUN_PER_PARTITION,
-    group_name=PIPELINE_GROUP,
-    deps=[scored_candidates],
-    check_specs=[_contract_check("slates")],
-    metadata=_schema("slates"),
-    kinds={"pandas", "parquet"},
-)
-def slates(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.MaterializeResult:
-    """Slate policy: diversity caps, exploration slots (seed + propensity), sponsored cap."""
+# -- slates ----------------------------------------------------------------------------
+
+
+@dg.op(retry_policy=SHARD_RETRY, tags=SHARD_STEP_TAGS)
+def slates_shard(
+    context: dg.OpExecutionContext, recsys: RecsysResource, shard: Shard
+) -> ShardOutcome:
+    """The slate policy over one shard's scored candidates."""
     partition = SurfaceRegion.from_context(context)
     warehouse, settings = recsys.warehouse(), recsys.settings()
     surface = settings.surface(partition.surface)
-    seed = settings.training.seed
-    lengths: list[np.ndarray] = []
-    explored = 0
-
-    def shards() -> Iterator[pd.DataFrame]:
-        nonlocal explored
-        for _, scored in read_parts(warehouse, "scored_candidates", partition.path):
-            slate = build_slates(scored, surface, seed=seed)
-            subjects_in_shard = scored["subject_id"].unique()
-            lengths.append(
-                slate.groupby("subject_id")
-                .size()
-                .reindex(subjects_in_shard, fill_value=0)
-                .to_numpy()
-            )
-            explored += int(slate["exploration"].sum())
-            yield slate
-
-    result = write_shards(
-        warehouse, "slates", partition.path, shards(), lambda part: validate_stage("slates", part)
+    scored = warehouse.read_parquet(
+        shard_part_path("scored_candidates", partition.path, shard.index)
     )
-    sizes = np.concatenate(lengths) if lengths else np.array([])
-    subjects_total = sum(len(part) for _, part in read_parts(warehouse, "subjects", partition.path))
-    return _outcome(
+    slate = build_slates(scored, surface, seed=settings.training.seed)
+    lengths = (
+        slate.groupby("subject_id").size().reindex(scored["subject_id"].unique(), fill_value=0)
+    )
+    violation = write_shard_part(
+        warehouse,
+        shard_part_path("slates", f"{partition.path}/{SHARDS_FOLDER}", shard.index),
+        slate.sort_values("subject_id", kind="stable"),
+        lambda part: validate_stage("slates", part),
+    )
+    _inject_fault("slates", shard)
+    return ShardOutcome(
+        shard.index,
+        {"": 0 if violation else len(slate)},
+        str(violation) if violation else None,
+        {"lengths": lengths.to_numpy(), "explored": int(slate["exploration"].sum())},
+    )
+
+
+_SLATE_CHECKS = [_contract_check("slates")]
+
+
+@dg.op(out=_merge_outs(_SLATE_CHECKS))
+def slates_merge(
+    context: dg.OpExecutionContext, recsys: RecsysResource, outcomes: list[ShardOutcome]
+) -> Iterator[dg.Output[None] | dg.AssetCheckResult]:
+    """Every shard's slates present and its own, then rewritten in subject order in blocks
+    of `pipeline.shard_subjects` subjects: what publish reads, the same bytes whatever the
+    shard count."""
+    partition = SurfaceRegion.from_context(context)
+    warehouse, settings = recsys.warehouse(), recsys.settings()
+    surface = settings.surface(partition.surface)
+    outcomes = _sorted(outcomes)
+    folder = stage_path("slates", partition.path)
+    shards_folder = f"{folder}/{SHARDS_FOLDER}"
+    subjects_by_shard = _shard_subjects(warehouse, partition, len(outcomes))
+    subject_ids = np.sort(np.concatenate(subjects_by_shard))
+    blocks = shard_bounds(len(subject_ids), settings.pipeline.shard_subjects)
+    last_subjects = (
+        [int(subject_ids[stop - 1]) for _, stop in blocks]
+        if len(subject_ids)
+        else [int(np.iinfo(np.int64).max)]
+    )
+    if not any(outcome.violation for outcome in outcomes):
+        _verified(warehouse, shards_folder, subjects_by_shard, outcomes)
+        merge_in_subject_order(
+            warehouse,
+            [f"{shards_folder}/{part_name(o.shard)}" for o in outcomes],
+            folder,
+            last_subjects,
+        )
+    sizes = np.concatenate([outcome.stats["lengths"] for outcome in outcomes])
+    yield from _merged(
         "slates",
         warehouse,
         partition,
-        result,
+        outcomes,
         {
+            "parts": len(last_subjects),  # the subject-order blocks publish reads
             "slate_policy_version": surface.slate_policy.version,
-            "exploration_seed": dg.MetadataValue.text(str(seed)),
+            "exploration_seed": dg.MetadataValue.text(str(settings.training.seed)),
             **distribution("items_per_list", sizes),
             "lists": len(sizes),
-            "empty_lists": int(subjects_total - int((sizes > 0).sum())),
-            "exploration_items": explored,
+            "empty_lists": int(len(subject_ids) - int((sizes > 0).sum())),
+            "exploration_items": sum(outcome.stats["explored"] for outcome in outcomes),
         },
     )
+
+
+slates = _sharded_asset(
+    "slates",
+    description="Slate policy: diversity caps, exploration slots (seed + propensity), "
+    "sponsored cap; one step per subject shard, merged in subject order for publish.",
+    upstream={"scored_candidates": dg.AssetKey("scored_candidates")},
+    folders=[SHARDS_FOLDER],
+    shard_op=slates_shard,
+    merge_op=slates_merge,
+    check_specs=_SLATE_CHECKS,
+    metadata=_schema("slates"),
+    kinds={"pandas", "parquet"},
+)
 
 
 def _popularity_percentile(interactions: ds.Dataset, item_ids: pd.Index) -> pd.Series:

@@ -30,6 +30,7 @@ are derived in the gather, from the looked-up values, as the ASOF path derives t
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import duckdb
@@ -295,7 +296,6 @@ def gather_features(tables: FeatureTables, pool: pd.DataFrame) -> GatheredFeatur
     subject_at = pd.Index(subjects["subject_id"].to_numpy(dtype=np.int64)).get_indexer(subject_ids)
     look_up("subjects", subject_at, USER_FEATURES)
     column["user_days_since_last_activity"][subject_at < 0] = MAX_DAYS_SINCE_ACTIVITY
-    has_user = column["user_events_total"] > 0
     items = tables["items"]
     item_at = pd.Index(items["item_id"].to_numpy(dtype=np.int64)).get_indexer(item_ids)
     look_up("items", item_at, ITEM_FEATURES)
@@ -310,13 +310,7 @@ def gather_features(tables: FeatureTables, pool: pd.DataFrame) -> GatheredFeatur
             ),
         )
         look_up(table, at, (f"user_{target}_events", f"{target}_hidden"))
-        np.divide(
-            column[f"user_{target}_events"],
-            column["user_events_total"],
-            out=column[f"user_{target}_affinity"],
-            where=has_user,
-        )
-    column["category_match"][:] = column["user_category_events"] > 0
+    derive_cross_features(column)
     exposures = tables["exposures"]
     look_up(
         "exposures",
@@ -333,6 +327,23 @@ def gather_features(tables: FeatureTables, pool: pd.DataFrame) -> GatheredFeatur
         column[name][:] = values
     newest[newest == np.iinfo(np.int64).min] = _NO_HISTORY_US
     return GatheredFeatures(matrix=by_feature.T, feature_timestamp=newest.view("datetime64[us]"))
+
+
+def derive_cross_features(column: Mapping[str, np.ndarray]) -> None:
+    """The features derived from looked-up values, in place: user_<target>_affinity
+    (events / user_events_total, 0 without events) and category_match. The batch gather and
+    serving's online rerank (after it adds the events since generation) both call this."""
+    has_user = column["user_events_total"] > 0
+    for target in TARGETS.values():
+        affinity = column[f"user_{target}_affinity"]
+        np.divide(
+            column[f"user_{target}_events"],
+            column["user_events_total"],
+            out=affinity,
+            where=has_user,
+        )
+        affinity[~has_user] = 0.0
+    column["category_match"][:] = column["user_category_events"] > 0
 
 
 def _take(values: np.ndarray, at: np.ndarray, fill: float | int = 0) -> np.ndarray:

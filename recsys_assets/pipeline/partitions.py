@@ -89,8 +89,10 @@ class SurfaceRegion:
 
     @classmethod
     def from_context(
-        cls, context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext
+        cls,
+        context: dg.AssetExecutionContext | dg.AssetCheckExecutionContext | dg.OpExecutionContext,
     ) -> SurfaceRegion:
+        """Of an asset's step, or of a step inside a graph-backed asset (a shard step)."""
         return cls.from_key(context.partition_key)
 
     def to_key(self) -> dg.MultiPartitionKey:

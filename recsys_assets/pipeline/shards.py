@@ -1,20 +1,25 @@
 """Per-partition Parquet outputs written shard by shard, with their contract checked first.
 
-An asset streams its output as one Parquet part per subject shard, so memory is bounded by
-the shard size. Each part is validated against the stage's contract before it is written;
-on a violation the partition's folder is removed (never half-written data downstream) and
-the violation is returned for the blocking asset check to report.
+An asset's output is one Parquet part per subject shard (`part_name(shard)`), so memory is
+bounded by the shard size. Each part is validated against the stage's contract before it is
+written, atomically and under a fixed name, so a retried shard step replaces its part rather
+than adding one. The merge step checks that every shard's part is there and holds only that
+shard's subjects (`verify_shard_parts`), and `merge_in_subject_order` lays a partition's
+hash-sharded parts out again in subject order, in blocks that do not depend on the shard
+count, for publishing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 
 from recsys_assets.contracts import ContractViolation
 from recsys_assets.data.snapshot import RawDataMissing, raw_table_path
@@ -31,26 +36,152 @@ def part_name(index: int) -> str:
     return f"part-{index:05d}.parquet"
 
 
-def read_parts(
-    warehouse: Warehouse, asset: str, partition_path: str, *, columns: list[str] | None = None
-) -> Iterator[tuple[str, pd.DataFrame]]:
-    """(part name, frame) for each part of an upstream partition, in shard order; only
-    `columns` when given (converting unused columns to pandas costs more than reading).
+SHARDS_FOLDER = "shards"
+"""Subfolder of a partition for per-shard parts that a merge step rewrites in subject order
+(slates): dataset readers of the partition read its direct parts only."""
 
-    The next part is read in a background thread while the caller works on this one
-    (Parquet decoding releases the GIL), so at most two parts are in memory.
-    """
-    parts = warehouse.parquet_parts(stage_path(asset, partition_path))
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"read-{asset}") as reader:
-        ahead: Future[pd.DataFrame] | None = None
-        for index, part in enumerate(parts):
-            current = ahead or reader.submit(warehouse.read_parquet, part, columns=columns)
-            ahead = (
-                reader.submit(warehouse.read_parquet, parts[index + 1], columns=columns)
-                if index + 1 < len(parts)
-                else None
+
+def shard_part_path(asset: str, partition_path: str, shard: int, table: str = "") -> str:
+    """Where shard `shard` writes its part of `asset` (of `table`, a subfolder, if given)."""
+    folder = stage_path(asset, f"{partition_path}/{table}" if table else partition_path)
+    return f"{folder}/{part_name(shard)}"
+
+
+def shard_parts(warehouse: Warehouse, asset: str, partition_path: str) -> int:
+    """How many shards the partition's `asset` parts are (part-00000 … part-N-1), checked
+    to be exactly those names: the subjects asset decides the count, every stage follows."""
+    folder = stage_path(asset, partition_path)
+    names = [path.rsplit("/", 1)[-1] for path in warehouse.list(folder, suffix=".parquet")]
+    if not names:
+        raise FileNotFoundError(
+            f"no {asset} parts for {partition_path} at {warehouse.uri(folder)}: materialize "
+            f"{asset} for this partition first"
+        )
+    if names != [part_name(index) for index in range(len(names))]:
+        raise FileNotFoundError(
+            f"{asset} for {partition_path} has parts {names[:5]}… at {warehouse.uri(folder)}, "
+            f"not part-00000 … part-{len(names) - 1:05d}: materialize {asset} for this "
+            "partition again"
+        )
+    return len(names)
+
+
+def write_shard_part(
+    warehouse: Warehouse,
+    path: str,
+    frame: pd.DataFrame,
+    validate: Callable[[pd.DataFrame], pd.DataFrame],
+) -> ContractViolation | None:
+    """Validate a shard's part and write it atomically under its fixed name; on a contract
+    violation remove the part an earlier attempt left instead, and return the violation."""
+    try:
+        checked = validate(frame)
+    except ContractViolation as violation:
+        warehouse.delete(path)
+        return violation
+    warehouse.write_parquet(path, checked)
+    return None
+
+
+def verify_shard_parts(
+    warehouse: Warehouse,
+    folder: str,
+    shard_subjects: Sequence[np.ndarray],
+    expected_rows: Sequence[int],
+) -> list[str]:
+    """Problems with a stage's per-shard parts in `folder`: a shard's part missing, parts
+    beyond the shard count, a row count other than its step reported, or a subject that is
+    not one of its shard's `shard_subjects` (lost to, or duplicated from, another shard)."""
+    problems: list[str] = []
+    present = set(warehouse.list(folder, suffix=".parquet"))
+    expected = {f"{folder}/{part_name(index)}" for index in range(len(shard_subjects))}
+    problems += [f"unexpected part {path}" for path in sorted(present - expected)]
+    for index, subjects in enumerate(shard_subjects):
+        path = f"{folder}/{part_name(index)}"
+        if path not in present:
+            problems.append(f"shard {index}: part {path} is missing")
+            continue
+        ids = warehouse.read_parquet(path, columns=["subject_id"])["subject_id"].to_numpy()
+        if len(ids) != expected_rows[index]:
+            problems.append(
+                f"shard {index}: {path} has {len(ids)} rows, its step wrote {expected_rows[index]}"
             )
-            yield part.rsplit("/", 1)[-1], current.result()
+        foreign = np.setdiff1d(ids, subjects)
+        if foreign.size:
+            problems.append(
+                f"shard {index}: {path} holds {foreign.size} subject(s) of other shards, "
+                f"e.g. {foreign[:5].tolist()}"
+            )
+    return problems
+
+
+def remove_parts_beyond(warehouse: Warehouse, folder: str, shards: int) -> None:
+    """Delete parts an earlier run with more shards left in `folder`."""
+    keep = {f"{folder}/{part_name(index)}" for index in range(shards)}
+    for stale in set(warehouse.list(folder, suffix=".parquet")) - keep:
+        warehouse.delete(stale)
+
+
+class _SubjectCursor:
+    """Reads one part sorted by subject_id a record batch at a time and hands out its rows
+    up to a subject, so a merge holds one batch per part in memory."""
+
+    def __init__(self, warehouse: Warehouse, path: str, batch_rows: int) -> None:
+        self._file = pq.ParquetFile(warehouse.fs.open(warehouse.path(path), "rb"))
+        self._batches = self._file.iter_batches(batch_size=batch_rows)
+        self._buffer = self._file.schema_arrow.empty_table()
+        self._exhausted = False
+
+    def take_through(self, last_subject: int) -> pa.Table:
+        """Every remaining row whose subject_id is at most `last_subject`."""
+        while not self._exhausted and (
+            self._buffer.num_rows == 0
+            or self._buffer.column("subject_id")[-1].as_py() <= last_subject
+        ):
+            batch = next(self._batches, None)
+            if batch is None:
+                self._exhausted = True
+            else:
+                self._buffer = pa.concat_tables([self._buffer, pa.Table.from_batches([batch])])
+        ids = self._buffer.column("subject_id").to_numpy()
+        cut = int(np.searchsorted(ids, last_subject, side="right"))
+        taken, self._buffer = self._buffer.slice(0, cut), self._buffer.slice(cut)
+        return taken
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def merge_in_subject_order(
+    warehouse: Warehouse,
+    shard_paths: Sequence[str],
+    folder: str,
+    block_last_subjects: Sequence[int],
+    *,
+    batch_rows: int = 65_536,
+) -> list[int]:
+    """Merge per-shard parts (each sorted by subject_id, every subject in one part only)
+    into parts of `folder` in subject order: part k holds the subjects up to
+    `block_last_subjects[k]`, so the layout depends on the subjects, not on the shard
+    count. Returns the rows of each part written; parts of an earlier layout are removed.
+
+    Memory: one record batch per shard part plus one output part.
+    """
+    cursors = [_SubjectCursor(warehouse, path, batch_rows) for path in shard_paths]
+    rows: list[int] = []
+    try:
+        for index, last in enumerate(block_last_subjects):
+            pieces = [cursor.take_through(last) for cursor in cursors]
+            block = pa.concat_tables(pieces, promote_options="permissive")
+            # A stable sort: each subject's rows come from one part, already in order.
+            block = block.take(pc.sort_indices(block, sort_keys=[("subject_id", "ascending")]))
+            warehouse.write_parquet(f"{folder}/{part_name(index)}", block)
+            rows.append(block.num_rows)
+    finally:
+        for cursor in cursors:
+            cursor.close()
+    remove_parts_beyond(warehouse, folder, len(block_last_subjects))
+    return rows
 
 
 def raw_dataset(warehouse: Warehouse, table: str) -> ds.Dataset:
@@ -70,79 +201,6 @@ class ShardWriteResult:
     rows: int = 0
     parts: int = 0
     violation: ContractViolation | None = None
-    per_part_rows: list[int] = field(default_factory=list)
-
-
-def write_shards(
-    warehouse: Warehouse,
-    asset: str,
-    partition_path: str,
-    shards: Iterable[pd.DataFrame],
-    validate: Callable[[pd.DataFrame], pd.DataFrame],
-) -> ShardWriteResult:
-    """Validate and write each shard as a part; replace the partition's previous parts."""
-    return write_table_shards(
-        warehouse,
-        asset,
-        partition_path,
-        ({"": frame} for frame in shards),
-        {"": validate},
-    )[""]
-
-
-def write_table_shards(
-    warehouse: Warehouse,
-    asset: str,
-    partition_path: str,
-    shards: Iterable[dict[str, pd.DataFrame]],
-    validate: dict[str, Callable[[pd.DataFrame], pd.DataFrame]],
-) -> dict[str, ShardWriteResult]:
-    """Validate and write each shard's tables (name → frame; the name "" is the partition's
-    folder itself, any other a subfolder) as parts; replace their previous parts.
-
-    Parts are written in a background thread while the next shard is computed (Parquet
-    encoding and the upload release the GIL); at most one shard's writes are in flight, so
-    memory holds at most two shards. A contract violation in any table removes every
-    table's folder (never half-written data downstream) and is returned in that table's
-    result.
-    """
-    folders = {
-        name: stage_path(asset, f"{partition_path}/{name}" if name else partition_path)
-        for name in validate
-    }
-    results = {name: ShardWriteResult() for name in validate}
-    written: set[str] = set()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"write-{asset}") as writer:
-        in_flight: list[Future[None]] = []
-        for index, tables in enumerate(shards):
-            checked: dict[str, pd.DataFrame] = {}
-            for name, frame in tables.items():
-                try:
-                    checked[name] = validate[name](frame)
-                except ContractViolation as violation:
-                    for pending in in_flight:
-                        pending.result()
-                    for folder in folders.values():
-                        warehouse.delete(folder, recursive=True)
-                    results[name].violation = violation
-                    return results
-            for pending in in_flight:
-                pending.result()
-            in_flight = []
-            for name, frame in checked.items():
-                path = f"{folders[name]}/{part_name(index)}"
-                in_flight.append(writer.submit(warehouse.write_parquet, path, frame))
-                written.add(path)
-                result = results[name]
-                result.rows += len(frame)
-                result.parts += 1
-                result.per_part_rows.append(len(frame))
-        for pending in in_flight:
-            pending.result()
-    for folder in folders.values():
-        for stale in set(warehouse.list(folder, suffix=".parquet")) - written:
-            warehouse.delete(stale)
-    return results
 
 
 def quantiles(
@@ -175,8 +233,17 @@ class UniformSample:
     def add(self, values: np.ndarray | pd.Series) -> None:
         batch = np.asarray(values, dtype=np.float64).ravel()
         self.seen += batch.size
-        values_all = np.concatenate((self.values, batch))
-        keys_all = np.concatenate((self._keys, self._rng.random(batch.size)))
+        self._keep(batch, self._rng.random(batch.size))
+
+    def merge(self, other: UniformSample) -> None:
+        """Fold in a sample of another stream (another shard, drawn with another seed): the
+        result is a uniform sample of both streams together."""
+        self.seen += other.seen
+        self._keep(other.values, other._keys)
+
+    def _keep(self, values: np.ndarray, keys: np.ndarray) -> None:
+        values_all = np.concatenate((self.values, values))
+        keys_all = np.concatenate((self._keys, keys))
         if values_all.size > self.capacity:
             kept = np.argpartition(keys_all, self.capacity - 1)[: self.capacity]
             values_all, keys_all = values_all[kept], keys_all[kept]

@@ -283,24 +283,25 @@ def _slate_dtypes(scored: pd.DataFrame) -> dict[str, object]:
 
 
 def _kept_by_caps(
-    scored: pd.DataFrame, ranked: np.ndarray, subject: np.ndarray, policy: SlatePolicyConfig
+    candidates: SlateCandidates, ranked: np.ndarray, subject: np.ndarray, policy: SlatePolicyConfig
 ) -> np.ndarray:
     """Positions in the ranked candidates that survive the greedy category, creator and
     sponsored caps."""
-    # Factorize whole columns (Arrow strings encode fast there), then follow the rank order.
-    category_code, categories = pd.factorize(scored["category"], use_na_sentinel=False)
-    creator_code, creators = pd.factorize(scored["creator_id"], use_na_sentinel=False)
-    sponsored = scored["is_sponsored"].to_numpy(dtype=bool)[ranked]
+    category_code = candidates.category_code[ranked]
+    creator_code = candidates.creator_code[ranked]
+    categories = int(category_code.max(initial=-1)) + 1
+    creators = int(creator_code.max(initial=-1)) + 1
+    sponsored = candidates.is_sponsored[ranked]
     everything = np.ones(ranked.size, dtype=bool)
     keep, _ = greedy_capped_keep(
         subject,
         [
             (
-                category_capped(scored["category"])[ranked],
-                subject * len(categories) + category_code[ranked],
+                candidates.category_capped[ranked],
+                subject * categories + category_code,
                 policy.max_per_category,
             ),
-            (everything, subject * len(creators) + creator_code[ranked], policy.max_per_creator),
+            (everything, subject * creators + creator_code, policy.max_per_creator),
             (sponsored, subject, policy.sponsored_cap),
         ],
     )
@@ -402,6 +403,116 @@ def _layout(
     return rows[stored], position[stored]
 
 
+@dataclass(frozen=True)
+class SlateCandidates:
+    """What the slate policy reads of scored candidates, as arrays (a frame's columns, or
+    one subject's shortlist online, without a DataFrame per request)."""
+
+    subject_id: np.ndarray
+    item_id: np.ndarray
+    utility: np.ndarray
+    calibrated: np.ndarray
+    category_code: np.ndarray
+    """Codes of the categories (equal code, equal category; any int64 >= 0)."""
+    category_capped: np.ndarray
+    """Where max_per_category applies (`rules.categories.category_capped`)."""
+    creator_code: np.ndarray
+    is_sponsored: np.ndarray
+    is_exploration_candidate: np.ndarray
+
+    @classmethod
+    def of(cls, scored: pd.DataFrame) -> SlateCandidates:
+        # Factorize whole columns (Arrow strings encode fast there).
+        category_code, _ = pd.factorize(scored["category"], use_na_sentinel=False)
+        creator_code, _ = pd.factorize(scored["creator_id"], use_na_sentinel=False)
+        return cls(
+            subject_id=scored["subject_id"].to_numpy(dtype=np.int64),
+            item_id=scored["item_id"].to_numpy(dtype=np.int64),
+            utility=scored["utility"].to_numpy(dtype=np.float64),
+            calibrated=scored["calibrated"].to_numpy(dtype=np.float64, na_value=np.nan),
+            category_code=category_code.astype(np.int64),
+            category_capped=category_capped(scored["category"]),
+            creator_code=creator_code.astype(np.int64),
+            is_sponsored=scored["is_sponsored"].to_numpy(dtype=bool),
+            is_exploration_candidate=scored["is_exploration_candidate"].to_numpy(dtype=bool),
+        )
+
+
+@dataclass(frozen=True)
+class SlateSelection:
+    """The policy's decision: which candidate rows make the slates, in (subject, position)
+    order, and per slate row its position and why it is there."""
+
+    rows: np.ndarray
+    position: np.ndarray
+    high_confidence: np.ndarray
+    explored: np.ndarray
+    propensity: np.ndarray
+    exploration_seed: np.ndarray
+    sponsored: np.ndarray
+
+
+def select_slates(
+    candidates: SlateCandidates,
+    surface: SurfaceConfig,
+    *,
+    seed: int,
+    high_confidence_threshold: float = 0.5,
+    exploration_temperature: float = DEFAULT_EXPLORATION_TEMPERATURE,
+) -> SlateSelection:
+    """The slate policy (module docstring) over `candidates`: the one implementation that
+    batch slates and serving's online rerank share. Candidates need not be grouped."""
+    policy = surface.slate_policy
+    subject_code, subject_ids = pd.factorize(candidates.subject_id, sort=True)
+    utility = candidates.utility
+    item_id = candidates.item_id
+    order = _rank_order(subject_code, utility, item_id)
+    # One int64 key per (subject, item), hashed: no DataFrame per call (online, per request).
+    item_code, items = pd.factorize(item_id[order])
+    duplicate = pd.Index(subject_code[order].astype(np.int64) * len(items) + item_code).duplicated()
+    ranked = order[~duplicate]  # input row of each deduped candidate, by rank
+
+    # From here on, rows are the kept candidates: `source` is their input row.
+    source = ranked[_kept_by_caps(candidates, ranked, subject_code[ranked], policy)]
+    subject = subject_code[source]
+    high_confidence = np.zeros(source.size, dtype=bool)
+    if policy.high_confidence_first:
+        high_confidence = _high_confidence_items(
+            candidates.calibrated[source], subject, high_confidence_threshold
+        )
+
+    seeds = subject_exploration_seeds(seed, subject_ids)[subject]
+    slot_positions = np.array(
+        exploration_slot_positions(surface.display_count, policy.exploration_slots),
+        dtype=np.int64,
+    )
+    sponsored = candidates.is_sponsored[source]
+    in_pool = candidates.is_exploration_candidate[source]
+    drawn, drawn_step, propensity = _draw_exploration(
+        in_pool & ~sponsored & ~high_confidence,
+        utility[source],
+        item_id[source],
+        subject,
+        seeds,
+        slot_positions.size,
+        exploration_temperature * _utility_scale(utility[source], subject),
+    )
+    explored = np.zeros(source.size, dtype=bool)
+    explored[drawn] = True
+    rows, position = _layout(
+        subject, high_confidence, drawn, drawn_step, slot_positions, surface.store_depth
+    )
+    return SlateSelection(
+        rows=source[rows],
+        position=position,
+        high_confidence=high_confidence[rows],
+        explored=explored[rows],
+        propensity=propensity[rows],
+        exploration_seed=seeds[rows],
+        sponsored=sponsored[rows],
+    )
+
+
 def build_slates(
     scored: pd.DataFrame,
     surface: SurfaceConfig,
@@ -421,66 +532,36 @@ def build_slates(
         return pd.DataFrame(
             {column: pd.Series(dtype=dtype) for column, dtype in _slate_dtypes(scored).items()}
         )
-    policy = surface.slate_policy
-    subject_code, subject_ids = pd.factorize(
-        scored["subject_id"].to_numpy(dtype=np.int64), sort=True
+    selection = select_slates(
+        SlateCandidates.of(scored),
+        surface,
+        seed=seed,
+        high_confidence_threshold=high_confidence_threshold,
+        exploration_temperature=exploration_temperature,
     )
-    utility = scored["utility"].to_numpy(dtype=np.float64)
-    item_id = scored["item_id"].to_numpy(dtype=np.int64)
-    order = _rank_order(subject_code, utility, item_id)
-    duplicate = pd.DataFrame({"subject": subject_code[order], "item": item_id[order]}).duplicated()
-    ranked = order[~duplicate.to_numpy()]  # input row of each deduped candidate, by rank
-
-    # From here on, rows are the kept candidates: `source` is their input row.
-    source = ranked[_kept_by_caps(scored, ranked, subject_code[ranked], policy)]
-    subject = subject_code[source]
-    high_confidence = np.zeros(source.size, dtype=bool)
-    if policy.high_confidence_first:
-        calibrated = scored["calibrated"].to_numpy(dtype=np.float64, na_value=np.nan)[source]
-        high_confidence = _high_confidence_items(calibrated, subject, high_confidence_threshold)
-
-    seeds = subject_exploration_seeds(seed, subject_ids)[subject]
-    slot_positions = np.array(
-        exploration_slot_positions(surface.display_count, policy.exploration_slots),
-        dtype=np.int64,
-    )
-    sponsored = scored["is_sponsored"].to_numpy(dtype=bool)[source]
-    in_pool = scored["is_exploration_candidate"].to_numpy(dtype=bool)[source]
-    drawn, drawn_step, propensity = _draw_exploration(
-        in_pool & ~sponsored & ~high_confidence,
-        utility[source],
-        item_id[source],
-        subject,
-        seeds,
-        slot_positions.size,
-        exploration_temperature * _utility_scale(utility[source], subject),
-    )
-    explored = np.zeros(source.size, dtype=bool)
-    explored[drawn] = True
-    rows, position = _layout(
-        subject, high_confidence, drawn, drawn_step, slot_positions, surface.store_depth
-    )
-
-    taken = scored.take(source[rows]).reset_index(drop=True)
+    taken = scored.take(selection.rows).reset_index(drop=True)
     slates = pd.DataFrame(
         {
             "subject_id": taken["subject_id"],
-            "position": position,
+            "position": selection.position,
             "item_id": taken["item_id"],
             "item_type": taken["item_type"],
             "category": taken["category"],
             "creator_id": taken["creator_id"],
-            "is_sponsored": sponsored[rows],
+            "is_sponsored": selection.sponsored,
             "score": taken["utility"],
             "calibrated": taken["calibrated"],
             "reason_codes": _reason_codes(
-                taken["source_provenance"], high_confidence[rows], explored[rows], sponsored[rows]
+                taken["source_provenance"],
+                selection.high_confidence,
+                selection.explored,
+                selection.sponsored,
             ),
             "source_provenance": taken["source_provenance"],
-            "exploration": explored[rows],
-            "propensity": propensity[rows],
-            "exploration_seed": seeds[rows],
-            "slate_policy_version": policy.version,
+            "exploration": selection.explored,
+            "propensity": selection.propensity,
+            "exploration_seed": selection.exploration_seed,
+            "slate_policy_version": surface.slate_policy.version,
         }
     )
     for column in (*LINEAGE_COLUMNS, *(c for c in OPTIONAL_LINEAGE_COLUMNS if c in scored)):

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Literal
 
+import numpy as np
 import pandas as pd
 
 from recsys_assets.config import SurfaceConfig
@@ -105,3 +108,26 @@ def shard_bounds(n_subjects: int, shard_size: int) -> list[tuple[int, int]]:
     return [
         (start, min(start + shard_size, n_subjects)) for start in range(0, n_subjects, shard_size)
     ]
+
+
+def shard_count(n_subjects: int, shards: int | Literal["auto"], shard_subjects: int) -> int:
+    """Shards of a partition with `n_subjects`: `pipeline.shards`, or under `auto` one per
+    `shard_subjects` subjects (at least one, so an empty partition still has its parts)."""
+    if shards == "auto":
+        return max(1, math.ceil(n_subjects / shard_subjects))
+    return shards
+
+
+def subject_shards(subject_ids: np.ndarray | pd.Series, shards: int) -> np.ndarray:
+    """The shard (0 … shards-1) of each subject: a SplitMix64 hash of its id modulo `shards`.
+
+    The same id lands in the same shard in every run, process and machine (no salted
+    `hash()`), and consecutive ids spread evenly over the shards.
+    """
+    mixed = np.asarray(subject_ids, dtype=np.int64).view(np.uint64)
+    with np.errstate(over="ignore"):
+        mixed = mixed + np.uint64(0x9E3779B97F4A7C15)
+        mixed = (mixed ^ (mixed >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        mixed = (mixed ^ (mixed >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        mixed = mixed ^ (mixed >> np.uint64(31))
+    return (mixed % np.uint64(shards)).astype(np.int64)

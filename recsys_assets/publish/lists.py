@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from recsys_assets.config import ConfigError, SurfaceConfig
+from recsys_assets.pipeline.features import FEATURE_COLUMNS
 from recsys_assets.rules.person import in_quiet_hours, known_timezone
 from recsys_assets.warehouse import Warehouse, partition_path
 
@@ -60,6 +61,14 @@ out as the item's score. Null on fallback lists, which no model scored; not in L
 because versions published before it lack it (serving and rollback still read them)."""
 FALLBACK_EXTRA_COLUMNS = ["policy_version", "eligibility_scope", "ttl_s", "reason"]
 """Fallback lists also say which policy built them, for whom, for how long, and why."""
+SHORTLIST_FEATURE_PREFIX = "f_"
+SHORTLIST_ITEM_COLUMNS = ["category", "creator_id", "is_sponsored", "is_exploration_candidate"]
+SHORTLIST_FEATURE_COLUMNS = [f"{SHORTLIST_FEATURE_PREFIX}{name}" for name in FEATURE_COLUMNS]
+SHORTLIST_COLUMNS = ["in_slate", *SHORTLIST_ITEM_COLUMNS, *SHORTLIST_FEATURE_COLUMNS]
+"""Shortlists (`storage_mode: candidate_pool`) also carry what the online rerank needs per
+candidate: whether the row is one of the stored slate's (`in_slate`, first in position
+order), the slate policy's item attributes, and the ranker's inputs as batch gathered them
+(`f_<feature>`, FEATURE_COLUMNS order, float32)."""
 
 
 def lists_from_slates(
@@ -153,6 +162,7 @@ def finalize_lists(
         *LIST_COLUMNS,
         CALIBRATED_COLUMN,
         *(c for c in FALLBACK_EXTRA_COLUMNS if c in frame.columns),
+        *(c for c in SHORTLIST_COLUMNS if c in frame.columns),
     ]
     missing = [c for c in LIST_COLUMNS if c not in frame.columns]
     if missing:
@@ -320,4 +330,3 @@ def _next_send(
         fallback = fallback if fallback is not None else candidate
     # Only reachable when the send hour itself is quiet: the send hour wins.
     return (fallback if fallback is not None else first).tz_localize(None)
-

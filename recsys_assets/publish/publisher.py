@@ -47,11 +47,13 @@ from recsys_assets.publish.manifest import (
     read_manifest,
     update_manifest,
 )
+from recsys_assets.publish.shortlists import shortlist_parts
 from recsys_assets.publish.validation import (
     VALIDATED_COLUMNS,
     GateLimits,
     ValidationReport,
     validate_parts,
+    validated_columns,
     whole_lists,
 )
 from recsys_assets.publish.versions import (
@@ -185,7 +187,8 @@ def publish_parts(
     limits = GateLimits.for_fallback(thresholds) if fallback else GateLimits.for_lists(thresholds)
     tombstones = load_tombstones(warehouse)
     report = validate_parts(
-        whole_lists(_judged_parts(warehouse, folder)),  # judge the bytes serving will read
+        # Judge the bytes serving will read.
+        whole_lists(_judged_parts(warehouse, folder, validated_columns(surface_config))),
         surface=surface_config,
         region=region,
         items=items,
@@ -389,7 +392,7 @@ def _write_version_parts(
 _JUDGED_BATCH_ROWS = 262_144
 
 
-def _judged_parts(warehouse: Warehouse, folder: str) -> Iterator[pd.DataFrame]:
+def _judged_parts(warehouse: Warehouse, folder: str, columns: list[str]) -> Iterator[pd.DataFrame]:
     """The version's lists.parquet as written, the columns the gate reads, a batch at a time."""
     with warehouse.fs.open(warehouse.path(f"{folder}/{LISTS_FILE}"), "rb") as handle:
         reader = pq.ParquetFile(handle)
@@ -397,7 +400,7 @@ def _judged_parts(warehouse: Warehouse, folder: str) -> Iterator[pd.DataFrame]:
         # footprint with the file's length, one per row group stays flat.
         for row_group in range(reader.num_row_groups):
             for batch in reader.iter_batches(
-                batch_size=_JUDGED_BATCH_ROWS, columns=VALIDATED_COLUMNS, row_groups=[row_group]
+                batch_size=_JUDGED_BATCH_ROWS, columns=columns, row_groups=[row_group]
             ):
                 yield batch.to_pandas()
 
@@ -412,25 +415,37 @@ def publish_partition(
     pipeline_run_id: str | None = None,
     tracking_secret: str | None = None,
 ) -> PublishOutcome:
-    """Publish a partition's slates (what the `published_lists` asset runs), part by part."""
+    """Publish a partition's slates (what the `published_lists` asset runs), part by part;
+    for a `storage_mode: candidate_pool` surface, its shortlists (publish/shortlists.py)."""
     surface_config = settings.surface(surface)
     where = partition_path(surface=surface, region=region)
     slates = _pipeline_parts(warehouse, "slates", where)
     subjects = _pipeline_table(warehouse, "subjects", where)
     snapshot = _snapshot_id(warehouse)
     candidate_policy_version = _candidate_policy_version(warehouse, where)
-    lists = (
-        lists_from_slates(
-            warehouse.read_parquet(part),
-            surface=surface_config,
-            region=region,
-            ttl=surface_config.ttl,
+    lists: Iterable[pd.DataFrame]
+    if surface_config.storage_mode == "candidate_pool":
+        lists = shortlist_parts(
+            warehouse,
+            surface_config,
+            region,
             source_data_snapshot=snapshot,
             candidate_policy_version=candidate_policy_version,
             pipeline_run_id=pipeline_run_id,
         )
-        for part in slates
-    )
+    else:
+        lists = (
+            lists_from_slates(
+                warehouse.read_parquet(part),
+                surface=surface_config,
+                region=region,
+                ttl=surface_config.ttl,
+                source_data_snapshot=snapshot,
+                candidate_policy_version=candidate_policy_version,
+                pipeline_run_id=pipeline_run_id,
+            )
+            for part in slates
+        )
     return publish_parts(
         warehouse,
         settings,

@@ -190,6 +190,7 @@ VALIDATED_COLUMNS = [
     "expires_at",
 ]
 """The lists.parquet columns the gate reads: a version is validated from these alone."""
+IN_SLATE_COLUMN = "in_slate"
 
 
 @dataclass
@@ -305,7 +306,7 @@ def measure_lists(
         list_lengths=lengths.to_numpy(dtype=np.int64),
         subject_ids=np.unique(lists["subject_id"].to_numpy(dtype=np.int64)),
     )
-    malformed = _malformed_lists(lists, surface.store_depth)
+    malformed = _malformed_lists(lists, stored_depth(surface))
     measures.malformed = malformed[:_MALFORMED_NAMED]
     measures.malformed_count = len(malformed)
     if person is not None and kind == "personalized":
@@ -328,7 +329,9 @@ def measure_lists(
     )
     measures.empty_lists = int((valid_lengths == 0).sum())
     if kind == "personalized":
-        violating, measures.violations_by_rule = _policy_violations(lists, items, surface)
+        violating, measures.violations_by_rule = _policy_violations(
+            slate_rows(lists, surface), items, surface
+        )
         measures.policy_violating_lists = violating
     scores = pd.to_numeric(lists["score"], errors="coerce").to_numpy(dtype=np.float64)
     finite = scores[np.isfinite(scores)]
@@ -477,7 +480,7 @@ def judge(
             0.0,
             measures.malformed_count == 0,
             f"{measures.malformed_count} list(s) have missing item ids, positions that are not "
-            f"1..n, or more than store_depth {surface.store_depth} items, e.g. "
+            f"1..n, or more than {depth_name(surface)} {stored_depth(surface)} items, e.g. "
             f"{measures.malformed}",
         )
     )
@@ -728,6 +731,40 @@ def _facts_of(person: PersonFacts, subject_ids: np.ndarray) -> PersonFacts:
         user_controls=person.user_controls[person.user_controls["user_id"].isin(subject_ids)],
         events=person.events[person.events["user_id"].isin(subject_ids)],
     )
+
+
+def stored_depth(surface: SurfaceConfig) -> int:
+    """Items a published list may hold: store_depth for final slates, the shortlist size for
+    `storage_mode: candidate_pool`. The mean-length check stays against store_depth for both:
+    a shortlist must hold at least a slate's worth, and its pool may be shorter than the
+    shortlist size."""
+    if surface.storage_mode == "candidate_pool":
+        return surface.candidate_pool.shortlist_size
+    return surface.store_depth
+
+
+def depth_name(surface: SurfaceConfig) -> str:
+    """The configuration key behind `stored_depth`, for messages."""
+    if surface.storage_mode == "candidate_pool":
+        return "candidate_pool.shortlist_size"
+    return "store_depth"
+
+
+def validated_columns(surface: SurfaceConfig) -> list[str]:
+    """The columns the gate reads of `surface`'s lists: shortlists also say which rows are
+    their stored slate (`in_slate`)."""
+    if surface.storage_mode == "candidate_pool":
+        return [*VALIDATED_COLUMNS, IN_SLATE_COLUMN]
+    return VALIDATED_COLUMNS
+
+
+def slate_rows(lists: pd.DataFrame, surface: SurfaceConfig) -> pd.DataFrame:
+    """The rows the slate policy governs: every row of a final slate; of a shortlist, its
+    stored slate (`in_slate`, first in batch order). The rest of a shortlist is candidates,
+    to which serving applies the policy online when it reranks."""
+    if surface.storage_mode != "candidate_pool" or IN_SLATE_COLUMN not in lists.columns:
+        return lists
+    return lists.loc[lists[IN_SLATE_COLUMN].to_numpy(dtype=bool)]
 
 
 def _malformed_lists(lists: pd.DataFrame, store_depth: int) -> list[str]:

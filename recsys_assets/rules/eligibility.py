@@ -33,6 +33,8 @@ HIDDEN_BY_USER = "hidden_by_user"
 ALREADY_CONSUMED = "already_consumed"
 FREQUENCY_CAP = "frequency_cap"
 CONSENT_REVOKED = "consent_revoked"
+# Reasons from a serving decision outside the item state (serving/kills.py).
+CAMPAIGN_KILLED = "campaign_killed"
 
 ITEM_REASONS = (
     UNKNOWN_ITEM,
@@ -52,6 +54,7 @@ REJECTION_REASONS = (
     ALREADY_CONSUMED,
     FREQUENCY_CAP,
     CONSENT_REVOKED,
+    CAMPAIGN_KILLED,  # only refuses items that passed every other rule: reported last
 )
 
 

@@ -15,10 +15,11 @@ everywhere (a property test checks that they agree):
 - **Positive interaction** lives in `rules/engagement.py` (`positive_signal`).
 
 Facts come from the raw snapshot *and* from the events serving received since
-(`serving/events/date=D/<uuid>.parquet`, written by `POST /v1/events`): a consent event
-overrides the raw `consent_personalization` flag (the latest one wins, whatever the age of
-the snapshot, so a re-seeded snapshot cannot forget a revocation), a hide event is a control
-recorded after the raw ones, a purchase event a consumed item. Serving applies the same
+(`serving/events/date=D/<uuid>.parquet`, written by `POST /v1/events`): a consent,
+unsubscribe or push opt-out event overrides its raw flag (`PERSON_FLAG_EVENTS`; the latest
+one per flag wins, whatever the age of the snapshot, so a re-seeded snapshot cannot forget a
+revocation), a hide event is a control recorded after the raw ones, a purchase event a
+consumed item. Serving applies the same
 events in place (`serving/state.py`); subjects, candidates, publish validation and export
 read them here, so a revocation reaches every role.
 """
@@ -66,6 +67,17 @@ EVENT_COLUMNS = list(EVENT_SCHEMA)
 EVENT_ORDER = ["ts", "received_at"]
 """Events apply in this order: the later one wins; on an equal `ts` the one received later."""
 CONSENT_EVENTS = {"consent_granted": True, "consent_revoked": False}
+PERSON_FLAG_EVENTS: dict[str, tuple[str, bool]] = {
+    "consent_granted": (CONSENT, True),
+    "consent_revoked": (CONSENT, False),
+    "email_subscribed": (EMAIL, True),
+    "email_unsubscribed": (EMAIL, False),
+    "push_enabled": (PUSH, True),
+    "push_disabled": (PUSH, False),
+}
+"""Event type → (the person flag it sets, the value it sets). Opting back in (`True`) is an
+admin action over the API, as granting consent is."""
+OPT_IN_EVENTS = tuple(kind for kind, (_, value) in PERSON_FLAG_EVENTS.items() if value)
 HIDE_EVENTS = {
     "hide_item": ("item", "item_id"),
     "hide_creator": ("creator", "creator_id"),
@@ -90,7 +102,7 @@ class PersonFacts:
 
     @property
     def current_users(self) -> pd.DataFrame:
-        """`users` with consent as it stands now (consent events applied)."""
+        """`users` with consent and subscriptions as they stand now (their events applied)."""
         return with_consent_events(self.users, self.events)
 
 
@@ -162,26 +174,37 @@ def may_receive(surface: SurfaceConfig, flags: Mapping[str, bool]) -> bool:
     return all(bool(flags.get(flag, False)) for flag in person_requirements(surface))
 
 
-def consent_overrides(events: pd.DataFrame) -> pd.Series:
-    """Per user_id, the consent their latest consent event left (True = granted)."""
-    changes = in_apply_order(events[events["type"].isin(list(CONSENT_EVENTS))])
+def flag_overrides(events: pd.DataFrame, flag: str) -> pd.Series:
+    """Per user_id, the value of `flag` their latest event about it left (True = opted in)."""
+    kinds = {kind: value for kind, (named, value) in PERSON_FLAG_EVENTS.items() if named == flag}
+    changes = in_apply_order(events[events["type"].isin(list(kinds))])
     latest = changes.drop_duplicates("user_id", keep="last")
     return pd.Series(
-        latest["type"].map(CONSENT_EVENTS).to_numpy(dtype=bool),
+        latest["type"].map(kinds).to_numpy(dtype=bool),
         index=pd.Index(latest["user_id"].to_numpy(dtype=np.int64), name="user_id"),
-        name=CONSENT,
+        name=flag,
     )
 
 
+def consent_overrides(events: pd.DataFrame) -> pd.Series:
+    """Per user_id, the consent their latest consent event left (True = granted)."""
+    return flag_overrides(events, CONSENT)
+
+
 def with_consent_events(users: pd.DataFrame, events: pd.DataFrame) -> pd.DataFrame:
-    """`users` whose `consent_personalization` is overridden by their latest consent event."""
-    overrides = consent_overrides(events)
-    changed = users["user_id"].isin(overrides.index).to_numpy()
-    if not changed.any():
-        return users
-    consent = users[CONSENT].astype(bool).to_numpy(copy=True)
-    consent[changed] = users.loc[changed, "user_id"].map(overrides).to_numpy(dtype=bool)
-    return users.assign(**{CONSENT: consent})
+    """`users` whose person flags (consent, email, push; those it has) are overridden by
+    their latest event about each."""
+    changed: dict[str, np.ndarray] = {}
+    for flag in PERSON_REQUIREMENTS:
+        if flag not in users.columns:
+            continue
+        overrides = flag_overrides(events, flag)
+        hit = users["user_id"].isin(overrides.index).to_numpy()
+        if hit.any():
+            values = users[flag].astype(bool).to_numpy(copy=True)
+            values[hit] = users.loc[hit, "user_id"].map(overrides).to_numpy(dtype=bool)
+            changed[flag] = values
+    return users.assign(**changed) if changed else users
 
 
 def without_consent(

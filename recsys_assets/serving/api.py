@@ -16,6 +16,7 @@ Settings; they are documentation only, so an unknown value still gets the servic
 annotations at runtime, and the per-app models are local names.)
 """
 
+import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
@@ -44,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from recsys_assets.channels.attribution import ENGAGEMENT_TYPES, AttributionError
 from recsys_assets.config import Settings
+from recsys_assets.rules.person import OPT_IN_EVENTS
 from recsys_assets.serving.auth import (
     ADMIN,
     EVENTS_WRITE,
@@ -52,6 +54,8 @@ from recsys_assets.serving.auth import (
     ApiTokens,
     allows,
 )
+from recsys_assets.serving.kills import KillError, KillScope
+from recsys_assets.serving.rerank import MAX_SESSION_ITEMS
 from recsys_assets.serving.service import SERVED_FROM, RecommendationService, ServingRequestError
 from recsys_assets.serving.state import EVENT_TYPES, INT64_MAX, InvalidEvent, ServingEvent
 
@@ -93,6 +97,11 @@ class ItemOut(BaseModel):
     source_provenance: list[str]
 
 
+class ExperimentOut(BaseModel):
+    id: str
+    arm: str
+
+
 class RecommendationOut(BaseModel):
     request_id: str
     subject_id: int
@@ -106,6 +115,47 @@ class RecommendationOut(BaseModel):
     model_version: str | None
     items: list[ItemOut]
     rejections: dict[str, int] = Field(description="Items refused by the final check, by reason")
+    experiment: ExperimentOut | None = Field(
+        None,
+        description="The subject's arm when the surface runs an experiment, else null",
+    )
+
+
+class KillIn(BaseModel):
+    """What to take off the air: a surface, one region of it, or a campaign's items."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    surface: str = Field(min_length=1, max_length=100)
+    region: str | None = Field(None, min_length=1, max_length=100)
+    campaign: str | None = Field(
+        None, min_length=1, max_length=200, description="campaign_id: remove its items only"
+    )
+    reason: str = Field(min_length=1, max_length=500, description="Why: goes into the audit")
+
+
+class LiftIn(BaseModel):
+    """The exact scope of an active kill to lift."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    surface: str = Field(min_length=1, max_length=100)
+    region: str | None = Field(None, min_length=1, max_length=100)
+    campaign: str | None = Field(None, min_length=1, max_length=200)
+    reason: str | None = Field(None, min_length=1, max_length=500)
+
+
+class KillOut(BaseModel):
+    surface: str
+    region: str | None
+    campaign: str | None
+    reason: str
+    actor: str
+    killed_at: str
+
+
+class KillsOut(BaseModel):
+    kills: list[KillOut]
 
 
 class EventIn(BaseModel):
@@ -289,6 +339,18 @@ class RequireScope:
 
 read_access = RequireScope(RECOMMENDATIONS_READ, open_when_unconfigured=True)
 write_access = RequireScope(EVENTS_WRITE, open_when_unconfigured=False)
+admin_access = RequireScope(ADMIN, open_when_unconfigured=False)
+
+
+async def admin_actor(request: Request, credentials: Credentials) -> str:
+    """Check the `admin` scope; return who acts, for the audit: a fingerprint of the token
+    (its SHA-256, shortened), never the token itself."""
+    await admin_access(request, credentials)
+    assert credentials is not None  # admin_access refused a request without one
+    return "token:" + hashlib.sha256(credentials.credentials.encode()).hexdigest()[:12]
+
+
+AdminActor = Annotated[str, Depends(admin_actor)]
 
 
 async def event_access(request: Request, credentials: Credentials) -> frozenset[str]:
@@ -387,6 +449,10 @@ def create_app(
     async def unattributable(request: Request, error: AttributionError) -> JSONResponse:
         return JSONResponse({"error": str(error)}, status_code=error.status_code)
 
+    @app.exception_handler(KillError)
+    async def bad_kill(request: Request, error: KillError) -> JSONResponse:
+        return JSONResponse({"error": str(error)}, status_code=error.status_code)
+
     @app.exception_handler(InvalidEvent)
     async def bad_event(request: Request, error: InvalidEvent) -> JSONResponse:
         return JSONResponse({"error": f"invalid event: {error}"}, status_code=422)
@@ -413,8 +479,26 @@ def create_app(
         limit: Annotated[
             int | None, Query(ge=1, description="at most the surface's display_count")
         ] = None,
+        session_item_ids: Annotated[
+            list[Annotated[int, Field(ge=0, le=INT64_MAX)]] | None,
+            Query(
+                max_length=MAX_SESSION_ITEMS,
+                description="candidate_pool_rerank: items of this session (repeat the key)",
+            ),
+        ] = None,
+        category_intent: Annotated[
+            str | None,
+            Query(min_length=1, max_length=200, description="candidate_pool_rerank: a category"),
+        ] = None,
     ) -> Response:
-        recommendation = serving.recommend(subject_id, surface, region, limit=limit)
+        context: dict[str, Any] = {}
+        if session_item_ids:
+            context["session_item_ids"] = session_item_ids
+        if category_intent is not None:
+            context["category_intent"] = category_intent
+        recommendation = serving.recommend(
+            subject_id, surface, region, limit=limit, context=context or None
+        )
         return Response(
             json.dumps(recommendation.to_dict(), separators=(",", ":")),
             media_type="application/json",
@@ -425,10 +509,12 @@ def create_app(
         response_model=EventAccepted,
         status_code=202,
         responses={**errors, 503: {"model": ErrorOut}},
-        summary="Report a hide, exposure, purchase, consent change, or a message open / click",
+        summary="Report a hide, exposure, purchase, consent or subscription change, or a "
+        "message open / click",
         description="Opens and clicks (`tracking_token` from the message) need no bearer "
         "token: the token is verified against the send it belongs to; unknown → 404, not "
-        "verifying → 403. Every other type needs `events:write` (`consent_granted`: `admin`).",
+        "verifying → 403. Every other type needs `events:write`; opting in (`consent_granted`, "
+        "`email_subscribed`, `push_enabled`) needs `admin`.",
     )
     def events(
         event: Annotated[EventBody | EngagementIn, Field(discriminator="type")],  # type: ignore[valid-type]
@@ -448,9 +534,9 @@ def create_app(
                     status_code=503,
                 )
             return EventAccepted(accepted=0 if path is None else 1, path=path)
-        if event.type == "consent_granted" and not allows(scopes, ADMIN):
+        if event.type in OPT_IN_EVENTS and not allows(scopes, ADMIN):
             return JSONResponse(
-                {"error": "a consent_granted event needs a token with the 'admin' scope"},
+                {"error": f"a {event.type} event needs a token with the 'admin' scope"},
                 status_code=403,
             )
         try:
@@ -464,6 +550,43 @@ def create_app(
                 status_code=503,
             )
         return EventAccepted(accepted=1, path=path)
+
+    @app.post(
+        "/v1/admin/kill",
+        response_model=KillOut,
+        status_code=201,
+        responses=errors,
+        summary="Kill a surface, a region of it, or a campaign's items, at once",
+        description="Needs the `admin` scope. A killed surface or region is served from "
+        "the fallback lists (`served_from: killed_fallback`); a killed campaign's items are "
+        "removed and the fill takes the next ones. Effective on the next request here and "
+        "within the manifest poll interval in every other serving process; audited in the "
+        "decision log.",
+    )
+    def kill(body: KillIn, actor: AdminActor) -> Any:
+        scope = KillScope(body.surface, body.region, body.campaign)
+        return serving.kill(scope, reason=body.reason, actor=actor).to_dict()
+
+    @app.delete(
+        "/v1/admin/kill",
+        response_model=KillOut,
+        responses=errors,
+        summary="Lift the kill of exactly this scope",
+        description="Needs the `admin` scope; 404 when no kill of that scope is active.",
+    )
+    def lift(body: LiftIn, actor: AdminActor) -> Any:
+        scope = KillScope(body.surface, body.region, body.campaign)
+        return serving.lift(scope, actor=actor, reason=body.reason).to_dict()
+
+    @app.get(
+        "/v1/admin/kill",
+        response_model=KillsOut,
+        responses=errors,
+        summary="The kills in force",
+        dependencies=[Depends(admin_access)],
+    )
+    def kills() -> Any:
+        return {"kills": [kill.to_dict() for kill in serving.kill_switch.active.kills]}
 
     @app.get(
         "/metrics",

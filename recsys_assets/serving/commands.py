@@ -1,14 +1,18 @@
-"""`recsys recommend` (one request, printed as JSON) and `recsys serve` (the HTTP API)."""
+"""`recsys recommend` (one request, printed as JSON), `recsys serve` (the HTTP API) and
+`recsys kill` (the kill switch, as `POST/DELETE /v1/admin/kill` without a server)."""
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import logging
+import socket
 from typing import Any
 
 from recsys_assets.serving import service as service_module
 from recsys_assets.serving.auth import ApiTokens
+from recsys_assets.serving.kills import KillScope
 from recsys_assets.serving.service import RecommendationService
 from recsys_assets.warehouse import Warehouse
 
@@ -46,6 +50,25 @@ def register(subparsers: Any) -> None:
     )
     serve.set_defaults(handler=_serve)
 
+    kill = subparsers.add_parser(
+        "kill",
+        help="kill (or --lift) a surface, a region of it, or a campaign, without a republish",
+        description="Take a surface (every region, or --region R) off its lists: served from "
+        "the fallback lists, served_from killed_fallback. With --campaign C, remove that "
+        "campaign's items only. Written to the warehouse (serving/kills.json): every serving "
+        "process applies it within serving.manifest_poll_interval_s; audited in the serving "
+        "decision log. --lift removes the kill of exactly that scope; --list shows the kills "
+        "in force.",
+    )
+    kill.add_argument("--surface", help="a configured surface (required unless --list)")
+    kill.add_argument("--region", help="only this region of the surface")
+    kill.add_argument("--campaign", help="only this campaign_id's items")
+    kill.add_argument("--reason", help="why (required to kill; recorded in the audit trail)")
+    action = kill.add_mutually_exclusive_group()
+    action.add_argument("--lift", action="store_true", help="lift the kill of this scope")
+    action.add_argument("--list", action="store_true", help="print the kills in force")
+    kill.set_defaults(handler=_kill)
+
 
 def _recommend(args: argparse.Namespace) -> int:
     service = RecommendationService(Warehouse.from_env())
@@ -77,4 +100,29 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=args.access_log,
         log_level="info",
     )
+    return 0
+
+
+def _kill(args: argparse.Namespace) -> int:
+    service = RecommendationService(Warehouse.from_env())
+    try:
+        if args.list:
+            service.kill_switch.refresh()
+            kills = [kill.to_dict() for kill in service.kill_switch.active.kills]
+            print(json.dumps({"kills": kills}, indent=2))
+            return 0
+        if not args.surface:
+            raise ValueError("--surface is required (or --list)")
+        scope = KillScope(args.surface, args.region, args.campaign)
+        actor = f"cli:{getpass.getuser()}@{socket.gethostname()}"
+        if args.lift:
+            lifted = service.lift(scope, actor=actor, reason=args.reason)
+            print(json.dumps({"lifted": lifted.to_dict()}, indent=2))
+        else:
+            if not args.reason:
+                raise ValueError("--reason is required to kill (it goes into the audit trail)")
+            killed = service.kill(scope, reason=args.reason, actor=actor)
+            print(json.dumps({"killed": killed.to_dict()}, indent=2))
+    finally:
+        service.close()  # writes the audit row
     return 0

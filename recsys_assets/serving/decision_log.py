@@ -8,6 +8,11 @@ rows wait for the next flush, up to `max_pending` of them; beyond that the oldes
 dropped and counted, so a storage outage cannot exhaust memory. A record that cannot be
 turned into a row (it should never happen: requests are validated first) is isolated and
 dropped alone, so one bad record can never stop the log.
+
+Rows are of two kinds (`kind`): `recommendation`, one per response, with its serving mode
+and experiment arm; and the kill switch's audit trail, `kill` / `lift`, saying who
+(`actor`), what (`surface`, `region`, and the campaign in `context`), why (`reason` in
+`context`) and when (`ts`).
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import pyarrow as pa
 from recsys_assets.warehouse import Warehouse
 
 if TYPE_CHECKING:
+    from recsys_assets.serving.experiments import Assignment
+    from recsys_assets.serving.kills import KillScope
     from recsys_assets.serving.service import Recommendation
 
 log = logging.getLogger(__name__)
@@ -51,8 +58,14 @@ DECISION_LOG_SCHEMA = pa.schema(
         ("requested_limit", pa.int64()),
         ("context", pa.string()),
         ("latency_us", pa.float64()),
+        ("kind", pa.string()),
+        ("serving_mode", pa.string()),
+        ("experiment_id", pa.string()),
+        ("experiment_arm", pa.string()),
+        ("actor", pa.string()),
     ]
 )
+RECOMMENDATION = "recommendation"
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +78,51 @@ class DecisionRecord:
     requested_limit: int | None
     context: dict[str, Any] | None
     latency_us: float
+    serving_mode: str | None = None
+    assignment: Assignment | None = None
 
 
-def records_table(records: list[DecisionRecord]) -> pa.Table:
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """A kill or a lift of the kill switch: who, which scope, why, when."""
+
+    ts_ns: int
+    action: str
+    scope: KillScope
+    actor: str
+    reason: str | None
+
+
+def records_table(records: list[DecisionRecord | AuditRecord]) -> pa.Table:
     """The decision-log rows of `records`, in DECISION_LOG_SCHEMA."""
+    decisions = [record for record in records if isinstance(record, DecisionRecord)]
+    audits = [record for record in records if isinstance(record, AuditRecord)]
+    if not audits:
+        return _decisions_table(decisions)
+    return pa.concat_tables([_decisions_table(decisions), _audit_table(audits)])
+
+
+def _audit_table(records: list[AuditRecord]) -> pa.Table:
+    rows = [
+        {
+            "ts": record.ts_ns,
+            "request_id": f"{record.action}-{uuid.uuid4().hex}",
+            "surface": record.scope.surface,
+            "region": record.scope.region,
+            "context": json.dumps(
+                {"campaign": record.scope.campaign, "reason": record.reason}, sort_keys=True
+            ),
+            "kind": record.action,
+            "actor": record.actor,
+        }
+        for record in records
+    ]
+    return pa.Table.from_pylist(rows, schema=DECISION_LOG_SCHEMA)
+
+
+def _decisions_table(records: list[DecisionRecord]) -> pa.Table:
     responses = [record.recommendation for record in records]
+    assignments = [record.assignment for record in records]
     columns = {
         "ts": [record.ts_ns for record in records],
         "request_id": [r.request_id for r in responses],
@@ -91,6 +144,11 @@ def records_table(records: list[DecisionRecord]) -> pa.Table:
             for record in records
         ],
         "latency_us": [record.latency_us for record in records],
+        "kind": [RECOMMENDATION] * len(records),
+        "serving_mode": [record.serving_mode for record in records],
+        "experiment_id": [a.experiment_id if a is not None else None for a in assignments],
+        "experiment_arm": [a.arm if a is not None else None for a in assignments],
+        "actor": [None] * len(records),
     }
     return pa.Table.from_pydict(columns, schema=DECISION_LOG_SCHEMA)
 
@@ -114,7 +172,7 @@ class DecisionLog:
         self.written = 0
         self.write_failures = 0
         self.rejected = 0
-        self._pending: deque[DecisionRecord] = deque()
+        self._pending: deque[DecisionRecord | AuditRecord] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._flush_lock = threading.Lock()
@@ -124,7 +182,7 @@ class DecisionLog:
     def pending(self) -> int:
         return len(self._pending)
 
-    def append(self, record: DecisionRecord) -> None:
+    def append(self, record: DecisionRecord | AuditRecord) -> None:
         self._pending.append(record)
         if len(self._pending) >= self.max_rows:
             self._wake.set()
@@ -146,7 +204,7 @@ class DecisionLog:
     def flush(self) -> int:
         """Write every waiting record now; returns how many were written."""
         with self._flush_lock:
-            batch: list[DecisionRecord] = []
+            batch: list[DecisionRecord | AuditRecord] = []
             while self._pending:
                 try:
                     batch.append(self._pending.popleft())
@@ -154,7 +212,7 @@ class DecisionLog:
                     break
             if not batch:
                 return 0
-            by_day: dict[int, list[DecisionRecord]] = {}
+            by_day: dict[int, list[DecisionRecord | AuditRecord]] = {}
             for record in batch:
                 by_day.setdefault(record.ts_ns // _DAY_NS, []).append(record)
             written = 0
@@ -178,7 +236,7 @@ class DecisionLog:
             self.written += written
             return written
 
-    def _convertible(self, records: list[DecisionRecord]) -> pa.Table | None:
+    def _convertible(self, records: list[DecisionRecord | AuditRecord]) -> pa.Table | None:
         """The rows of `records` that convert; a record that cannot is isolated by halving
         the batch, logged, counted in `rejected` and dropped, so it cannot wedge the log."""
         try:
@@ -186,9 +244,12 @@ class DecisionLog:
         except Exception as error:
             if len(records) == 1:
                 self.rejected += 1
+                record = records[0]
                 log.error(
                     "decision log: dropping unwritable record %s: %s",
-                    records[0].recommendation.request_id,
+                    record.recommendation.request_id
+                    if isinstance(record, DecisionRecord)
+                    else f"{record.action} of {record.scope.describe()}",
                     error,
                 )
                 return None

@@ -56,15 +56,19 @@ class Fill:
         list_index: int,
         check: Callable[[np.ndarray, np.ndarray], np.ndarray],
         positions: np.ndarray,
+        *,
+        slate_only: bool = False,
     ) -> int:
         """Check list `list_index` of `version` in one batch and take what passes; returns
         how many items it contributed. Every item is checked, so each rejection is counted.
 
         `positions` are the version's rows mapped to catalog positions (one array per
-        version and catalog, so no per-request lookup of item ids).
+        version and catalog, so no per-request lookup of item ids). `slate_only` reads
+        only the list's stored slate (`PublishedVersion.slate_stops`): a candidate-pool
+        shortlist's deeper candidates never went through the batch slate policy.
         """
         start = int(version.starts[list_index])
-        end = int(version.starts[list_index + 1])
+        end = int((version.slate_stops if slate_only else version.starts[1:])[list_index])
         item_ids = version.item_ids[start:end]
         codes = check(item_ids, positions[start:end])
         self.checked += end - start
@@ -110,9 +114,47 @@ class Fill:
             added += 1
         return added
 
-    def reject_all(self, version: PublishedVersion, list_index: int, code: int) -> None:
-        """Count a whole list as rejected for one reason (consent revoked: none may be used)."""
-        size = int(version.starts[list_index + 1] - version.starts[list_index])
+    def count_checked(self, codes: np.ndarray) -> None:
+        """Count one batch of final-check reason codes (0 = passed) checked outside `take`
+        (candidates an online rerank orders itself)."""
+        self.checked += len(codes)
+        counts = np.bincount(codes, minlength=_REASON_COUNT)
+        for code in np.flatnonzero(counts[1:]).tolist():
+            self.rejections[code + 1] = self.rejections.get(code + 1, 0) + int(counts[code + 1])
+
+    def add(
+        self,
+        item_id: int,
+        *,
+        score: float | None,
+        utility: float | None,
+        reason_codes: tuple[str, ...],
+        source_provenance: tuple[str, ...],
+    ) -> bool:
+        """Append one checked item at the next position, unless full or already taken."""
+        if len(self.items) >= self.want or item_id in self.taken:
+            return False
+        self.taken.add(item_id)
+        self.items.append(
+            {
+                "item_id": item_id,
+                "position": len(self.items) + 1,
+                "score": score,
+                "utility": utility,
+                "fallback_score": None,
+                "reason_codes": reason_codes,
+                "source_provenance": source_provenance,
+            }
+        )
+        return True
+
+    def reject_all(
+        self, version: PublishedVersion, list_index: int, code: int, *, slate_only: bool = False
+    ) -> None:
+        """Count a whole list (or its stored slate) as rejected for one reason (consent
+        revoked: none may be used)."""
+        stop = (version.slate_stops if slate_only else version.starts[1:])[list_index]
+        size = int(stop - version.starts[list_index])
         self.rejections[code] = self.rejections.get(code, 0) + size
         self.checked += size
 

@@ -5,11 +5,19 @@ partition shows up on its own. Rates are ratios of counters (see docs/SERVING.md
 store hit rate = store_lookups{result="hit"} / store_lookups, fallback and empty rates
 from requests{served_from=...}, rejection rate = rejections / items_checked.
 Labelled children are cached: `labels()` takes a lock and a dict lookup per call.
+
+Experiments get their own series by (surface, experiment, arm): requests by served_from
+(empty rate), rejections by reason over items checked (rejection rate), latency, and the
+click-through of the arm's messages (sends with an attributed click / sends, the arm
+recomputed from the send's subject, as serving assigned it).
 """
 
 from __future__ import annotations
 
+import collections
+import threading
 from collections.abc import Iterator
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -19,8 +27,11 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from recsys_assets.channels.attribution import TrackingIndex
     from recsys_assets.serving.decision_log import DecisionLog
+    from recsys_assets.serving.experiments import Experiment
+    from recsys_assets.serving.kills import KillSwitch
 
 _PARTITION = ["surface", "region", "model_version"]
+_ARM = ["surface", "experiment", "arm"]
 LATENCY_BUCKETS = (
     0.00005,
     0.0001,
@@ -98,6 +109,31 @@ class ServingMetrics:
             ["surface", "region", "kind", "version"],
             registry=r,
         )
+        self.arm_requests = Counter(
+            "recsys_experiment_requests",
+            "Recommendation responses of an experiment arm, by where they were served from",
+            [*_ARM, "served_from"],
+            registry=r,
+        )
+        self.arm_rejections = Counter(
+            "recsys_experiment_rejections",
+            "Items refused by the final check in an experiment arm, by reason",
+            [*_ARM, "reason"],
+            registry=r,
+        )
+        self.arm_items_checked = Counter(
+            "recsys_experiment_items_checked",
+            "Items put through the final check in an experiment arm",
+            _ARM,
+            registry=r,
+        )
+        self.arm_latency = Histogram(
+            "recsys_experiment_latency_seconds",
+            "Time to answer one recommendation request of an experiment arm, in-process",
+            _ARM,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self._children: dict[tuple[Any, ...], Any] = {}
 
     def _child(self, metric: Any, *labels: str) -> Any:
@@ -135,6 +171,26 @@ class ServingMetrics:
             self._child(self.items_checked, *labels).inc(items_checked)
         self._child(self.latency, *labels).observe(latency_s)
 
+    def observe_arm(
+        self,
+        *,
+        surface: str,
+        experiment: str,
+        arm: str,
+        served_from: str,
+        rejections: dict[str, int],
+        items_checked: int,
+        latency_s: float,
+    ) -> None:
+        """Count one response of an experiment arm (besides `observe`)."""
+        labels = (surface, experiment, arm)
+        self._child(self.arm_requests, *labels, served_from).inc()
+        for reason, count in rejections.items():
+            self._child(self.arm_rejections, *labels, reason).inc(count)
+        if items_checked:
+            self._child(self.arm_items_checked, *labels).inc(items_checked)
+        self._child(self.arm_latency, *labels).observe(latency_s)
+
     def set_active_versions(self, versions: dict[tuple[str, str, str], str]) -> None:
         """Replace the active-version series with (surface, region, kind) -> version."""
         self.active_versions.clear()
@@ -149,6 +205,17 @@ class ServingMetrics:
         """Export channel sends, plan skips, opens, clicks and attributed CTR (read at scrape
         time from the tracking index, which follows the sends ledger and engagement events)."""
         self.registry.register(_ChannelCollector(index))
+
+    def watch_experiment_clicks(
+        self, index: TrackingIndex, experiments: dict[str, Experiment]
+    ) -> None:
+        """Export per-arm sends, clicks and click-through of the experimented surfaces."""
+        if experiments:
+            self.registry.register(_ArmClicksCollector(index, experiments))
+
+    def watch_kills(self, kill_switch: KillSwitch) -> None:
+        """Export the kills in force (read at scrape time)."""
+        self.registry.register(_KillsCollector(kill_switch))
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
@@ -230,10 +297,86 @@ class _ChannelCollector(Collector):
         yield skips
         unsubscribes = CounterMetricFamily(
             "recsys_channel_unsubscribes_after_send",
-            "Sends whose subject opted out (consent_revoked) within the unsubscribe window "
-            "after the send",
-            labels=_PARTITION,
+            "Sends whose subject opted out of their medium within the unsubscribe window after "
+            "the send, by the first opt-out (consent_revoked, email_unsubscribed, push_disabled)",
+            labels=[*_PARTITION, "opt_out"],
         )
         for labels, count in sorted(self.index.unsubscribes.items()):
             unsubscribes.add_metric(list(labels), count)
         yield unsubscribes
+
+
+class _ArmClicksCollector(Collector):
+    """Sends and attributed clicks per experiment arm, read at scrape time.
+
+    The arm of a send is recomputed from its subject (the assignment is a pure function of
+    experiment id and subject), so a click presented with its tracking token counts for the
+    arm that subject was served in. Incremental: the tracking index only ever adds sends
+    (in insertion order), so each scrape assigns only the sends new since the last one, and
+    counts clicks by looking their sends up.
+    """
+
+    def __init__(self, index: TrackingIndex, experiments: dict[str, Experiment]) -> None:
+        self.index = index
+        self.experiments = experiments
+        self._lock = threading.Lock()
+        self._seen = 0
+        self._arm_of_send: dict[str, tuple[str, str, str]] = {}
+        self._sends: collections.Counter[tuple[str, str, str]] = collections.Counter()
+
+    def _assign_new_sends(self) -> None:
+        # list(islice(...)) runs in C under the GIL: consistent against a concurrent refresh.
+        new = list(islice(self.index.tokens.values(), self._seen, None))
+        self._seen += len(new)
+        for item in new:
+            experiment = self.experiments.get(item.surface)
+            if experiment is None or item.send_key in self._arm_of_send:
+                continue
+            arm = (item.surface, experiment.experiment_id, experiment.assign(item.subject_id).arm)
+            self._arm_of_send[item.send_key] = arm
+            self._sends[arm] += 1
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            self._assign_new_sends()
+            clicked_sends = set().union(*dict(self.index.clicked).values())
+            clicks = collections.Counter(
+                self._arm_of_send[key] for key in clicked_sends if key in self._arm_of_send
+            )
+            sends = dict(self._sends)
+        sent = CounterMetricFamily(
+            "recsys_experiment_sends", "Messages sent to the subjects of an arm", labels=_ARM
+        )
+        clicked = CounterMetricFamily(
+            "recsys_experiment_clicked_sends",
+            "Sends of an arm with at least one attributed click (tracking token verified)",
+            labels=_ARM,
+        )
+        ctr = GaugeMetricFamily(
+            "recsys_experiment_ctr", "Clicked sends / sends of an experiment arm", labels=_ARM
+        )
+        for labels, count in sorted(sends.items()):
+            sent.add_metric(list(labels), count)
+            clicked.add_metric(list(labels), clicks[labels])
+            ctr.add_metric(list(labels), clicks[labels] / count)
+        yield sent
+        yield clicked
+        yield ctr
+
+
+class _KillsCollector(Collector):
+    """1 per kill in force; `region` / `campaign` are `*` when the kill covers them all."""
+
+    def __init__(self, kill_switch: KillSwitch) -> None:
+        self.kill_switch = kill_switch
+
+    def collect(self) -> Iterator[Metric]:
+        active = GaugeMetricFamily(
+            "recsys_serving_kills_active",
+            "Kill-switch entries in force (surface or region served from fallback, or a "
+            "campaign's items removed)",
+            labels=["surface", "region", "campaign"],
+        )
+        for kill in self.kill_switch.active.kills:
+            active.add_metric([kill.surface, kill.region or "*", kill.campaign or "*"], 1)
+        yield active

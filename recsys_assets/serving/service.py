@@ -5,6 +5,11 @@ object, so a publish flip cannot mix versions) → the subject's list → the su
 policy if it expired → final check in one batch → fill in order → top up from the
 matching fallback list → an empty, safe response if nothing qualifies. Every response is
 counted in the metrics and appended to the decision log.
+
+How the subject's own list is found is the surface's serving mode (`serving_mode`, or the
+subject's arm of the surface's experiment), dispatched in one place: `serving_modes`
+maps each mode to the function that serves it. A kill (`serving/kills.py`) overrides the
+mode for a killed surface or region, and removes a killed campaign's items in the check.
 """
 
 from __future__ import annotations
@@ -14,22 +19,26 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import numpy as np
+
 from recsys_assets.channels.attribution import TrackingIndex
-from recsys_assets.config import Settings, SurfaceConfig, load_settings
+from recsys_assets.config import ConfigError, Settings, SurfaceConfig, load_settings
 from recsys_assets.publish.lists import TRACKING_SECRET_ENV_VAR
-from recsys_assets.rules.eligibility import CODE_BY_REASON, CONSENT_REVOKED
+from recsys_assets.rules.eligibility import CAMPAIGN_KILLED, CODE_BY_REASON, CONSENT_REVOKED
 from recsys_assets.rules.person import CONSENT, EMAIL, PUSH, person_requirements
-from recsys_assets.serving.decision_log import DecisionLog, DecisionRecord
+from recsys_assets.serving.decision_log import AuditRecord, DecisionLog, DecisionRecord
+from recsys_assets.serving.experiments import experiments
 from recsys_assets.serving.fill import Fill, RecommendedItem
 from recsys_assets.serving.final_check import final_reason_codes
+from recsys_assets.serving.kills import Kill, KillScope, KillSwitch
 from recsys_assets.serving.metrics import ServingMetrics
-from recsys_assets.serving.state import INT64_MAX, OnlineState, ServingEvent, Subject
-from recsys_assets.serving.store import STORE_OK, ListStore, PublishedVersion
+from recsys_assets.serving.state import INT64_MAX, Catalog, OnlineState, ServingEvent, Subject
+from recsys_assets.serving.store import STORE_OK, ListStore, PartitionLists, PublishedVersion
 from recsys_assets.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
@@ -37,8 +46,12 @@ log = logging.getLogger(__name__)
 PRECOMPUTED = "precomputed"
 PRECOMPUTED_STALE = "precomputed_stale"
 FALLBACK = "fallback"
+KILLED_FALLBACK = "killed_fallback"
 EMPTY = "empty"
-SERVED_FROM = (PRECOMPUTED, PRECOMPUTED_STALE, FALLBACK, EMPTY)
+SERVED_FROM = (PRECOMPUTED, PRECOMPUTED_STALE, FALLBACK, KILLED_FALLBACK, EMPTY)
+
+FINAL_SLATE = "final_slate"
+FALLBACK_ONLY = "fallback_only"
 
 # Why a request did not get (only) its own fresh list: metric label and decision-log value.
 NO_LIST_FOR_SUBJECT = "no_list_for_subject"
@@ -49,11 +62,14 @@ ALL_REJECTED = "all_rejected"
 NOTHING_QUALIFIED = "nothing_qualified"
 TOP_UP = "top_up"
 STATE_UNAVAILABLE = "state_unavailable"
+KILLED = "killed"
+MODE_FALLBACK_ONLY = "serving_mode_fallback_only"
 
 POPULAR_BY_REGION = "popular_by_region"
 NEW_USER_DEFAULT = "new_user_default"
 TENANT_DEFAULT_ACTIONS = "tenant_default_actions:{tenant}"
 _CONSENT_REVOKED_CODE = CODE_BY_REASON[CONSENT_REVOKED]
+_KILLED_CAMPAIGN_CODE = CODE_BY_REASON[CAMPAIGN_KILLED]
 _NS = 1_000_000_000
 
 
@@ -95,6 +111,8 @@ class Recommendation:
     model_version: str | None
     items: list[RecommendedItem]
     rejections: dict[str, int]
+    experiment: dict[str, str] | None = None
+    """`{"id", "arm"}` when the surface runs an experiment, else None."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -110,6 +128,7 @@ class Recommendation:
             "model_version": self.model_version,
             "items": self.items,
             "rejections": self.rejections,
+            "experiment": self.experiment,
         }
 
 
@@ -126,6 +145,7 @@ class SurfacePolicy:
     requires_email: bool
     requires_push: bool
     enterprise: bool
+    serving_mode: str
 
     @classmethod
     def of(cls, surface: SurfaceConfig) -> SurfacePolicy:
@@ -141,6 +161,7 @@ class SurfacePolicy:
             requires_email=EMAIL in person,
             requires_push=PUSH in person,
             enterprise="tenant_actor" in requires,
+            serving_mode=surface.serving_mode,
         )
 
     @property
@@ -153,6 +174,72 @@ class SurfacePolicy:
         if now_ns <= expires_at_ns:
             return True
         return self.stale_mode != "never" and now_ns - expires_at_ns <= self.max_stale_ns
+
+
+CheckList = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""The final check of one list: (item ids, catalog positions) → reason code per item."""
+
+
+@dataclass(slots=True)
+class ServingContext:
+    """One request as a serving mode sees it: who, where, the partition's lists taken once,
+    the final check bound to this subject and moment, and the fill to put items into."""
+
+    subject_id: int
+    policy: SurfacePolicy
+    region: str
+    now_ns: int
+    subject: Subject
+    lists: PartitionLists
+    catalog: Catalog
+    check: CheckList
+    fill: Fill
+    context: Mapping[str, Any] | None
+
+
+@dataclass(slots=True)
+class Served:
+    """What a serving mode did: the list the response is attributed to (`primary`, None
+    when only fallback items or nothing were served), why the subject did not get only their
+    own fresh list (`cause`), and the fallback contexts to top up from, in order."""
+
+    fallback_keys: list[str]
+    cause: str | None = None
+    primary: tuple[PublishedVersion, int] | None = None
+    served_from: str = EMPTY
+    store_hit: bool = False
+    stale_outcome: str | None = None
+    fallback_served_from: str = FALLBACK
+    """`served_from` when a fallback list becomes the primary one."""
+    detail: dict[str, Any] | None = None
+    """What the mode adds to the decision log's `context` (candidate_pool_rerank: the
+    exploration seed and each served slot's source and propensity)."""
+
+
+ServeMode = Callable[[ServingContext], Served]
+
+
+def _logged_context(
+    context: Mapping[str, Any] | None, detail: dict[str, Any] | None
+) -> dict[str, Any] | None:
+    """The request's context for the decision log, with the serving mode's detail (the
+    online rerank's seed and slots) under `serving_detail`."""
+    if not detail:
+        return dict(context) if context else None
+    return {**(context or {}), "serving_detail": detail}
+
+
+def _without_campaigns(
+    check: CheckList,
+    catalog: Catalog,
+    campaigns: frozenset[str],
+    item_ids: np.ndarray,
+    positions: np.ndarray,
+) -> np.ndarray:
+    """`check`, with the items of killed `campaigns` refused too."""
+    codes = check(item_ids, positions)
+    codes[(codes == 0) & catalog.in_campaigns(positions, campaigns)] = _KILLED_CAMPAIGN_CODE
+    return codes
 
 
 class RecommendationService:
@@ -187,6 +274,26 @@ class RecommendationService:
         self.metrics.watch_channels(self.attribution)
         self.poll_interval_s = poll_interval_s or self.settings.serving.manifest_poll_interval_s
         self.policies = {name: SurfacePolicy.of(s) for name, s in self.settings.surfaces.items()}
+        self.kill_switch = KillSwitch(self.warehouse, self.settings, clock=clock)
+        self.metrics.watch_kills(self.kill_switch)
+        self.experiments = experiments(self.settings)
+        self.metrics.watch_experiment_clicks(self.attribution, self.experiments)
+        from recsys_assets.serving.rerank import (  # rerank builds on this module's types
+            CANDIDATE_POOL_RERANK,
+            CandidatePoolServing,
+            serve_candidate_pool,
+        )
+
+        self.candidate_pool = CandidatePoolServing(
+            self.warehouse, self.settings, self.metrics, clock=clock
+        )
+        self.serving_modes: dict[str, ServeMode] = {
+            FINAL_SLATE: self.serve_final_slate,
+            CANDIDATE_POOL_RERANK: partial(serve_candidate_pool, self),
+            FALLBACK_ONLY: self.serve_fallback_only,
+        }
+        """The one place a serving mode is dispatched: mode → the function serving it."""
+        self._check_modes()
         self.regions = frozenset(self.settings.regions)
         self._loaded = False
         self._stop = threading.Event()
@@ -195,6 +302,22 @@ class RecommendationService:
         self._request_numbers = itertools.count(1)
         self._refresh_errors_seen = 0
 
+    def _check_modes(self) -> None:
+        """Refuse a configuration naming a serving mode this service cannot serve."""
+        for name, surface in self.settings.surfaces.items():
+            used = [("serving_mode", surface.serving_mode)]
+            if surface.experiment is not None:
+                used += [
+                    (f"experiment.arms.{arm}.serving_mode", config.serving_mode)
+                    for arm, config in surface.experiment.arms.items()
+                ]
+            for key, mode in used:
+                if mode not in self.serving_modes:
+                    raise ConfigError(
+                        f"surfaces.{name}.{key}: serving mode {mode!r} is not available in "
+                        f"this serving build (available: {sorted(self.serving_modes)})"
+                    )
+
     # -- lifecycle ------------------------------------------------------------------------
 
     def load(self) -> None:
@@ -202,6 +325,7 @@ class RecommendationService:
         self.state.load()
         self._refresh_store()
         self.attribution.refresh()
+        self.kill_switch.refresh()
         self._loaded = True
 
     def start(self) -> None:
@@ -228,7 +352,9 @@ class RecommendationService:
         self.close()
 
     def refresh(self) -> None:
-        """Pick up manifest flips, tombstones, a new raw snapshot and others' events now."""
+        """Pick up manifest flips, kills, tombstones, a new raw snapshot and others' events
+        now."""
+        self.kill_switch.refresh()
         self.state.sync()
         self._refresh_store()
         self.attribution.refresh()
@@ -249,6 +375,7 @@ class RecommendationService:
                 if lists.fallback is not None:
                     active[(surface, region, "fallback")] = lists.fallback.version
         self.metrics.set_active_versions(active)
+        self.candidate_pool.refresh(self.store, self.state)
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
@@ -261,7 +388,10 @@ class RecommendationService:
 
     def record_events(self, events: Iterable[ServingEvent]) -> str:
         """Persist and apply user events; effective for the next request. Returns the file."""
-        return self.state.record(events)
+        batch = list(events)
+        path = self.state.record(batch)
+        self.candidate_pool.fresh.record(path, batch)
+        return path
 
     def record_engagement(
         self, event_type: str, token: str, *, item_id: int | None = None
@@ -270,6 +400,23 @@ class RecommendationService:
         the event file (None for a repeat, counted once). Raises
         `channels.attribution.AttributionError` when it cannot."""
         return self.attribution.record(event_type, token, item_id=item_id)
+
+    # -- kill switch ----------------------------------------------------------------------
+
+    def kill(self, scope: KillScope, *, reason: str, actor: str) -> Kill:
+        """Kill `scope` in every serving process (here at once, elsewhere within the poll
+        interval) and audit it in the decision log. Raises kills.KillError for a bad scope."""
+        kill = self.kill_switch.kill(scope, reason=reason, actor=actor)
+        self.decision_log.append(AuditRecord(self.clock(), "kill", kill.scope, actor, reason))
+        log.warning("serving: killed %s by %s: %s", scope.describe(), actor, reason)
+        return kill
+
+    def lift(self, scope: KillScope, *, actor: str, reason: str | None = None) -> Kill:
+        """Lift the kill of exactly `scope` and audit it; raises kills.NoSuchKill."""
+        kill = self.kill_switch.lift(scope)
+        self.decision_log.append(AuditRecord(self.clock(), "lift", scope, actor, reason))
+        log.warning("serving: lifted the kill of %s by %s", scope.describe(), actor)
+        return kill
 
     # -- requests -------------------------------------------------------------------------
 
@@ -348,7 +495,12 @@ class RecommendationService:
         limit: int | None = None,
         context: Mapping[str, Any] | None = None,
     ) -> Recommendation:
-        """The subject's recommendations on `surface` in `region`, checked and filled."""
+        """The subject's recommendations on `surface` in `region`, checked and filled.
+
+        The serving mode (the surface's `serving_mode`, or the subject's experiment arm)
+        picks the function that serves the request, in `serving_modes`; a kill of the
+        surface or region answers from the fallback lists instead, whatever the mode.
+        """
         started = time.perf_counter()
         self.check_subject(subject_id)
         want = self.check_request(surface, region, limit)
@@ -356,9 +508,9 @@ class RecommendationService:
         now_ns = self.clock()
         state = self.state
         subject = state.subject(subject_id)
-        lists = self.store.lists(surface, region)
         catalog = state.catalog
-        check = partial(
+        kills = self.kill_switch.active
+        check: CheckList = partial(
             final_reason_codes,
             catalog=catalog,
             region=region,
@@ -367,77 +519,36 @@ class RecommendationService:
             filters=state.filters(subject_id, surface),
             frequency_cap=policy.frequency_cap,
         )
-        fill = Fill(want)
-        primary: tuple[PublishedVersion, int] | None = None
-        served_from = EMPTY
-        cause: str | None = None
-        stale_outcome: str | None = None
-        store_hit = False
-
-        version = lists.personalized
-        list_index = version.find_subject(subject_id) if version is not None else -1
-        tenant_key = (
-            [TENANT_DEFAULT_ACTIONS.format(tenant=subject.tenant_id)] if subject.tenant_id else []
+        if kills and (campaigns := kills.killed_campaigns(surface, region)):
+            check = partial(_without_campaigns, check, catalog, campaigns)
+        request = ServingContext(
+            subject_id,
+            policy,
+            region,
+            now_ns,
+            subject,
+            self.store.lists(surface, region),
+            catalog,
+            check,
+            Fill(want),
+            context,
         )
-        top_up_keys = tenant_key if policy.enterprise else [POPULAR_BY_REGION]
-        fallback_keys = top_up_keys if policy.enterprise else [NEW_USER_DEFAULT, POPULAR_BY_REGION]
-        if not state.ready:  # nothing can be checked: never serve blindly
-            cause, fallback_keys = STATE_UNAVAILABLE, []
-        elif not subject.known and policy.messaging:
-            cause, fallback_keys = UNKNOWN_SUBJECT, []
-        elif subject.known and not self._consented(policy, subject):
-            cause = CONSENT_REVOKED
-            if version is not None and list_index >= 0:
-                fill.reject_all(version, list_index, _CONSENT_REVOKED_CODE)
-            if policy.messaging:
-                fallback_keys = []
-            elif policy.enterprise:  # the tenant's default actions are not personal
-                fallback_keys = top_up_keys
-            else:
-                fallback_keys = [POPULAR_BY_REGION, NEW_USER_DEFAULT]
-        elif version is None:
-            cause = lists.personalized_status
-        elif list_index < 0:
-            cause = NO_LIST_FOR_SUBJECT
+        experiment = self.experiments.get(surface)
+        assignment = experiment.assign(subject_id) if experiment is not None else None
+        mode = assignment.serving_mode if assignment is not None else policy.serving_mode
+        if kills and kills.partition_kill(surface, region) is not None:
+            served = self.serve_killed(request)
         else:
-            expires_at_ns = int(version.expires_at_ns[list_index])
-            stale = now_ns > expires_at_ns
-            if stale and policy.stale_mode == "never":
-                cause, stale_outcome, fallback_keys = STALE_NEVER, "empty", []
-            elif stale and now_ns - expires_at_ns > policy.max_stale_ns:
-                cause, stale_outcome = STALE_BEYOND_BOUND, "fallback"
-            else:
-                if stale:
-                    stale_outcome = "served_with_check"
-                fallback_keys = top_up_keys
-                if fill.take(version, list_index, check, version.positions_in(catalog.arrays)):
-                    primary = (version, list_index)
-                    served_from = PRECOMPUTED_STALE if stale else PRECOMPUTED
-                    store_hit = True
-                else:
-                    cause = ALL_REJECTED
-
-        fallback = lists.fallback
-        if fallback is not None:
-            for key in fallback_keys:
-                if fill.full:
-                    break
-                index = fallback.find_context(key)
-                if index < 0 or not policy.usable(int(fallback.expires_at_ns[index]), now_ns):
-                    continue
-                if not fill.take(fallback, index, check, fallback.positions_in(catalog.arrays)):
-                    continue
-                if primary is None:
-                    primary = (fallback, index)
-                    served_from = FALLBACK
-                elif cause is None:
-                    cause = TOP_UP
-        if primary is None and cause is None:
-            cause = NOTHING_QUALIFIED
+            served = self.serving_modes[mode](request)
+        self._top_up(request, served)
+        fill = request.fill
+        if served.primary is None and served.cause is None:
+            served.cause = NOTHING_QUALIFIED
 
         request_id = f"{self._request_prefix}-{next(self._request_numbers)}"
         rejections = fill.rejections_by_reason()
-        if primary is None:
+        experiment_out = assignment.to_dict() if assignment is not None else None
+        if served.primary is None:
             recommendation = Recommendation(
                 request_id,
                 subject_id,
@@ -451,9 +562,10 @@ class RecommendationService:
                 None,
                 [],
                 rejections,
+                experiment_out,
             )
         else:
-            source, index = primary
+            source, index = served.primary
             recommendation = Recommendation(
                 request_id,
                 subject_id,
@@ -461,37 +573,156 @@ class RecommendationService:
                 region,
                 source.list_ids[index],
                 source.version,
-                served_from,
+                served.served_from,
                 source.iso(int(source.generated_at_ns[index])),
                 source.iso(int(source.expires_at_ns[index])),
                 source.model_versions[index] or None,
                 fill.items,
                 rejections,
+                experiment_out,
             )
         latency_s = time.perf_counter() - started
         self.metrics.observe(
             surface=surface,
             region=region,
             model_version=recommendation.model_version or "none",
-            served_from=served_from,
-            store_hit=store_hit,
-            stale_outcome=stale_outcome,
-            fallback_cause=cause,
+            served_from=recommendation.served_from,
+            store_hit=served.store_hit,
+            stale_outcome=served.stale_outcome,
+            fallback_cause=served.cause,
             rejections=rejections,
             items_checked=fill.checked,
             latency_s=latency_s,
         )
+        if assignment is not None:
+            self.metrics.observe_arm(
+                surface=surface,
+                experiment=assignment.experiment_id,
+                arm=assignment.arm,
+                served_from=recommendation.served_from,
+                rejections=rejections,
+                items_checked=fill.checked,
+                latency_s=latency_s,
+            )
         self.decision_log.append(
             DecisionRecord(
                 now_ns,
                 recommendation,
-                cause,
+                served.cause,
                 limit,
-                dict(context) if context else None,
+                _logged_context(context, served.detail),
                 latency_s * 1e6,
+                mode,
+                assignment,
             )
         )
         return recommendation
+
+    # -- serving modes ----------------------------------------------------------------------
+
+    def person_gate(self, request: ServingContext) -> Served | None:
+        """What every mode must answer before reading any list: no item state (nothing can
+        be checked), an unknown recipient of a message, or a subject without consent (their
+        list is refused whole). None when the subject may get their own list."""
+        policy, subject = request.policy, request.subject
+        if not self.state.ready:  # nothing can be checked: never serve blindly
+            return Served(cause=STATE_UNAVAILABLE, fallback_keys=[])
+        if not subject.known and policy.messaging:
+            return Served(cause=UNKNOWN_SUBJECT, fallback_keys=[])
+        if subject.known and not self._consented(policy, subject):
+            version = request.lists.personalized
+            index = version.find_subject(request.subject_id) if version is not None else -1
+            if version is not None and index >= 0:
+                request.fill.reject_all(version, index, _CONSENT_REVOKED_CODE)
+            if policy.messaging:
+                keys = []
+            elif policy.enterprise:  # the tenant's default actions are not personal
+                keys = self._fallback_keys(request)[0]
+            else:
+                keys = [POPULAR_BY_REGION, NEW_USER_DEFAULT]
+            return Served(cause=CONSENT_REVOKED, fallback_keys=keys)
+        return None
+
+    def serve_final_slate(self, request: ServingContext) -> Served:
+        """`final_slate`: the subject's precomputed list under the stale policy, checked and
+        filled, topped up from the fallback lists."""
+        gated = self.person_gate(request)
+        if gated is not None:
+            return gated
+        top_up_keys, fallback_keys = self._fallback_keys(request)
+        policy, lists, now_ns = request.policy, request.lists, request.now_ns
+        version = lists.personalized
+        if version is None:
+            return Served(cause=lists.personalized_status, fallback_keys=fallback_keys)
+        list_index = version.find_subject(request.subject_id)
+        if list_index < 0:
+            return Served(cause=NO_LIST_FOR_SUBJECT, fallback_keys=fallback_keys)
+        expires_at_ns = int(version.expires_at_ns[list_index])
+        stale = now_ns > expires_at_ns
+        if stale and policy.stale_mode == "never":
+            return Served(cause=STALE_NEVER, fallback_keys=[], stale_outcome="empty")
+        if stale and now_ns - expires_at_ns > policy.max_stale_ns:
+            return Served(
+                cause=STALE_BEYOND_BOUND, fallback_keys=fallback_keys, stale_outcome="fallback"
+            )
+        served = Served(
+            fallback_keys=top_up_keys, stale_outcome="served_with_check" if stale else None
+        )
+        positions = version.positions_in(request.catalog.arrays)
+        if request.fill.take(version, list_index, request.check, positions):
+            served.primary = (version, list_index)
+            served.served_from = PRECOMPUTED_STALE if stale else PRECOMPUTED
+            served.store_hit = True
+        else:
+            served.cause = ALL_REJECTED
+        return served
+
+    def serve_fallback_only(self, request: ServingContext) -> Served:
+        """`fallback_only`: the non-personalized fallback lists, with the final check."""
+        gated = self.person_gate(request)
+        if gated is not None:
+            return gated
+        return Served(cause=MODE_FALLBACK_ONLY, fallback_keys=self._fallback_keys(request)[1])
+
+    def serve_killed(self, request: ServingContext) -> Served:
+        """A killed surface or region: the fallback lists (`served_from: killed_fallback`),
+        under the same person rules as any fallback."""
+        served = self.person_gate(request) or Served(
+            cause=KILLED, fallback_keys=self._fallback_keys(request)[1]
+        )
+        served.fallback_served_from = KILLED_FALLBACK
+        return served
+
+    def _fallback_keys(self, request: ServingContext) -> tuple[list[str], list[str]]:
+        """(top-up keys after the subject's own list, keys when there is no own list)."""
+        policy, subject = request.policy, request.subject
+        tenant_key = (
+            [TENANT_DEFAULT_ACTIONS.format(tenant=subject.tenant_id)] if subject.tenant_id else []
+        )
+        if policy.enterprise:
+            return tenant_key, tenant_key
+        return [POPULAR_BY_REGION], [NEW_USER_DEFAULT, POPULAR_BY_REGION]
+
+    def _top_up(self, request: ServingContext, served: Served) -> None:
+        """Fill what is left from the fallback lists in `served.fallback_keys` order."""
+        fallback = request.lists.fallback
+        if fallback is None:
+            return
+        fill, policy, now_ns = request.fill, request.policy, request.now_ns
+        for key in served.fallback_keys:
+            if fill.full:
+                break
+            index = fallback.find_context(key)
+            if index < 0 or not policy.usable(int(fallback.expires_at_ns[index]), now_ns):
+                continue
+            positions = fallback.positions_in(request.catalog.arrays)
+            if not fill.take(fallback, index, request.check, positions):
+                continue
+            if served.primary is None:
+                served.primary = (fallback, index)
+                served.served_from = served.fallback_served_from
+            elif served.cause is None:
+                served.cause = TOP_UP
 
     @staticmethod
     def _consented(policy: SurfacePolicy, subject: Subject) -> bool:

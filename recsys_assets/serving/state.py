@@ -42,9 +42,12 @@ from recsys_assets.rules.eligibility import TOMBSTONED, ItemStateArrays
 from recsys_assets.rules.person import (
     CONSENT_EVENTS,
     CONSUMED_EVENTS,
+    EMAIL,
     EVENT_COLUMNS,
     EVENTS_PREFIX,
     HIDE_EVENTS,
+    PERSON_FLAG_EVENTS,
+    PUSH,
     blocks_consumed,
     consumed_mask,
     empty_events,
@@ -73,8 +76,7 @@ EVENT_TYPES = (
     "hide_category",
     "exposure",
     "purchase",
-    "consent_revoked",
-    "consent_granted",
+    *PERSON_FLAG_EVENTS,
 )
 _ITEM_EVENTS = ("hide_item", "exposure", "purchase")
 FREQUENCY_WINDOW_NS = 24 * 3600 * 1_000_000_000
@@ -159,14 +161,32 @@ class ServingEvent:
 
 
 class Catalog:
-    """Item state by item position: rule codes per region plus creator and category."""
+    """Item state by item position: rule codes per region plus creator, category and
+    sponsored campaign (`campaign_codes` index `campaign_index`'s ids; -1 = none)."""
 
-    __slots__ = ("arrays", "category_of", "creator_of")
+    __slots__ = ("arrays", "campaign_codes", "campaign_index", "category_of", "creator_of")
 
-    def __init__(self, arrays: ItemStateArrays, creator_of: list[str], category_of: list[str]):
+    def __init__(
+        self,
+        arrays: ItemStateArrays,
+        creator_of: list[str],
+        category_of: list[str],
+        campaign_codes: np.ndarray,
+        campaign_index: dict[str, int],
+    ):
         self.arrays = arrays
         self.creator_of = creator_of
         self.category_of = category_of
+        self.campaign_codes = campaign_codes
+        self.campaign_index = campaign_index
+
+    def in_campaigns(self, positions: np.ndarray, campaigns: frozenset[str]) -> np.ndarray:
+        """Whether each item (by catalog position, -1 = unknown) belongs to `campaigns`."""
+        codes = [self.campaign_index[c] for c in campaigns if c in self.campaign_index]
+        if not codes or len(positions) == 0:
+            return np.zeros(len(positions), dtype=bool)
+        found = np.isin(self.campaign_codes.take(np.maximum(positions, 0)), codes)
+        return found & (positions >= 0)
 
     @classmethod
     def build(
@@ -180,10 +200,15 @@ class Catalog:
         }
         if any(mask.any() for mask in withdrawn.values()):
             arrays = arrays.with_reason(TOMBSTONED, withdrawn)
+        # Frames without campaigns (no sponsored items) have no campaign to kill.
+        campaigns = items.get("campaign_id", pd.Series(None, index=items.index, dtype=object))
+        codes, names = pd.factorize(campaigns, use_na_sentinel=True)
         return cls(
             arrays,
             items["creator_id"].astype(str).tolist(),
             items["category"].astype(str).tolist(),
+            codes.astype(np.int32),
+            {str(name): code for code, name in enumerate(names)},
         )
 
 
@@ -399,6 +424,9 @@ class PersonalState:
         self.consumed_since: dict[int, set[int]] = {}
         self.exposures_since: dict[tuple[int, str], dict[int, list[int]]] = {}
         self.consent_since: dict[int, tuple[int, bool]] = {}
+        self.subscriptions: dict[tuple[int, str], tuple[int, bool]] = {}
+        """(user, `email_subscribed` | `push_enabled`) → (ts, value) of the latest event:
+        opt-outs are rare, so a dict, not columns."""
 
     @classmethod
     def build(
@@ -433,7 +461,7 @@ class PersonalState:
             shown = pd.concat([exposures, shown], ignore_index=True) if len(shown) else exposures
         changes = events[events["type"].isin(list(CONSENT_EVENTS))]
         changes = changes.drop_duplicates("user_id", keep="last")
-        return cls(
+        personal = cls(
             controls=controls,
             control_names=names,
             consumed=UserRows(users[distinct], item_id=_smallest_int(items[distinct])),
@@ -444,6 +472,16 @@ class PersonalState:
                 granted=changes["type"].map(CONSENT_EVENTS).to_numpy(dtype=bool),
             ),
         )
+        subscribed = events[events["type"].isin(list(PERSON_FLAG_EVENTS))]
+        subscribed = subscribed[~subscribed["type"].isin(list(CONSENT_EVENTS))]
+        for kind, user_id, ts_ns in zip(
+            subscribed["type"].tolist(),
+            subscribed["user_id"].tolist(),
+            _nanoseconds(subscribed["ts"]).tolist(),
+            strict=True,
+        ):
+            personal.set_subscription(int(user_id), *PERSON_FLAG_EVENTS[kind], ts_ns)
+        return personal
 
     @classmethod
     def from_frames(cls, user_controls: pd.DataFrame, interactions: pd.DataFrame) -> PersonalState:
@@ -522,6 +560,11 @@ class PersonalState:
         latest = self.consent_since.get(user_id) or self._column_consent(user_id)
         return None if latest is None else latest[1]
 
+    def subscription_override(self, user_id: int, flag: str) -> bool | None:
+        """The value of `flag` the person's latest event about it left, or None without one."""
+        latest = self.subscriptions.get((user_id, flag))
+        return None if latest is None else latest[1]
+
     def _column_consent(self, user_id: int) -> tuple[int, bool] | None:
         start, stop = self.consent.span(user_id)
         if start == stop:
@@ -562,6 +605,11 @@ class PersonalState:
         previous = self.consent_since.get(user_id) or self._column_consent(user_id)
         if previous is None or previous[0] <= ts_ns:
             self.consent_since[user_id] = (ts_ns, granted)
+
+    def set_subscription(self, user_id: int, flag: str, value: bool, ts_ns: int) -> None:
+        previous = self.subscriptions.get((user_id, flag))
+        if previous is None or previous[0] <= ts_ns:
+            self.subscriptions[(user_id, flag)] = (ts_ns, value)
 
     def expose(self, user_id: int, surface: str, item_id: int, ts_ns: int) -> None:
         self.exposures_since.setdefault((user_id, surface), {}).setdefault(item_id, []).append(
@@ -630,6 +678,11 @@ class OnlineState:
             subject.known = True
         if user_id in self.persons.no_personalization:
             subject.consent_personalization = False
+        if self.personal.subscriptions:
+            for flag in (EMAIL, PUSH):
+                value = self.personal.subscription_override(user_id, flag)
+                if value is not None:
+                    setattr(subject, flag, value)  # Subject's fields are named like the flags
         return subject
 
     def filters(self, user_id: int, surface: str) -> PersonalFilters | None:
@@ -812,6 +865,8 @@ class OnlineState:
             personal.expose(user_id, surface, item_id, ts_ns)
         elif event_type in CONSENT_EVENTS:
             personal.set_consent(user_id, ts_ns, event_type == "consent_granted")
+        elif event_type in PERSON_FLAG_EVENTS:
+            personal.set_subscription(user_id, *PERSON_FLAG_EVENTS[event_type], ts_ns)
 
     def record(self, events: Iterable[ServingEvent]) -> str:
         """Persist events as one Parquet file, then apply them; returns the file's path."""
@@ -905,6 +960,7 @@ def _no_items() -> pd.DataFrame:
             "policy_state": pd.Series(dtype="str"),
             "stock": pd.Series(dtype="int64"),
             "is_sponsored": pd.Series(dtype="bool"),
+            "campaign_id": pd.Series(dtype="str"),
             "campaign_end": pd.Series(dtype="datetime64[ns]"),
             "tenant_id": pd.Series(dtype="str"),
             "required_role": pd.Series(dtype="str"),

@@ -49,9 +49,11 @@ LIST_COLUMNS = [
     "reason_codes",
     "source_provenance",
 ]
-OPTIONAL_LIST_COLUMNS = ["calibrated"]
+IN_SLATE = "in_slate"
+OPTIONAL_LIST_COLUMNS = ["calibrated", IN_SLATE]
 """Read when present: versions published before the calibrated probability was stored lack
-it, and still serve (their items' `score` is null)."""
+it, and still serve (their items' `score` is null); only candidate-pool shortlists carry
+`in_slate` (their stored slate's rows, first in each list)."""
 
 STORE_OK = "ok"
 MANIFEST_MISSING = "manifest_missing"
@@ -187,7 +189,8 @@ class PublishedVersion:
 
     Lists are numbered 0..n-1; list i owns rows starts[i]:starts[i+1], in position order.
     Personalized lists are found by subject (binary search over sorted ids), fallback lists
-    by context key. Memory holds only a few numbers per list: the rows themselves (item,
+    by context key. List i's stored slate is rows starts[i]:slate_stops[i]: every row of a
+    final slate, the `in_slate` rows (first in position order) of a candidate-pool shortlist. Memory holds only a few numbers per list: the rows themselves (item,
     scores, reason and provenance codes) are written once, at load, to an anonymous local
     file, and a request reads its list's rows with one `pread` (the OS page cache keeps hot
     lists in RAM without growing the process). `item_ids`, `scores`, `calibrated`,
@@ -214,6 +217,7 @@ class PublishedVersion:
         "region",
         "row_count",
         "scores",
+        "slate_stops",
         "starts",
         "subject_ids",
         "surface",
@@ -250,7 +254,9 @@ class PublishedVersion:
         contexts: list[pa.Array] = []
         reasons: dict[str, int] = {}
         provenance: dict[str, int] = {}
-        rows = 0
+        slate_rows: list[np.ndarray] = []  # per batch, its in-slate rows' list numbers
+        previous_in_slate = False  # whether the last row read was in its list's slate
+        rows = lists = 0
         previous: tuple[int, int] | None = None  # (subject, position) of the last row read
         for batch in batches:
             count = batch.num_rows
@@ -273,8 +279,23 @@ class PublishedVersion:
                     raise _NotInOrder(f"{path}: list rows are not in subject, position order")
                 previous = int(subject[-1]), int(position[-1])
             firsts = np.flatnonzero(first)
+            if IN_SLATE in batch.schema.names:
+                in_slate = pc.fill_null(batch.column(IN_SLATE), False).to_numpy(
+                    zero_copy_only=False
+                )
+                before_in_slate = np.empty(count, dtype=bool)
+                before_in_slate[1:] = in_slate[:-1]
+                before_in_slate[0] = previous_in_slate
+                if (in_slate & ~first & ~before_in_slate).any():
+                    raise ValueError(
+                        f"{path}: a list's in_slate rows do not come first in position "
+                        "order; republish the partition"
+                    )
+                previous_in_slate = bool(in_slate[-1])
+                slate_rows.append(lists - 1 + np.cumsum(first)[in_slate])
             taken = pa.array(firsts, type=pa.int64())
             starts.append(firsts + rows)
+            lists += len(firsts)
             subjects.append(subject[firsts])
             generated.append(_nanoseconds(batch.column("generated_at").take(taken)))
             expires.append(_nanoseconds(batch.column("expires_at").take(taken)))
@@ -299,6 +320,12 @@ class PublishedVersion:
         self._file.flush()
         self.row_count = rows
         self.starts = np.concatenate([*starts, np.array([rows], dtype=np.int64)])
+        self.slate_stops = (
+            self.starts[:-1]
+            + np.bincount(np.concatenate(slate_rows), minlength=self.list_count)
+            if slate_rows
+            else self.starts[1:]
+        )
         self.subject_ids = np.ascontiguousarray(np.concatenate([np.empty(0, np.int64), *subjects]))
         self.generated_at_ns = np.concatenate([np.empty(0, np.int64), *generated])
         self.expires_at_ns = np.concatenate([np.empty(0, np.int64), *expires])

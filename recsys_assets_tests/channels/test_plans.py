@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
+import numpy as np
 import pandas as pd
 
 from recsys_assets.channels.ledger import SEND_SCHEMA, append_sends, send_key
@@ -20,6 +21,7 @@ from recsys_assets.channels.plans import (
     SEND_CAP,
     STALE_LIST,
     UNKNOWN_SUBJECT,
+    first_slot_order,
     plan_sends,
 )
 from recsys_assets_tests.channels.conftest import (
@@ -190,3 +192,17 @@ def test_a_surface_that_is_not_a_channel_gets_an_empty_plan_saying_so(
     assert plan.status == NOT_A_CHANNEL
     assert plan.plan.empty and plan.decisions.empty
     assert "home_feed is not a channel" in plan.detail
+
+
+def test_first_slot_takes_the_first_most_confident_item_and_keeps_list_order_after_it() -> None:
+    slots = np.array([0, 0, 0, 0, 1, 1, 3])
+    confidence = np.array([0.4, 0.9, 0.2, 0.9, np.nan, 0.45, 0.5])
+
+    order, missed = first_slot_order(slots, confidence, 0.5, subjects=4)
+
+    # slot 0 opens with its first 0.9 (row 1), the rest in list order; slot 1's best (0.45,
+    # an unknown probability counting as -1) misses the threshold; slot 3 reaches it
+    assert order.tolist() == [1, 0, 2, 3, 5, 4, 6]
+    assert missed.tolist() == [False, True, False, False]  # slot 2 has no rows: not judged
+    unordered, none_missed = first_slot_order(slots, confidence, None, subjects=4)
+    assert unordered.tolist() == list(range(7)) and not none_missed.any()

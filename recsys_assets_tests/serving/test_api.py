@@ -46,7 +46,7 @@ def test_recommendation_endpoint(client: TestClient, world: World) -> None:
     assert [item["item_id"] for item in body["items"]] == world.good[:20]
     assert set(body) == {
         "request_id", "subject_id", "surface", "region", "list_id", "version", "served_from",
-        "generated_at", "expires_at", "model_version", "items", "rejections",
+        "generated_at", "expires_at", "model_version", "items", "rejections", "experiment",
     }  # fmt: skip
     assert set(body["items"][0]) == {
         "item_id", "position", "score", "utility", "fallback_score", "reason_codes",

@@ -26,6 +26,9 @@ from recsys_assets_tests.serving.conftest import World
 OPERATIONS = {
     ("get", "/v1/recommendations/{surface}"),
     ("post", "/v1/events"),
+    ("post", "/v1/admin/kill"),
+    ("delete", "/v1/admin/kill"),
+    ("get", "/v1/admin/kill"),
     ("get", "/metrics"),
     ("get", "/healthz"),
 }

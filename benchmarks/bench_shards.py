@@ -23,7 +23,7 @@ between its workers. Reported side by side in one run:
 
 Writes the summary to `--out` (benchmarks/output/shards.json, read by `recsys plan`), schema:
 {"schema": "recsys.bench_shards/1", "device": "cpu", "cores", "per_shard_rows_per_s",
-"rows_per_shard", "subjects_per_shard", "shards", "step_startup_s", "workers": {n: {"wall_s",
+"per_shard_threads", "rows_per_shard", "subjects_per_shard", "shards", "step_startup_s", "workers": {n: {"wall_s",
 "speedup", "rows_per_s", "peak_rss_mib", "peak_step_rss_mib", "threads_per_step"}}, "scale",
 "partition",
 "measured_at", "command"}.
@@ -301,6 +301,8 @@ def main() -> None:
         "rows_per_shard": round(shard["rows_per_shard"], 1),
         "subjects_per_shard": round(subjects / args.shards, 1),
         "shard_seconds_mean": round(shard["shard_seconds_mean"], 3),
+        # The threads each step of the run behind per_shard_rows_per_s had (its first).
+        "per_shard_threads": max(1, (os.cpu_count() or 1) // workers[0]),
         "shards": args.shards,
         "step_startup_s": round(max(0.0, baseline["wall_s"] - step_total) / steps_count, 3),
         "workers": {

@@ -7,7 +7,9 @@ twice: on the subjects of the arms that use it (what the experiment will measure
 and on every evaluated subject (what the mode would do for everyone, free of the noise of
 which subjects fell in which arm).
 
-- `final_slate`: the stored lists the evaluation already reads (published, else slates).
+- `final_slate`: the stored lists the evaluation already reads (published, else slates);
+  on a `storage_mode: candidate_pool` surface each shortlist's `in_slate` rows, exactly
+  what serving's `final_slate` mode serves there.
 - `fallback_only`: the fallback lists publish would build at the split time (the same
   `compute_fallback_lists`), in serving's order for a subject without a personal list
   (`new_user_default`, then `popular_by_region`), per subject's region, without the items

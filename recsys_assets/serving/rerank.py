@@ -30,6 +30,10 @@ row with the ranker's inputs as batch gathered them. A request, in order:
 Every step runs against `latency_budget_ms`: past it the request serves the shortlist in
 batch order (the stored slate first) with the same final check, and the metric
 `recsys_candidate_pool_requests_total{outcome="budget_exceeded"}` counts it.
+
+torch (about 190 MiB resident) is imported when `CandidatePoolServing` is built for a
+candidate-pool surface, not with this module: the HTTP API imports it for the request
+context's limits, and a process serving only final slates never loads torch.
 """
 
 from __future__ import annotations
@@ -48,14 +52,11 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 from prometheus_client import Counter as MetricCounter
 from prometheus_client import Histogram
 
 from recsys_assets.config import Settings, SurfaceConfig
-from recsys_assets.models.bundle import CALIBRATION_FILE, MODELS_PREFIX, RANKER_FILE
 from recsys_assets.models.calibration import Calibrator
-from recsys_assets.models.ranker import RankerModel
 from recsys_assets.pipeline.feature_tables import derive_cross_features
 from recsys_assets.pipeline.features import (
     FEATURE_COLUMNS,
@@ -89,6 +90,7 @@ from recsys_assets.serving.store import (
 from recsys_assets.warehouse import Warehouse
 
 if TYPE_CHECKING:
+    from recsys_assets.models.ranker import RankerModel
     from recsys_assets.serving.service import RecommendationService
 
 log = logging.getLogger(__name__)
@@ -241,6 +243,11 @@ class OnlineRanker:
 
     @classmethod
     def load(cls, warehouse: Warehouse, model_version: str) -> OnlineRanker:
+        import torch  # the bundle's modules load torch: only once a ranker is needed
+
+        from recsys_assets.models.bundle import CALIBRATION_FILE, MODELS_PREFIX, RANKER_FILE
+        from recsys_assets.models.ranker import RankerModel
+
         folder = f"{MODELS_PREFIX}/{model_version}"
         ranker = RankerModel.from_bytes(
             warehouse.read_bytes(f"{folder}/{RANKER_FILE}"), device=torch.device("cpu")
@@ -317,6 +324,8 @@ class CandidatePoolServing:
             clock=clock,
         )
         if self.surfaces:
+            import torch
+
             # A request scores a few hundred rows: intra-op threads only add synchronisation
             # (8 ms instead of 0.8 ms per request on two busy cores; ranker.py saw the same
             # when training).
@@ -891,8 +900,3 @@ def _with_overlay_share(
     chosen_base = order[~is_overlay][: want - len(chosen_overlay)]
     keep = np.isin(order, np.concatenate((chosen_overlay, chosen_base)))
     return order[keep][:want]
-
-
-def serve_candidate_pool(service: RecommendationService, request: ServingContext) -> Served:
-    """The `candidate_pool_rerank` serving mode (what the service's dispatch calls)."""
-    return service.candidate_pool.serve(service, request)

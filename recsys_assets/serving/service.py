@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -40,6 +40,9 @@ from recsys_assets.serving.metrics import ServingMetrics
 from recsys_assets.serving.state import INT64_MAX, Catalog, OnlineState, ServingEvent, Subject
 from recsys_assets.serving.store import STORE_OK, ListStore, PartitionLists, PublishedVersion
 from recsys_assets.warehouse import Warehouse
+
+if TYPE_CHECKING:
+    from recsys_assets.serving.rerank import CandidatePoolServing
 
 log = logging.getLogger(__name__)
 
@@ -278,21 +281,24 @@ class RecommendationService:
         self.metrics.watch_kills(self.kill_switch)
         self.experiments = experiments(self.settings)
         self.metrics.watch_experiment_clicks(self.attribution, self.experiments)
-        from recsys_assets.serving.rerank import (  # rerank builds on this module's types
-            CANDIDATE_POOL_RERANK,
-            CandidatePoolServing,
-            serve_candidate_pool,
-        )
-
-        self.candidate_pool = CandidatePoolServing(
-            self.warehouse, self.settings, self.metrics, clock=clock
-        )
         self.serving_modes: dict[str, ServeMode] = {
             FINAL_SLATE: self.serve_final_slate,
-            CANDIDATE_POOL_RERANK: partial(serve_candidate_pool, self),
             FALLBACK_ONLY: self.serve_fallback_only,
         }
         """The one place a serving mode is dispatched: mode → the function serving it."""
+        self.candidate_pool: CandidatePoolServing | None = None
+        """The online rerank, built only when a surface stores candidate pools: it loads
+        torch (about 190 MiB), which a process serving final slates never needs."""
+        if any(s.storage_mode == "candidate_pool" for s in self.settings.surfaces.values()):
+            from recsys_assets.serving.rerank import (  # rerank builds on this module's types
+                CANDIDATE_POOL_RERANK,
+                CandidatePoolServing,
+            )
+
+            self.candidate_pool = CandidatePoolServing(
+                self.warehouse, self.settings, self.metrics, clock=clock
+            )
+            self.serving_modes[CANDIDATE_POOL_RERANK] = partial(self.candidate_pool.serve, self)
         self._check_modes()
         self.regions = frozenset(self.settings.regions)
         self._loaded = False
@@ -375,7 +381,8 @@ class RecommendationService:
                 if lists.fallback is not None:
                     active[(surface, region, "fallback")] = lists.fallback.version
         self.metrics.set_active_versions(active)
-        self.candidate_pool.refresh(self.store, self.state)
+        if self.candidate_pool is not None:
+            self.candidate_pool.refresh(self.store, self.state)
 
     def _poll(self) -> None:
         while not self._stop.wait(self.poll_interval_s):
@@ -390,7 +397,8 @@ class RecommendationService:
         """Persist and apply user events; effective for the next request. Returns the file."""
         batch = list(events)
         path = self.state.record(batch)
-        self.candidate_pool.fresh.record(path, batch)
+        if self.candidate_pool is not None:
+            self.candidate_pool.fresh.record(path, batch)
         return path
 
     def record_engagement(
@@ -620,10 +628,11 @@ class RecommendationService:
 
     # -- serving modes ----------------------------------------------------------------------
 
-    def person_gate(self, request: ServingContext) -> Served | None:
+    def person_gate(self, request: ServingContext, *, slate_only: bool = False) -> Served | None:
         """What every mode must answer before reading any list: no item state (nothing can
         be checked), an unknown recipient of a message, or a subject without consent (their
-        list is refused whole). None when the subject may get their own list."""
+        list, or with `slate_only` its stored slate, is refused whole). None when the
+        subject may get their own list."""
         policy, subject = request.policy, request.subject
         if not self.state.ready:  # nothing can be checked: never serve blindly
             return Served(cause=STATE_UNAVAILABLE, fallback_keys=[])
@@ -633,7 +642,9 @@ class RecommendationService:
             version = request.lists.personalized
             index = version.find_subject(request.subject_id) if version is not None else -1
             if version is not None and index >= 0:
-                request.fill.reject_all(version, index, _CONSENT_REVOKED_CODE)
+                request.fill.reject_all(
+                    version, index, _CONSENT_REVOKED_CODE, slate_only=slate_only
+                )
             if policy.messaging:
                 keys = []
             elif policy.enterprise:  # the tenant's default actions are not personal
@@ -644,9 +655,11 @@ class RecommendationService:
         return None
 
     def serve_final_slate(self, request: ServingContext) -> Served:
-        """`final_slate`: the subject's precomputed list under the stale policy, checked and
-        filled, topped up from the fallback lists."""
-        gated = self.person_gate(request)
+        """`final_slate`: the subject's stored slate under the stale policy, checked and
+        filled, topped up from the fallback lists. On a candidate-pool surface that is the
+        shortlist's `in_slate` rows only: its deeper candidates never went through the batch
+        slate policy (caps, exploration), so serving them would not be the stored slate."""
+        gated = self.person_gate(request, slate_only=True)
         if gated is not None:
             return gated
         top_up_keys, fallback_keys = self._fallback_keys(request)
@@ -669,7 +682,7 @@ class RecommendationService:
             fallback_keys=top_up_keys, stale_outcome="served_with_check" if stale else None
         )
         positions = version.positions_in(request.catalog.arrays)
-        if request.fill.take(version, list_index, request.check, positions):
+        if request.fill.take(version, list_index, request.check, positions, slate_only=True):
             served.primary = (version, list_index)
             served.served_from = PRECOMPUTED_STALE if stale else PRECOMPUTED
             served.store_hit = True

@@ -321,8 +321,7 @@ class PublishedVersion:
         self.row_count = rows
         self.starts = np.concatenate([*starts, np.array([rows], dtype=np.int64)])
         self.slate_stops = (
-            self.starts[:-1]
-            + np.bincount(np.concatenate(slate_rows), minlength=self.list_count)
+            self.starts[:-1] + np.bincount(np.concatenate(slate_rows), minlength=self.list_count)
             if slate_rows
             else self.starts[1:]
         )

@@ -71,3 +71,37 @@ def test_bad_duration_and_unknown_source(tmp_path: Path) -> None:
     assert str(path) in message
     assert "surfaces.push.ttl" in message and "not a duration" in message
     assert "carrier_pigeon" in message
+
+
+def test_final_slate_serves_a_candidate_pool_surface_and_rerank_needs_one() -> None:
+    """final_slate reads the stored slate either storage mode keeps, so an experiment of
+    final slates against the online rerank loads on a candidate-pool surface; the rerank
+    still needs candidate pools, named with the key."""
+    data = _default()
+    data["surfaces"]["home_feed"].update(
+        storage_mode="candidate_pool",
+        serving_mode="final_slate",
+        experiment={
+            "id": "slate_vs_rerank",
+            "arms": {
+                "control": {"serving_mode": "final_slate", "weight": 1},
+                "rerank": {"serving_mode": "candidate_pool_rerank", "weight": 1},
+            },
+        },
+    )
+    home = settings_from_mapping(data, "test.yaml").surface("home_feed")
+    assert home.storage_mode == "candidate_pool" and home.serving_mode == "final_slate"
+    assert home.experiment is not None
+    assert [arm.serving_mode for arm in home.experiment.arms.values()] == [
+        "final_slate",
+        "candidate_pool_rerank",
+    ]
+
+    data["surfaces"]["home_feed"]["storage_mode"] = "final_slate"
+    with pytest.raises(
+        ConfigError,
+        match=r"surfaces\.home_feed: experiment\.arms\.rerank\.serving_mode "
+        r"'candidate_pool_rerank' needs storage_mode 'candidate_pool', but the surface's "
+        r"storage_mode is 'final_slate'",
+    ):
+        settings_from_mapping(data, "test.yaml")

@@ -35,7 +35,7 @@ from recsys_assets.evaluation.evaluate import (
 )
 from recsys_assets.evaluation.metrics import ListMetrics, evaluate_lists
 from recsys_assets.rules.person import consumed_mask
-from recsys_assets.serving.experiments import Experiment
+from recsys_assets.serving.experiments import Experiment, experiment_of
 from recsys_assets.warehouse import Warehouse
 from recsys_assets_tests.conftest import TINY_AS_OF
 
@@ -128,17 +128,14 @@ def _scorer(
     return score
 
 
-SLATE_VS_RERANK = Experiment(
-    ExperimentConfig.model_validate(
-        {
-            "id": "slate_vs_rerank",
-            "arms": {
-                "control": {"serving_mode": "final_slate", "weight": 1},
-                "rerank": {"serving_mode": "candidate_pool_rerank", "weight": 1},
-            },
-        }
-    )
-)
+SLATE_VS_RERANK_CONFIG = {
+    "id": "slate_vs_rerank",
+    "arms": {
+        "control": {"serving_mode": "final_slate", "weight": 1},
+        "rerank": {"serving_mode": "candidate_pool_rerank", "weight": 1},
+    },
+}
+SLATE_VS_RERANK = Experiment(ExperimentConfig.model_validate(SLATE_VS_RERANK_CONFIG))
 
 
 def test_candidate_pool_rerank_is_a_note_where_the_surface_stores_final_slates(
@@ -177,6 +174,7 @@ def pool_split(
         storage_mode="candidate_pool",
         serving_mode="candidate_pool_rerank",
         regions=["na"],  # one partition keeps the pipeline run short
+        experiment=SLATE_VS_RERANK_CONFIG,
     )
     config_path = root / "surfaces.yaml"
     config_path.write_text(yaml.safe_dump(data))
@@ -215,9 +213,11 @@ def test_final_slate_and_candidate_pool_rerank_arms_on_published_shortlists(
     arm_inputs = ArmInputs(
         settings, "home_feed", ["na"], split.split_time, pool_split.past, stored, scratch
     )
-    comparison = compare_arms(SLATE_VS_RERANK, arm_inputs, users, score)
+    experiment = experiment_of(settings.surface("home_feed"))  # as configured
+    assert experiment is not None
+    comparison = compare_arms(experiment, arm_inputs, users, score)
     assert comparison.notes == ()
-    split_users = SLATE_VS_RERANK.split(users)
+    split_users = experiment.split(users)
     assert {arm: entry["users"] for arm, entry in comparison.arms.items()} == {
         arm: len(ids) for arm, ids in split_users.items()
     }

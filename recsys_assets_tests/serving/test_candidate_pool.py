@@ -1,10 +1,14 @@
 """Candidate-pool serving on lists the real pipeline published: a home_feed × na partition
-materialized by Dagster with `storage_mode: candidate_pool`, served by the online rerank."""
+materialized by Dagster with `storage_mode: candidate_pool`, served by the online rerank,
+and by `final_slate` (the stored slate only) in an experiment against it."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from collections import defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +39,7 @@ from recsys_assets.serving.state import ServingEvent
 from recsys_assets.warehouse import Warehouse
 from recsys_assets_tests.conftest import TINY_AS_OF
 from recsys_assets_tests.serving.conftest import Clock
+from recsys_assets_tests.serving.decisions import read_decision_log
 
 SURFACE, REGION = "home_feed", "na"
 SHORTLIST_SIZE = 300
@@ -320,3 +325,139 @@ def test_candidate_pool_over_http(published: Published) -> None:
         'recsys_candidate_pool_requests_total{outcome="reranked",region="na",surface="home_feed"}'
         in metrics
     )
+
+
+def _slate_vs_rerank(published: Published, folder: Path) -> Published:
+    """A copy of the published warehouse (hides recorded there stay there), served with an
+    experiment of final slates against the online rerank, loaded from a YAML file."""
+    copy = folder / "warehouse"
+    shutil.copytree(Path(published.warehouse.path("")), copy)
+    data = yaml.safe_load(published.config_path.read_text())
+    data["surfaces"][SURFACE]["experiment"] = {
+        "id": "slate_vs_rerank",
+        "arms": {
+            "control": {"serving_mode": "final_slate", "weight": 1},
+            "rerank": {"serving_mode": "candidate_pool_rerank", "weight": 1},
+        },
+    }
+    config_path = folder / "surfaces.yaml"
+    config_path.write_text(yaml.safe_dump(data))
+    return Published(
+        Warehouse(copy.as_uri()), load_settings(config_path), config_path, published.version
+    )
+
+
+def _stored_slates(published: Published) -> dict[int, list[int]]:
+    """Subject → the stored slate of their shortlist (the `in_slate` rows), in order."""
+    manifest = read_manifest(published.warehouse, SURFACE, REGION)
+    assert manifest is not None
+    lists = published.warehouse.read_parquet(f"{manifest.active_path}/lists.parquet")
+    slates = lists[lists["in_slate"].to_numpy(dtype=bool)].sort_values(["subject_id", "position"])
+    return {int(s): rows["item_id"].tolist() for s, rows in slates.groupby("subject_id")}
+
+
+def test_experiment_serves_the_stored_slate_in_one_arm_and_reranks_in_the_other(
+    published: Published, tmp_path: Path
+) -> None:
+    """final_slate on a candidate-pool surface serves exactly the stored slate: in order,
+    and when its items are rejected the fill tops up from the fallback lists, never from
+    the shortlist's deeper candidates (which never went through the batch slate policy).
+    The other arm reranks; the decision log records each request's arm and mode."""
+    experiment = _slate_vs_rerank(published, tmp_path)
+    service = _service(experiment)
+    slates = _stored_slates(experiment)
+    display_count = experiment.settings.surface(SURFACE).display_count
+    arms = {subject: service.experiments[SURFACE].assign(subject).arm for subject in slates}
+    control = [s for s, arm in arms.items() if arm == "control"]
+    rerank = [s for s, arm in arms.items() if arm == "rerank"]
+    assert len(control) >= 3 and len(rerank) >= 2
+    hidden_subject = control[0]
+    hidden = slates[hidden_subject][:-3]  # the whole stored slate but its last three items
+    now = TINY_AS_OF + timedelta(minutes=30)
+    service.record_events(
+        ServingEvent("hide_item", hidden_subject, item_id, ts=now - timedelta(minutes=1))
+        for item_id in hidden
+    )
+    served: dict[int, dict] = {}
+    with TestClient(create_app(service)) as client:
+        for subject_id in [*control[:3], *rerank[:2]]:
+            response = client.get(
+                f"/v1/recommendations/{SURFACE}",
+                params={"subject_id": subject_id, "region": REGION},
+            )
+            assert response.status_code == 200, response.text
+            served[subject_id] = response.json()
+    service.close()  # flushes the decision log
+    assert _outcomes(service) == {RERANKED: 2.0}  # the control arm never reranked
+
+    for subject_id in control[1:3]:
+        body, slate = served[subject_id], slates[subject_id]
+        assert body["experiment"] == {"id": "slate_vs_rerank", "arm": "control"}
+        assert body["served_from"] == "precomputed"
+        items = [item["item_id"] for item in body["items"]]
+        assert all(item["fallback_score"] is None for item in body["items"])
+        assert set(items) <= set(slate)
+        assert [slate.index(item) for item in items] == sorted(slate.index(i) for i in items)
+        passed = len(slate) - sum(body["rejections"].values())  # only slate rows checked
+        assert len(items) == min(display_count, passed)
+
+    body = served[hidden_subject]
+    own = [item["item_id"] for item in body["items"] if item["fallback_score"] is None]
+    topped_up = [item for item in body["items"] if item["fallback_score"] is not None]
+    assert body["served_from"] == "precomputed" and own
+    assert own == [item for item in slates[hidden_subject][-3:] if item in own]
+    assert topped_up  # the rest comes from the fallback lists, not from the deeper pool
+    assert body["rejections"]["hidden_by_user"] >= len(hidden)
+
+    for subject_id in rerank[:2]:
+        body = served[subject_id]
+        assert body["experiment"] == {"id": "slate_vs_rerank", "arm": "rerank"}
+        assert len(body["items"]) == display_count
+        assert all(item["score"] is not None for item in body["items"])
+
+    log = read_decision_log(experiment.warehouse)
+    log = log[log["request_id"].isin([body["request_id"] for body in served.values()])]
+    assert len(log) == len(served)
+    for row in log.itertuples():
+        arm = arms[row.subject_id]
+        assert (row.experiment_id, row.experiment_arm) == ("slate_vs_rerank", arm)
+        mode = "final_slate" if arm == "control" else "candidate_pool_rerank"
+        assert row.serving_mode == mode
+        context = json.loads(row.context) if isinstance(row.context, str) else {}
+        detail = context.get("serving_detail")
+        assert (detail is not None) == (arm == "rerank")
+        if detail is not None:
+            assert len(detail["slots"]) == display_count
+
+
+def test_a_final_slate_surface_never_loads_the_rerank_or_torch(published: Published) -> None:
+    """Serving without candidate-pool surfaces (the packaged configuration) builds no
+    CandidatePoolServing and never imports torch, through loading the published lists and
+    answering a request (a fresh interpreter: this test process's own imports do not count)."""
+    manifest = read_manifest(published.warehouse, SURFACE, REGION)
+    assert manifest is not None
+    lists = published.warehouse.read_parquet(
+        f"{manifest.active_path}/lists.parquet", columns=["subject_id"]
+    )
+    subject_id = int(lists["subject_id"].iloc[0])
+    script = (
+        "import sys\n"
+        "from recsys_assets.serving.api import create_app\n"
+        "from recsys_assets.serving.service import RecommendationService\n"
+        "from recsys_assets.warehouse import Warehouse\n"
+        f"service = RecommendationService(Warehouse({published.warehouse.url!r}))\n"
+        "create_app(service)\n"
+        "service.load()\n"
+        f"service.recommend({subject_id}, {SURFACE!r}, {REGION!r})\n"
+        "assert service.candidate_pool is None, 'rerank built'\n"
+        "assert 'candidate_pool_rerank' not in service.serving_modes\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RECSYS_CONFIG": str(DEFAULT_CONFIG_PATH)},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr

@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -186,3 +187,49 @@ def test_item_positions_are_the_catalogs(lists: pd.DataFrame, catalog: list[int]
         start, stop = int(version.starts[index]), int(version.starts[index + 1])
         items = np.asarray(version.item_ids[start:stop].tolist(), dtype=np.int64)
         assert positions[start:stop].tolist() == arrays.positions(items).tolist()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lists=_lists(fallback=False),
+    data=st.data(),
+    shuffled=st.booleans(),
+    row_group_rows=st.integers(1, 8),
+)
+def test_a_shortlists_stored_slate_ends_where_its_in_slate_rows_do(
+    lists: pd.DataFrame, data: st.DataObject, shuffled: bool, row_group_rows: int
+) -> None:
+    """A candidate-pool shortlist's stored slate is its `in_slate` rows, first in position
+    order: `slate_stops` finds where they end per list, across row groups and batches."""
+    sizes = lists.groupby("subject_id").size()
+    slate = {int(s): data.draw(st.integers(0, int(n)), label=str(s)) for s, n in sizes.items()}
+    lists["in_slate"] = lists["position"] <= lists["subject_id"].map(slate)
+    written = lists.sample(frac=1, random_state=7) if shuffled else lists
+    version = _load(written, fallback=False, row_group_rows=row_group_rows)
+    found = version.slate_stops - version.starts[:-1]
+    assert found.tolist() == [slate[int(s)] for s in version.subject_ids]
+
+    without = _load(lists.drop(columns="in_slate"), fallback=False, row_group_rows=4)
+    assert without.slate_stops.tolist() == without.starts[1:].tolist()  # all of a slate
+
+
+def test_in_slate_rows_after_a_candidate_refuse_the_version() -> None:
+    lists = pd.DataFrame(
+        {
+            "list_id": "list_1",
+            "subject_id": 1,
+            "context_key": "default",
+            "generated_at": GENERATED,
+            "expires_at": GENERATED + pd.Timedelta(hours=6),
+            "model_version": "m1",
+            "position": pd.Series([1, 2, 3], dtype="int32"),
+            "item_id": pd.Series([10, 11, 12], dtype="int64"),
+            "score": 1.0,
+            "calibrated": 0.5,
+            "reason_codes": "trending",
+            "source_provenance": "trending",
+            "in_slate": [True, False, True],
+        }
+    )
+    with pytest.raises(ValueError, match="in_slate rows do not come first in position order"):
+        _load(lists, fallback=False, row_group_rows=2)

@@ -13,10 +13,10 @@ blocking: a violation stops the downstream steps of the run. docs/AUTOMATION.md,
 import math
 import os
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import dagster as dg
 import numpy as np
@@ -248,11 +248,37 @@ def subjects(context: dg.AssetExecutionContext, recsys: RecsysResource) -> dg.Ma
     )
 
 
+T = TypeVar("T")
+
 SHARD_RETRY = dg.RetryPolicy(max_retries=2, delay=1.0, backoff=dg.Backoff.EXPONENTIAL)
 """Shard steps are retried: each rewrites its own fixed-name part atomically, so an attempt
 that died half-way leaves nothing the retry could duplicate."""
 SHARD_STEP_TAGS = {"recsys/step": "shard"}
 """Shard steps' tags: a deployment sizes their workers by them (deployment.k8s.step_resources)."""
+_RUN_INPUTS: dict[str, tuple[tuple[str, str], Any]] = {}
+"""Per-partition inputs of a run's shard steps (name → ((run id, partition key), value))."""
+
+
+def _run_inputs(context: dg.OpExecutionContext, name: str, build: Callable[[], T]) -> T:
+    """What every shard step of this run and partition reads the same way (the candidate
+    sources, the bundle, the item tables), built once per process: shard steps sharing a
+    process (the in-process executor of `recsys run`) reuse it; a step in its own process
+    (multiprocess, Celery, k8s) builds its own. One entry per name, so memory holds one
+    partition's inputs; the merge step releases them (`_release_run_inputs`)."""
+    key = (context.run.run_id, str(context.partition_key))
+    cached = _RUN_INPUTS.get(name)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    _RUN_INPUTS.pop(name, None)  # the old partition's inputs go before the new ones are built
+    value = build()
+    _RUN_INPUTS[name] = (key, value)
+    return value
+
+
+def _release_run_inputs(name: str) -> None:
+    _RUN_INPUTS.pop(name, None)
+
+
 SHARD_FAULT_ENV_VAR = "RECSYS_SHARD_FAULT"
 """Fault drill: a file path; while the file exists and reads `<asset>/<shard>`, that shard
 step fails once after writing its part (the file is removed), as a crash would."""
@@ -442,22 +468,27 @@ def candidate_pools_shard(
     partition = SurfaceRegion.from_context(context)
     warehouse, settings = recsys.warehouse(), recsys.settings()
     surface = settings.surface(partition.surface)
-    bundle = load_bundle(warehouse)
-    ingredients = candidate_stage.build_context(
-        items=read_raw(warehouse, "items"),
-        interactions=read_raw(warehouse, "interactions"),
-        user_controls=read_raw(warehouse, "user_controls"),
-        editorial=read_raw(warehouse, "editorial"),
-        region=partition.region,
-        surface=surface,
-        score_time=recsys.now(),
-        trending_window_days=settings.pipeline.trending_window_days,
-        trending_min_share=settings.pipeline.trending_min_share,
-        recent_history_items=settings.pipeline.recent_history_items,
-        collaborative=bundle.collaborative,
-        tombstones=load_tombstones(warehouse),
-        events=read_events(warehouse),
-    )
+
+    def sources() -> tuple[ModelBundle, candidate_stage.CandidateContext]:
+        bundle = load_bundle(warehouse)
+        ingredients = candidate_stage.build_context(
+            items=read_raw(warehouse, "items"),
+            interactions=read_raw(warehouse, "interactions"),
+            user_controls=read_raw(warehouse, "user_controls"),
+            editorial=read_raw(warehouse, "editorial"),
+            region=partition.region,
+            surface=surface,
+            score_time=recsys.now(),
+            trending_window_days=settings.pipeline.trending_window_days,
+            trending_min_share=settings.pipeline.trending_min_share,
+            recent_history_items=settings.pipeline.recent_history_items,
+            collaborative=bundle.collaborative,
+            tombstones=load_tombstones(warehouse),
+            events=read_events(warehouse),
+        )
+        return bundle, ingredients
+
+    bundle, ingredients = _run_inputs(context, "candidate_sources", sources)
     two_tower = two_tower_retriever(
         bundle.two_tower, item_chunk=settings.pipeline.retrieval_item_chunk
     )
@@ -503,6 +534,7 @@ def candidate_pools_merge(
     context: dg.OpExecutionContext, recsys: RecsysResource, outcomes: list[ShardOutcome]
 ) -> Iterator[dg.Output[None] | dg.AssetCheckResult]:
     """Every shard's candidate pools present and its own; metadata over the partition."""
+    _release_run_inputs("candidate_sources")
     partition = SurfaceRegion.from_context(context)
     warehouse = recsys.warehouse()
     outcomes = _sorted(outcomes)
@@ -748,12 +780,19 @@ def scored_candidates_shard(
     """Gather and score one shard's candidate rows."""
     partition = SurfaceRegion.from_context(context)
     warehouse = recsys.warehouse()
-    bundle = load_bundle(warehouse)
-    items = read_raw(warehouse, "items", columns=["item_id", *SCORING_ITEM_COLUMNS]).set_index(
-        "item_id"
-    )
-    popularity = _popularity_percentile(raw_dataset(warehouse, "interactions"), items.index)
-    item_features = _feature_part(warehouse, partition, "items", part_name(0))
+
+    def inputs() -> tuple[ModelBundle, pd.DataFrame, pd.Series, pd.DataFrame]:
+        items = read_raw(warehouse, "items", columns=["item_id", *SCORING_ITEM_COLUMNS]).set_index(
+            "item_id"
+        )
+        return (
+            load_bundle(warehouse),
+            items,
+            _popularity_percentile(raw_dataset(warehouse, "interactions"), items.index),
+            _feature_part(warehouse, partition, "items", part_name(0)),
+        )
+
+    bundle, items, popularity, item_features = _run_inputs(context, "scoring_inputs", inputs)
     # The score_time features_asof was computed for (an empty catalog has no rows, and then
     # no candidates either).
     score_time = (
@@ -828,6 +867,7 @@ def scored_candidates_merge(
     context: dg.OpExecutionContext, recsys: RecsysResource, outcomes: list[ShardOutcome]
 ) -> Iterator[dg.Output[None] | dg.AssetCheckResult]:
     """Every shard's scored candidates present and its own; score metadata over them."""
+    _release_run_inputs("scoring_inputs")
     partition = SurfaceRegion.from_context(context)
     warehouse = recsys.warehouse()
     outcomes = _sorted(outcomes)

@@ -72,11 +72,8 @@ from recsys_assets.serving.fresh import EXPOSURE, FreshItems, FreshSignals
 from recsys_assets.serving.metrics import ServingMetrics
 from recsys_assets.serving.service import (
     ALL_REJECTED,
-    NO_LIST_FOR_SUBJECT,
     PRECOMPUTED,
     PRECOMPUTED_STALE,
-    STALE_BEYOND_BOUND,
-    STALE_NEVER,
     Served,
     ServingContext,
     ServingRequestError,
@@ -402,25 +399,11 @@ class CandidatePoolServing:
         gated = service.person_gate(request)
         if gated is not None:
             return gated
-        top_up_keys, fallback_keys = service._fallback_keys(request)
-        policy, lists, now_ns = request.policy, request.lists, request.now_ns
-        version = lists.personalized
-        if version is None:
-            return Served(cause=lists.personalized_status, fallback_keys=fallback_keys)
-        index = version.find_subject(request.subject_id)
-        if index < 0:
-            return Served(cause=NO_LIST_FOR_SUBJECT, fallback_keys=fallback_keys)
-        expires_at_ns = int(version.expires_at_ns[index])
-        stale = now_ns > expires_at_ns
-        if stale and policy.stale_mode == "never":
-            return Served(cause=STALE_NEVER, fallback_keys=[], stale_outcome="empty")
-        if stale and now_ns - expires_at_ns > policy.max_stale_ns:
-            return Served(
-                cause=STALE_BEYOND_BOUND, fallback_keys=fallback_keys, stale_outcome="fallback"
-            )
-        served = Served(
-            fallback_keys=top_up_keys, stale_outcome="served_with_check" if stale else None
-        )
+        stored = service.stored_list(request)
+        if isinstance(stored, Served):
+            return stored
+        version, index, stale, served = stored
+        policy = request.policy
         surface = self.surfaces[policy.name]
         shortlist = self._shortlists.get((policy.name, request.region))
         started = time.perf_counter()

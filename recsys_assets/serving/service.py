@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -217,6 +217,15 @@ class Served:
     detail: dict[str, Any] | None = None
     """What the mode adds to the decision log's `context` (candidate_pool_rerank: the
     exploration seed and each served slot's source and propensity)."""
+
+
+class StoredList(NamedTuple):
+    """A subject's stored list a mode may serve (`RecommendationService.stored_list`)."""
+
+    version: PublishedVersion
+    index: int
+    stale: bool
+    served: Served
 
 
 ServeMode = Callable[[ServingContext], Served]
@@ -654,23 +663,20 @@ class RecommendationService:
             return Served(cause=CONSENT_REVOKED, fallback_keys=keys)
         return None
 
-    def serve_final_slate(self, request: ServingContext) -> Served:
-        """`final_slate`: the subject's stored slate under the stale policy, checked and
-        filled, topped up from the fallback lists. On a candidate-pool surface that is the
-        shortlist's `in_slate` rows only: its deeper candidates never went through the batch
-        slate policy (caps, exploration), so serving them would not be the stored slate."""
-        gated = self.person_gate(request, slate_only=True)
-        if gated is not None:
-            return gated
+    def stored_list(self, request: ServingContext) -> StoredList | Served:
+        """The subject's stored list if the surface's stale policy lets it be served (with
+        the answer to build on, topped up from the fallback lists), else the answer without
+        it: no version, no list for the subject, stale where the policy says never or beyond
+        its bound. Every mode that serves a stored list starts here."""
         top_up_keys, fallback_keys = self._fallback_keys(request)
         policy, lists, now_ns = request.policy, request.lists, request.now_ns
         version = lists.personalized
         if version is None:
             return Served(cause=lists.personalized_status, fallback_keys=fallback_keys)
-        list_index = version.find_subject(request.subject_id)
-        if list_index < 0:
+        index = version.find_subject(request.subject_id)
+        if index < 0:
             return Served(cause=NO_LIST_FOR_SUBJECT, fallback_keys=fallback_keys)
-        expires_at_ns = int(version.expires_at_ns[list_index])
+        expires_at_ns = int(version.expires_at_ns[index])
         stale = now_ns > expires_at_ns
         if stale and policy.stale_mode == "never":
             return Served(cause=STALE_NEVER, fallback_keys=[], stale_outcome="empty")
@@ -681,6 +687,20 @@ class RecommendationService:
         served = Served(
             fallback_keys=top_up_keys, stale_outcome="served_with_check" if stale else None
         )
+        return StoredList(version, index, stale, served)
+
+    def serve_final_slate(self, request: ServingContext) -> Served:
+        """`final_slate`: the subject's stored slate under the stale policy, checked and
+        filled, topped up from the fallback lists. On a candidate-pool surface that is the
+        shortlist's `in_slate` rows only: its deeper candidates never went through the batch
+        slate policy (caps, exploration), so serving them would not be the stored slate."""
+        gated = self.person_gate(request, slate_only=True)
+        if gated is not None:
+            return gated
+        stored = self.stored_list(request)
+        if isinstance(stored, Served):
+            return stored
+        version, list_index, stale, served = stored
         positions = version.positions_in(request.catalog.arrays)
         if request.fill.take(version, list_index, request.check, positions, slate_only=True):
             served.primary = (version, list_index)

@@ -255,6 +255,9 @@ SHARD_RETRY = dg.RetryPolicy(max_retries=2, delay=1.0, backoff=dg.Backoff.EXPONE
 that died half-way leaves nothing the retry could duplicate."""
 SHARD_STEP_TAGS = {"recsys/step": "shard"}
 """Shard steps' tags: a deployment sizes their workers by them (deployment.k8s.step_resources)."""
+SCORING_STEP_TAGS = {"recsys/step": "scoring"}
+"""The scoring shard steps' tags: the one step a deployment may give a GPU
+(deployment.k8s.step_resources.scoring), the other shard steps staying on CPUs."""
 _RUN_INPUTS: dict[str, tuple[tuple[str, str], Any]] = {}
 """Per-partition inputs of a run's shard steps (name → ((run id, partition key), value))."""
 
@@ -773,7 +776,7 @@ def score_in_blocks(
     return prediction, calibrated
 
 
-@dg.op(retry_policy=SHARD_RETRY, tags=SHARD_STEP_TAGS)
+@dg.op(retry_policy=SHARD_RETRY, tags=SCORING_STEP_TAGS)
 def scored_candidates_shard(
     context: dg.OpExecutionContext, recsys: RecsysResource, shard: Shard
 ) -> ShardOutcome:

@@ -96,18 +96,25 @@ def test_k8s_definitions_validate_with_the_shipped_run_config(
     assert io_manager["config"]["base_dir"] == f"{warehouse}/{STEP_IO_FOLDER}"
 
 
-def test_gpu_steps_request_nvidia_gpus() -> None:
+def test_only_scoring_steps_request_nvidia_gpus() -> None:
     data = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text(encoding="utf-8"))
-    steps = data["deployment"]["k8s"]["step_resources"]
-    gpu_step = next(name for name in steps if name != "default")
-    steps[gpu_step] = {"cpu": "4", "memory": "16Gi", "gpus": 1}
+    data["deployment"]["k8s"]["step_resources"]["scoring"] = {
+        "cpu": "4",
+        "memory": "16Gi",
+        "gpus": 1,
+    }
     settings = settings_from_mapping(data)
     pods = per_op_pod_config(settings, PIPELINE_ASSETS)
-    assert pods
-    for pod in pods.values():
-        resources = pod["container_config"]["resources"]
-        assert resources["requests"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
-        assert resources["limits"] == resources["requests"]
+    gpu = {
+        op
+        for op, pod in pods.items()
+        if "nvidia.com/gpu" in pod["container_config"]["resources"]["requests"]
+    }
+    assert gpu == {"scored_candidates_shard"}
+    resources = pods["scored_candidates_shard"]["container_config"]["resources"]
+    assert resources["requests"] == {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"}
+    assert resources["limits"] == resources["requests"]
+    assert {"candidate_pools_shard", "features_asof_shard", "slates_shard"} <= set(pods) - gpu
 
 
 def test_a_step_resources_key_no_step_carries_is_refused() -> None:

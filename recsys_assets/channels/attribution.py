@@ -13,19 +13,24 @@ leaked message cannot inflate the counters or fill storage.
 
 The token is the credential of these events (mail clients and devices hold no API token),
 so `POST /v1/events` takes opens and clicks without a bearer token; it proves which send and
-item, nothing more, and cannot be used for any other event type.
+item, nothing more, and cannot be used for any other event type. The links in a message are
+the same events as GETs on the public URL of `recsys serve` (`RECSYS_TRACKING_BASE_URL`):
+`OPEN_PATH/<token>` (the email's pixel) and `CLICK_PATH/<token>?item_id=N`; the sender
+renders them and the API routes them from the constants here, so they cannot drift apart.
 """
 
 from __future__ import annotations
 
 import hmac
+import os
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
+from urllib.parse import urlsplit
 
 import pandas as pd
 
@@ -63,6 +68,12 @@ ENGAGEMENT_SCHEMA: dict[str, str] = {
     "position": "int32",
     "ts": "datetime64[ns]",
 }
+TRACKING_BASE_URL_ENV = "RECSYS_TRACKING_BASE_URL"
+"""The public URL of `recsys serve` that message links point at, e.g. https://t.example.com."""
+CLICK_LANDING_URL_ENV = "RECSYS_CLICK_LANDING_URL"
+"""Where a followed click link redirects, the item id appended as a path segment."""
+OPEN_PATH = "/v1/t/open"
+CLICK_PATH = "/v1/t/click"
 _MISS_REFRESH_S = 1.0
 """On an unknown token, re-read the ledger at most this often (new sends since the last
 poll), so a flood of forged tokens cannot turn into a flood of listings."""
@@ -91,6 +102,51 @@ class ItemMismatch(AttributionError):
 
 class TrackingNotConfigured(AttributionError):
     status_code = 503
+
+
+class TrackingLinksNotConfigured(ValueError):
+    """Messages cannot be rendered with working tracking links."""
+
+
+def http_url(value: str, *, name: str) -> str:
+    """`value` checked to be an absolute http(s) URL without query or fragment, trailing `/`
+    removed (paths are appended to it); ValueError naming `name` otherwise."""
+    parts = urlsplit(value.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"{name}={value!r} is not an http(s) URL: give scheme and host, e.g. "
+            "https://t.example.com"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError(f"{name}={value!r}: a URL without query or fragment is expected")
+    return value.strip().rstrip("/")
+
+
+def tracking_base_url_from_env(env: Mapping[str, str] = os.environ) -> str | None:
+    """`RECSYS_TRACKING_BASE_URL`, validated; None when unset or empty."""
+    value = env.get(TRACKING_BASE_URL_ENV, "")
+    return http_url(value, name=TRACKING_BASE_URL_ENV) if value.strip() else None
+
+
+def click_landing_url_from_env(env: Mapping[str, str] = os.environ) -> str | None:
+    """`RECSYS_CLICK_LANDING_URL`, validated; None when unset or empty."""
+    value = env.get(CLICK_LANDING_URL_ENV, "")
+    return http_url(value, name=CLICK_LANDING_URL_ENV) if value.strip() else None
+
+
+def open_link(base_url: str, token: str) -> str:
+    """The open pixel's URL for `token` under the serving app at `base_url`."""
+    return f"{base_url}{OPEN_PATH}/{token}"
+
+
+def click_link(base_url: str, token: str, item_id: int) -> str:
+    """The click link of one item for `token` under the serving app at `base_url`."""
+    return f"{base_url}{CLICK_PATH}/{token}?item_id={int(item_id)}"
+
+
+def landing_url(landing: str, item_id: int | None) -> str:
+    """Where a click lands: `landing`, plus `/<item_id>` when the link named its item."""
+    return landing if item_id is None else f"{landing}/{int(item_id)}"
 
 
 @dataclass(frozen=True, slots=True)

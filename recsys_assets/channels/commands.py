@@ -23,7 +23,9 @@ def register(subparsers: Any) -> None:
             "and writes it to channels/outbox/... (.eml for email, .json for push), recording "
             "each send in channels/sends/.... A message already sent for the same (channel, "
             "subject, send date) is never sent again; a subject who unsubscribed since the "
-            "plan is withdrawn. --dry-run renders and counts, writes nothing."
+            "plan is withdrawn. Links point at RECSYS_TRACKING_BASE_URL (the public URL of "
+            "`recsys serve`); without it only --dry-run runs. --dry-run renders and counts, "
+            "writes nothing."
         ),
     )
     parser.add_argument("--surface", required=True)

@@ -6,13 +6,16 @@ its send hour): one `deliver_sends` run per new materialization, in the order th
 none missed when several regions plan between two ticks (a cursor over the event log, not
 the latest event only). The sensor starts stopped: turning it on (UI, or `dagster sensor
 start deliver_send_plans`) is the decision to send for real. Delivery is idempotent per
-(channel, subject, send date), so a repeated request hands nothing over twice.
+(channel, subject, send date), so a repeated request hands nothing over twice. Links point
+at `RECSYS_TRACKING_BASE_URL` (read from the environment of the process that delivers);
+without it a delivery that is not a dry run fails, naming the variable.
 """
 
 import dagster as dg
 import pandas as pd
 
 from recsys_assets.automation.runs import TRIGGER_TAG
+from recsys_assets.channels.attribution import tracking_base_url_from_env
 from recsys_assets.channels.plans import read_send_plan
 from recsys_assets.channels.sender import MessageSender, OutboxSender, SendReport, dispatch_plan
 from recsys_assets.config import Settings
@@ -37,7 +40,9 @@ def deliver_partition(
     sender: MessageSender | None = None,
 ) -> SendReport:
     """Send the partition's current plan (messages not sent yet) through `sender` (default:
-    the warehouse outbox); FileNotFoundError before its first send_plans."""
+    the warehouse outbox), its links under `RECSYS_TRACKING_BASE_URL`; FileNotFoundError
+    before its first send_plans, TrackingLinksNotConfigured without the URL (unless
+    `dry_run`)."""
     settings.surface(surface)
     settings.check_region(region)
     plan = read_send_plan(warehouse, surface, region)
@@ -47,6 +52,7 @@ def deliver_partition(
         plan,
         sender or OutboxSender(warehouse),
         now=now,
+        tracking_base_url=tracking_base_url_from_env(),
         dry_run=dry_run,
     )
 

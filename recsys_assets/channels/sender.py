@@ -11,6 +11,10 @@ A send happens at most once per (channel, subject, UTC send date), whatever re-r
 absent (a conditional write), so a message handed over by a run that died before writing
 its ledger row is found there and recorded, not sent again. Consent is re-read at hand-over:
 a subject who unsubscribed after the plan was made is withdrawn, not sent.
+
+Every link points at `recsys serve`'s tracking routes under `RECSYS_TRACKING_BASE_URL`
+(attribution.py `open_link` / `click_link`). Without it nothing is sent: a message with dead
+links must not go out. A dry run renders against a placeholder host and sends nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +30,12 @@ from typing import Protocol
 
 import pandas as pd
 
+from recsys_assets.channels.attribution import (
+    TRACKING_BASE_URL_ENV,
+    TrackingLinksNotConfigured,
+    click_link,
+    open_link,
+)
 from recsys_assets.channels.digest import DigestItem, is_digest, render_digest
 from recsys_assets.channels.ledger import SEND_SCHEMA, append_sends, read_sends, send_key
 from recsys_assets.config import Settings
@@ -39,6 +49,8 @@ SENT = "sent"
 ALREADY_SENT = "already_sent"
 RECOVERED = "recovered"
 WITHDRAWN = "withdrawn_consent"
+DRY_RUN_BASE_URL = "https://tracking-base-url.invalid"
+"""Link host of messages rendered by a dry run without RECSYS_TRACKING_BASE_URL."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +138,9 @@ def render(
         if is_digest(surface) and isinstance(digest_version, str):
             subject_line, text = render_digest(
                 [
-                    DigestItem(item, (titles or {}).get(item), f"{tracking_base_url}/click/{token}")
+                    DigestItem(
+                        item, (titles or {}).get(item), click_link(tracking_base_url, token, item)
+                    )
                     for item, _, token in items
                 ],
                 str(row["locale"]),
@@ -135,7 +149,8 @@ def render(
         else:
             subject_line = f"Picked for you ({surface})"
             text = "\n".join(
-                f"Item {item}: {tracking_base_url}/click/{token}" for item, _, token in items
+                f"Item {item}: {click_link(tracking_base_url, token, item)}"
+                for item, _, token in items
             )
         message["Subject"] = subject_line
         message["Date"] = format_datetime(send_at.to_pydatetime().replace(tzinfo=UTC))
@@ -143,7 +158,7 @@ def render(
         message["X-Recsys-Send-Key"] = key
         message["X-Recsys-List-Id"] = str(row["list_id"])
         message["X-Recsys-Send-At-Local"] = str(row["send_at_local"])
-        pixel = f"{tracking_base_url}/open/{items[0][2]}"
+        pixel = open_link(tracking_base_url, items[0][2])
         message.set_content("\n".join([text, "", f"(open pixel: {pixel})"]))
         body = bytes(message)
     else:
@@ -157,7 +172,7 @@ def render(
             "list_id": str(row["list_id"]),
             "item_id": item,
             "tracking_token": token,
-            "deep_link": f"{tracking_base_url}/click/{token}",
+            "deep_link": click_link(tracking_base_url, token, item),
         }
         body = json.dumps(payload, sort_keys=True).encode()
     return RenderedMessage(key, medium, subject_id, send_at, path, body)
@@ -194,10 +209,21 @@ def dispatch_plan(
     sender: MessageSender,
     *,
     now: pd.Timestamp,
+    tracking_base_url: str | None,
     dry_run: bool = False,
-    tracking_base_url: str = "https://t.recsys.invalid/v1/t",
 ) -> SendReport:
-    """Send every planned message not yet sent; record what was handed over in the ledger."""
+    """Send every planned message not yet sent; record what was handed over in the ledger.
+    `tracking_base_url` is the public URL of `recsys serve` the links point at; without it
+    only a dry run is allowed (TrackingLinksNotConfigured)."""
+    if tracking_base_url is None:
+        if not dry_run:
+            raise TrackingLinksNotConfigured(
+                f"cannot send: {TRACKING_BASE_URL_ENV} is not set. Set it to the public URL "
+                "of `recsys serve` (e.g. https://t.example.com; for the demo "
+                "http://127.0.0.1:8000), else every open and click link in the messages "
+                "would be dead. --dry-run works without it."
+            )
+        tracking_base_url = DRY_RUN_BASE_URL
     outcomes: Counter[str] = Counter()
     if plan.empty:
         return SendReport({}, None, dry_run)

@@ -7,6 +7,7 @@ so a typo never silently falls back to a default.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from datetime import timedelta
@@ -51,6 +52,8 @@ _EXPERIMENT_NAME = r"^[A-Za-z0-9_.\-]{1,64}$"
 _PARTITION_KEY_FORBIDDEN = re.compile(r"[|\[\],\s]")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_MAX_DURATION_S = 3650 * 86400
+"""Ten years: longer is a typo, and beyond timedelta's range a crash."""
 
 
 class ConfigError(ValueError):
@@ -61,11 +64,18 @@ def parse_duration(value: Any) -> timedelta:
     """'30m', '6h', '7d', a number of seconds, or a timedelta."""
     if isinstance(value, timedelta):
         return value
+    seconds: float | None = None
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return timedelta(seconds=float(value))
-    if isinstance(value, str) and (match := _DURATION.match(value)):
-        return timedelta(seconds=float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
-    raise ValueError(f"not a duration: {value!r} (use e.g. '30m', '6h', '7d' or seconds)")
+        seconds = float(value)
+    elif isinstance(value, str) and (match := _DURATION.match(value)):
+        seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+    if seconds is None:
+        raise ValueError(f"not a duration: {value!r} (use e.g. '30m', '6h', '7d' or seconds)")
+    if not math.isfinite(seconds) or abs(seconds) > _MAX_DURATION_S:
+        raise ValueError(
+            f"duration {value!r} is out of range (at most {_MAX_DURATION_S // 86400}d)"
+        )
+    return timedelta(seconds=seconds)
 
 
 Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
@@ -195,8 +205,9 @@ class CandidatePoolConfig(_Strict):
 
 class ExperimentArmConfig(_Strict):
     serving_mode: Literal[SERVING_MODES]  # type: ignore[valid-type]
-    weight: float = Field(gt=0)
-    """Relative share of the subjects this arm gets (weights need not sum to 1)."""
+    weight: float = Field(gt=0, le=1_000_000, strict=True, allow_inf_nan=False)
+    """Relative share of the subjects this arm gets (weights need not sum to 1): a number,
+    not text or a boolean, and bounded so the arms' total stays exact."""
 
 
 class ExperimentConfig(_Strict):
@@ -476,6 +487,29 @@ def settings_from_mapping(data: Any, source: str = "<mapping>") -> Settings:
         raise ConfigError(_format_validation_error(source, error)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a repeated mapping key: PyYAML keeps the last one
+    silently, so a surface or an experiment arm written twice would vanish unseen."""
+
+
+def _unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> dict[Any, Any]:
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping",
+                node.start_mark,
+                f"found duplicate key {key!r}",
+                key_node.start_mark,
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _unique_mapping)
+
+
 @lru_cache(maxsize=8)
 def _load(path: str) -> Settings:
     try:
@@ -483,7 +517,7 @@ def _load(path: str) -> Settings:
     except OSError as error:
         raise ConfigError(f"cannot read configuration {path}: {error}") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as error:
         raise ConfigError(f"configuration {path} is not valid YAML: {error}") from None
     return settings_from_mapping(data, path)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
+from datetime import timedelta
 from pathlib import Path
 
 from recsys_assets.config import load_settings, parse_duration
@@ -17,6 +19,9 @@ from recsys_assets.deployment.plan import (
 )
 from recsys_assets.pipeline.partitions import SurfaceRegion
 from recsys_assets.warehouse import Warehouse
+
+MAX_COUNT = 10**12
+"""Largest count an argument takes: beyond it the arithmetic is no plan (and floats lose it)."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -47,9 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     devices.add_argument(
         "--gpus", type=_positive_int, help="GPUs running shard steps (uses the GPU measurement)"
     )
-    plan.add_argument(
-        "--window", type=parse_duration, default="24h", help="refresh window (default 24h)"
-    )
+    plan.add_argument("--window", type=_window, default="24h", help="refresh window (default 24h)")
     plan.add_argument(
         "--shard-subjects",
         type=_positive_int,
@@ -58,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     storage = plan.add_mutually_exclusive_group()
     storage.add_argument(
         "--bytes-per-row",
-        type=float,
+        type=_positive_float,
         help="bytes written per candidate row (default: the benchmark's bytes_per_candidate_row)",
     )
     storage.add_argument(
@@ -98,9 +101,26 @@ def _plan(args: argparse.Namespace) -> int:
 
 def _positive_int(value: str) -> int:
     number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
+    if number < 1 or number > MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_COUNT:,} (got {value})")
     return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not math.isfinite(number) or number <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number (got {value})")
+    return number
+
+
+def _window(value: str) -> timedelta:
+    try:
+        window = parse_duration(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if window <= timedelta(0):
+        raise argparse.ArgumentTypeError(f"must be a positive duration (got {value})")
+    return window
 
 
 def _partition(value: str) -> SurfaceRegion:

@@ -43,6 +43,9 @@ class Throughput:
     bytes_per_candidate_row: float | None
     measured_at: str
     source: str
+    cores_per_step: int = 1
+    """Cores a step used while measured (torch threads, `per_shard_threads`): a CPU step
+    occupies that many of the `--cores`, and core-hours count them all."""
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,10 @@ def plan_capacity(request: PlanRequest, throughput: Throughput) -> CapacityPlan:
             raise PlanError(f"{name} must be at least 1 (got {getattr(request, name)})")
     if request.window <= timedelta(0):
         raise PlanError(f"the window must be positive (got {request.window})")
+    if request.regions > request.users:
+        raise PlanError(
+            f"{request.regions:,} regions for {request.users:,} users: every region needs a user"
+        )
     partitions = request.surfaces * request.regions
     subjects_per_partition = math.ceil(request.users / request.regions)
     shards_per_partition = math.ceil(subjects_per_partition / request.shard_subjects)
@@ -99,11 +106,12 @@ def plan_capacity(request: PlanRequest, throughput: Throughput) -> CapacityPlan:
         rows_per_shard / throughput.per_shard_rows_per_s
         + len(HEAVY_STEPS) * throughput.step_startup_s
     )
-    device_seconds = (
+    per_step = throughput.cores_per_step if throughput.device == "cpu" else 1
+    device_seconds = per_step * (
         candidate_rows / throughput.per_shard_rows_per_s
         + shards * len(HEAVY_STEPS) * throughput.step_startup_s
     )
-    waves = math.ceil(shards / request.parallelism)
+    waves = math.ceil(shards / max(1, request.parallelism // per_step))
     wall_seconds = waves * shard_seconds
     storage = (
         None
@@ -157,7 +165,7 @@ def format_plan(plan: CapacityPlan) -> str:
         (
             "throughput",
             f"{measured.per_shard_rows_per_s:,.0f} candidate rows/s per shard, its steps "
-            f"one after another on one {unit} "
+            f"one after another on {_count(measured.cores_per_step if unit == 'core' else 1, unit)} "
             f"({measured.device}, {measured.source}, measured {measured.measured_at})",
         ),
         ("partitions", f"{plan.partitions:,}, {plan.subjects_per_partition:,} subjects each"),
@@ -239,7 +247,12 @@ def _throughput(
     entry: dict[str, Any], device: Device, path: Path, bytes_per_row: float | None
 ) -> Throughput:
     rate = entry.get("per_shard_rows_per_s")
-    if not isinstance(rate, int | float) or isinstance(rate, bool) or rate <= 0:
+    if (
+        not isinstance(rate, int | float)
+        or isinstance(rate, bool)
+        or not math.isfinite(rate)
+        or rate <= 0
+    ):
         raise PlanError(
             f"{path}: per_shard_rows_per_s of the {device} entry must be a positive number "
             f"(got {rate!r}); rerun `{BENCHMARK_COMMAND}`"
@@ -254,7 +267,22 @@ def _throughput(
         else (float(measured_bytes) if measured_bytes is not None else None),
         measured_at=str(entry.get("measured_at", "at an unknown time")),
         source=path.name,
+        cores_per_step=_threads(entry, path),
     )
+
+
+def _threads(entry: dict[str, Any], path: Path) -> int:
+    threads = entry.get("per_shard_threads", 1)
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise PlanError(
+            f"{path}: per_shard_threads must be a whole number of threads (got {threads!r}); "
+            f"rerun `{BENCHMARK_COMMAND}`"
+        )
+    return threads
+
+
+def _count(number: int, unit: str) -> str:
+    return f"one {unit}" if number == 1 else f"{number} {unit}s"
 
 
 def _bytes(count: float) -> str:

@@ -131,8 +131,10 @@ def _execute(
 def _report(outcomes: list[PartitionOutcome], started: float) -> int:
     """The summary line (wall time since `started`, seeding and training included)."""
     failed = [outcome for outcome in outcomes if not outcome.success]
-    lists = sum(
-        int(outcome.metadata.get("slates", {}).get("lists", 0) or 0) for outcome in outcomes
+    lists = sum(  # lists of partitions that published: a failed run published nothing
+        int(outcome.metadata.get("slates", {}).get("lists", 0) or 0)
+        for outcome in outcomes
+        if outcome.success
     )
     _say(
         f"done: {len(outcomes) - len(failed)}/{len(outcomes)} partitions succeeded, "

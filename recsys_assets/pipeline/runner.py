@@ -205,11 +205,20 @@ def _metadata(result: dg.ExecuteInProcessResult) -> dict[str, dict[str, object]]
     return found
 
 
+def _root_cause(error: Any) -> str:
+    """The innermost message of a step's error (Dagster's SerializableErrorInfo chain): Dagster
+    wraps what the asset raised, the part that says what to do, in "Error occurred while
+    executing op ..."."""
+    while error.cause is not None:
+        error = error.cause
+    return error.message.strip()
+
+
 def _first_error(result: dg.ExecuteInProcessResult) -> str:
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data is not None:
             error = event.step_failure_data.error
-            return f"{event.step_key}: {error.message.strip() if error else 'failed'}"
+            return f"{event.step_key}: {_root_cause(error) if error else 'failed'}"
     for event in result.all_events:
         if event.event_type_value == "ASSET_CHECK_EVALUATION":
             evaluation = event.event_specific_data

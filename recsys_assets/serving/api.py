@@ -19,6 +19,7 @@ annotations at runtime, and the per-app models are local names.)
 import hashlib
 import json
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, MutableMapping
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -35,6 +36,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     StringConstraints,
     WithJsonSchema,
@@ -43,7 +45,15 @@ from pydantic import (
 )
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from recsys_assets.channels.attribution import ENGAGEMENT_TYPES, AttributionError
+from recsys_assets.channels.attribution import (
+    CLICK_PATH,
+    ENGAGEMENT_TYPES,
+    OPEN_PATH,
+    AttributionError,
+    TrackingNotConfigured,
+    click_landing_url_from_env,
+    landing_url,
+)
 from recsys_assets.config import Settings
 from recsys_assets.rules.person import OPT_IN_EVENTS
 from recsys_assets.serving.auth import (
@@ -60,6 +70,13 @@ from recsys_assets.serving.service import SERVED_FROM, RecommendationService, Se
 from recsys_assets.serving.state import EVENT_TYPES, INT64_MAX, InvalidEvent, ServingEvent
 
 log = logging.getLogger(__name__)
+
+TRACKING_TOKEN_PATTERN = "^[0-9a-f]{64}$"
+TRANSPARENT_GIF = bytes.fromhex(
+    "47494638396101000100800000000000ffffff21f90401000000002c00000000010001000002024401003b"
+)
+"""A 1×1 transparent GIF: the open pixel's answer."""
+NO_STORE = {"Cache-Control": "no-store"}
 
 DEFAULT_MAX_BODY_BYTES = 16 * 1024
 DOCS_ASSETS_PATH = "/docs/assets"
@@ -132,6 +149,11 @@ class KillIn(BaseModel):
         None, min_length=1, max_length=200, description="campaign_id: remove its items only"
     )
     reason: str = Field(min_length=1, max_length=500, description="Why: goes into the audit")
+    allow_unknown_campaign: StrictBool = Field(
+        False,
+        description="Kill a campaign no catalog item carries yet (a pre-emptive kill); "
+        "without it such a campaign is refused with 422",
+    )
 
 
 class LiftIn(BaseModel):
@@ -156,6 +178,11 @@ class KillOut(BaseModel):
 
 class KillsOut(BaseModel):
     kills: list[KillOut]
+
+
+class KillsUnavailableOut(BaseModel):
+    error: str = Field(description="The kills file and what is wrong with it")
+    kills: list[KillOut] = Field(description="The kills this process still enforces")
 
 
 class EventIn(BaseModel):
@@ -184,7 +211,7 @@ class EngagementIn(BaseModel):
 
     type: Literal[ENGAGEMENT_TYPES]  # type: ignore[valid-type]
     tracking_token: str = Field(
-        pattern="^[0-9a-f]{64}$", description="The item's token from the message (hex HMAC)"
+        pattern=TRACKING_TOKEN_PATTERN, description="The item's token from the message (hex HMAC)"
     )
     item_id: StrictInt | None = Field(
         None, ge=0, le=INT64_MAX, description="click only: must be the token's item"
@@ -384,6 +411,7 @@ def create_app(
     """
     owned = service is None
     serving = service or RecommendationService()
+    click_landing = click_landing_url_from_env()
     recommendation_model, EventBody = _configured_models(serving.settings)
 
     @asynccontextmanager
@@ -551,6 +579,61 @@ def create_app(
             )
         return EventAccepted(accepted=1, path=path)
 
+    def attribute_link(event_type: str, token: str, item_id: int | None) -> None:
+        """Record an open or click followed from a message. What does not attribute (unknown,
+        forged, malformed token; wrong item) is logged, never recorded, and answered like a
+        real one, so a link scanner learns nothing about which tokens are valid."""
+        if not re.fullmatch(TRACKING_TOKEN_PATTERN, token):
+            log.info("tracking link: malformed %s token not recorded", event_type)
+            return
+        try:
+            serving.record_engagement(event_type, token, item_id=item_id)
+        except TrackingNotConfigured as error:
+            log.warning("tracking link: %s not recorded: %s", event_type, error)
+        except AttributionError as error:
+            log.info("tracking link: %s not recorded: %s", event_type, error)
+        except Exception:
+            log.exception("tracking link: cannot persist %s event", event_type)
+
+    @app.get(
+        f"{OPEN_PATH}/{{token}}",
+        response_class=Response,
+        responses={200: {"content": {"image/gif": {}}, "description": "1×1 transparent GIF"}},
+        summary="Open pixel of a sent email (no bearer token: the tracking token is verified)",
+        description="Records the open once per token, as `POST /v1/events` does. Always "
+        "answers the GIF with `Cache-Control: no-store`; a token that does not attribute is "
+        "not recorded (docs/CHANNELS.md).",
+    )
+    def open_pixel(token: str) -> Response:
+        attribute_link("open", token, None)
+        return Response(TRANSPARENT_GIF, media_type="image/gif", headers=NO_STORE)
+
+    @app.get(
+        f"{CLICK_PATH}/{{token}}",
+        response_class=Response,
+        status_code=302,
+        responses={204: {"description": "clicked; RECSYS_CLICK_LANDING_URL is not set"}},
+        summary="Click link of a sent email or push (no bearer token: the tracking token is "
+        "verified)",
+        description="Records the click once per token, as `POST /v1/events` does, then "
+        "redirects (302) to `RECSYS_CLICK_LANDING_URL` with `/<item_id>` appended when given, "
+        "or answers 204 without a landing URL. A token that does not attribute is redirected "
+        "the same way and not recorded (docs/CHANNELS.md).",
+    )
+    def click_link(
+        token: str,
+        item_id: Annotated[
+            int | None, Query(ge=0, le=INT64_MAX, description="the clicked item")
+        ] = None,
+    ) -> Response:
+        attribute_link("click", token, item_id)
+        if click_landing is None:
+            return Response(status_code=204, headers=NO_STORE)
+        return Response(
+            status_code=302,
+            headers={"Location": landing_url(click_landing, item_id), **NO_STORE},
+        )
+
     @app.post(
         "/v1/admin/kill",
         response_model=KillOut,
@@ -561,18 +644,27 @@ def create_app(
         "the fallback lists (`served_from: killed_fallback`); a killed campaign's items are "
         "removed and the fill takes the next ones. Effective on the next request here and "
         "within the manifest poll interval in every other serving process; audited in the "
-        "decision log.",
+        "decision log. 422 for a region the surface is not configured for, a campaign no "
+        "item carries (unless `allow_unknown_campaign`) or control characters in `reason`; "
+        "503 while the kills file is damaged or unreadable (nothing is changed).",
     )
     def kill(body: KillIn, actor: AdminActor) -> Any:
         scope = KillScope(body.surface, body.region, body.campaign)
-        return serving.kill(scope, reason=body.reason, actor=actor).to_dict()
+        killed = serving.kill(
+            scope,
+            reason=body.reason,
+            actor=actor,
+            allow_unknown_campaign=body.allow_unknown_campaign,
+        )
+        return killed.to_dict()
 
     @app.delete(
         "/v1/admin/kill",
         response_model=KillOut,
         responses=errors,
         summary="Lift the kill of exactly this scope",
-        description="Needs the `admin` scope; 404 when no kill of that scope is active.",
+        description="Needs the `admin` scope; 404 when no kill of that scope is active, 503 "
+        "while the kills file is damaged or unreadable (nothing is lifted).",
     )
     def lift(body: LiftIn, actor: AdminActor) -> Any:
         scope = KillScope(body.surface, body.region, body.campaign)
@@ -581,12 +673,19 @@ def create_app(
     @app.get(
         "/v1/admin/kill",
         response_model=KillsOut,
-        responses=errors,
+        responses={**errors, 503: {"model": KillsUnavailableOut}},
         summary="The kills in force",
+        description="Needs the `admin` scope. Re-reads the kills file; 503 naming the problem "
+        "while it is damaged or unreadable, with the kills this process still enforces.",
         dependencies=[Depends(admin_access)],
     )
     def kills() -> Any:
-        return {"kills": [kill.to_dict() for kill in serving.kill_switch.active.kills]}
+        switch = serving.kill_switch
+        switch.refresh()
+        enforced = [kill.to_dict() for kill in switch.active.kills]
+        if switch.problem is not None:
+            return JSONResponse({"error": switch.problem, "kills": enforced}, status_code=503)
+        return {"kills": enforced}
 
     @app.get(
         "/metrics",

@@ -10,9 +10,10 @@ import logging
 import socket
 from typing import Any
 
+from recsys_assets.config import load_settings
 from recsys_assets.serving import service as service_module
 from recsys_assets.serving.auth import ApiTokens
-from recsys_assets.serving.kills import KillScope
+from recsys_assets.serving.kills import Kill, KillScope, KillSwitch
 from recsys_assets.serving.service import RecommendationService
 from recsys_assets.warehouse import Warehouse
 
@@ -58,12 +59,18 @@ def register(subparsers: Any) -> None:
         "campaign's items only. Written to the warehouse (serving/kills.json): every serving "
         "process applies it within serving.manifest_poll_interval_s; audited in the serving "
         "decision log. --lift removes the kill of exactly that scope; --list shows the kills "
-        "in force.",
+        "in force (only those of --surface / --region / --campaign when given). A damaged or "
+        "unreadable kills file is an error (exit 2) naming the file and the problem.",
     )
     kill.add_argument("--surface", help="a configured surface (required unless --list)")
     kill.add_argument("--region", help="only this region of the surface")
     kill.add_argument("--campaign", help="only this campaign_id's items")
     kill.add_argument("--reason", help="why (required to kill; recorded in the audit trail)")
+    kill.add_argument(
+        "--allow-unknown-campaign",
+        action="store_true",
+        help="kill a --campaign no item in raw/items carries yet (a pre-emptive kill)",
+    )
     action = kill.add_mutually_exclusive_group()
     action.add_argument("--lift", action="store_true", help="lift the kill of this scope")
     action.add_argument("--list", action="store_true", help="print the kills in force")
@@ -78,6 +85,8 @@ def _recommend(args: argparse.Namespace) -> int:
         logging.getLogger(service_module.__name__).setLevel(logging.WARNING)
     service.load()
     try:
+        if not service.kill_switch.ever_read:  # answering would ignore every kill
+            raise ValueError(f"kill switch: {service.kill_switch.problem}")
         recommendation = service.recommend(
             args.subject, args.surface, args.region, limit=args.limit
         )
@@ -93,6 +102,8 @@ def _serve(args: argparse.Namespace) -> int:
     from recsys_assets.serving.api import create_app
 
     tokens = ApiTokens.from_env()  # a malformed RECSYS_API_TOKENS stops here, naming the entry
+    # A server that cannot read the kills would serve killed surfaces: refuse to start.
+    KillSwitch(Warehouse.from_env(), load_settings()).read()
     uvicorn.run(
         create_app(tokens=tokens, metrics_public=args.metrics_public),
         host=args.host,
@@ -104,15 +115,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _kill(args: argparse.Namespace) -> int:
+    if args.list:
+        return _list_kills(args)
+    if not args.surface:
+        raise ValueError("--surface is required (or --list)")
     service = RecommendationService(Warehouse.from_env())
     try:
-        if args.list:
-            service.kill_switch.refresh()
-            kills = [kill.to_dict() for kill in service.kill_switch.active.kills]
-            print(json.dumps({"kills": kills}, indent=2))
-            return 0
-        if not args.surface:
-            raise ValueError("--surface is required (or --list)")
         scope = KillScope(args.surface, args.region, args.campaign)
         actor = f"cli:{getpass.getuser()}@{socket.gethostname()}"
         if args.lift:
@@ -121,8 +129,28 @@ def _kill(args: argparse.Namespace) -> int:
         else:
             if not args.reason:
                 raise ValueError("--reason is required to kill (it goes into the audit trail)")
-            killed = service.kill(scope, reason=args.reason, actor=actor)
+            killed = service.kill(
+                scope,
+                reason=args.reason,
+                actor=actor,
+                allow_unknown_campaign=args.allow_unknown_campaign,
+            )
             print(json.dumps({"killed": killed.to_dict()}, indent=2))
     finally:
         service.close()  # writes the audit row
+    return 0
+
+
+def _list_kills(args: argparse.Namespace) -> int:
+    """The kills in the file now, those matching every filter given; an unreadable file
+    raises KillsUnavailable (exit 2), never an empty list."""
+    if args.reason is not None or args.allow_unknown_campaign:
+        raise ValueError("--list takes only --surface, --region and --campaign (filters)")
+    kills = KillSwitch(Warehouse.from_env(), load_settings()).read()
+    wanted = {"surface": args.surface, "region": args.region, "campaign": args.campaign}
+
+    def matches(kill: Kill) -> bool:
+        return all(value is None or getattr(kill, key) == value for key, value in wanted.items())
+
+    print(json.dumps({"kills": [kill.to_dict() for kill in kills if matches(kill)]}, indent=2))
     return 0

@@ -11,6 +11,11 @@ Scopes, each within one surface: the whole surface (every region) or one region 
 requests are answered from the fallback lists (`served_from: "killed_fallback"`); a
 campaign (optionally in one region) → its items are removed by the final check (rejection
 reason `campaign_killed`) and the fill takes the next ones.
+
+A damaged or unreadable document never lifts a kill: a process keeps enforcing the kills it
+last read and reports the problem (`problem`, `/healthz`); changing kills is refused
+(`KillsUnavailable`, HTTP 503) until the file is restored. A process that never read the
+document successfully knows no kills and says so: not ready (`ever_read` is False).
 """
 
 from __future__ import annotations
@@ -19,12 +24,14 @@ import json
 import logging
 import threading
 import time
+import unicodedata
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from recsys_assets.config import Settings
+from recsys_assets.data.snapshot import read_raw
 from recsys_assets.warehouse import PreconditionFailed, Warehouse, WarehouseError
 
 log = logging.getLogger(__name__)
@@ -32,6 +39,13 @@ log = logging.getLogger(__name__)
 KILLS_PATH = "serving/kills.json"
 _WRITE_ATTEMPTS = 10
 _MAX_TEXT = 500
+_MAX_CAMPAIGN = 200
+_CAMPAIGNS_NAMED = 20
+# Control, format (bidi overrides, zero-width), surrogate, private-use and unassigned
+# characters, and the Unicode line / paragraph separators: none belongs in one audit line.
+_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+_KILL_FIELDS = frozenset({"surface", "region", "campaign", "reason", "actor", "killed_at"})
+_OPTIONAL_FIELDS = frozenset({"region", "campaign"})
 
 
 class KillError(ValueError):
@@ -42,6 +56,13 @@ class KillError(ValueError):
 
 class NoSuchKill(KillError):
     status_code = 404
+
+
+class KillsUnavailable(KillError):
+    """The kills document cannot be read (damaged or storage down): nothing can be changed
+    safely until it is restored. 503: the request is fine, the service cannot do it now."""
+
+    status_code = 503
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,13 +88,16 @@ class KillScope:
                 f"surface: unknown surface {self.surface!r}; configured surfaces: "
                 f"{sorted(settings.surfaces)}"
             )
-        if self.region is not None and self.region not in settings.regions:
+        regions = settings.surface_regions(self.surface)
+        if self.region is not None and self.region not in regions:
             raise KillError(
-                f"region: unknown region {self.region!r}; configured regions: "
-                f"{list(settings.regions)}"
+                f"region: surface {self.surface!r} is not configured for region "
+                f"{self.region!r}; its regions: {list(regions)}"
             )
-        if self.campaign is not None and not 0 < len(self.campaign.strip()) <= 200:
-            raise KillError("campaign: give the campaign_id (1 to 200 characters)")
+        if self.campaign is not None:
+            if not 0 < len(self.campaign.strip()) <= _MAX_CAMPAIGN:
+                raise KillError(f"campaign: give the campaign_id (1 to {_MAX_CAMPAIGN} characters)")
+            check_printable("campaign", self.campaign)
         return self
 
 
@@ -136,57 +160,116 @@ class KillSwitch:
         self.clock = clock
         self.active = ActiveKills()
         """The kills in force: what the request path reads (no I/O there)."""
+        self.problem: str | None = None
+        """Why the document could not be read on the last refresh (None when it could)."""
+        self.ever_read = False
+        """Whether the document was read successfully once: until then no kill is known."""
         self._etag: str | None = None
         self._lock = threading.Lock()
 
     # -- reading ---------------------------------------------------------------------------
 
     def refresh(self) -> bool:
-        """Re-read the kills if the document changed; True when it did. A read error keeps
-        the kills known so far (logged): a storage hiccup must not lift a kill."""
+        """Re-read the kills if the document changed; True when the kills did. A read error
+        keeps the kills known so far and is kept in `problem` (logged when it changes): a
+        damaged file or a storage hiccup must not lift a kill."""
         with self._lock:
             try:
-                etag = self.warehouse.etag(KILLS_PATH)
-                if etag == self._etag:
+                if self._current():
                     return False
                 kills, etag = self._read()
-            except (OSError, WarehouseError, ValueError) as error:
-                log.warning("kill switch: cannot read %s: %s", KILLS_PATH, error)
+            except KillsUnavailable as error:
+                if str(error) != self.problem:
+                    log.error("kill switch: %s", error)
+                self.problem = str(error)
                 return False
+            if self.problem is not None:
+                log.warning("kill switch: %s is readable again", KILLS_PATH)
+            changed = not self.ever_read or kills != self.active.kills
             self.active, self._etag = ActiveKills(kills), etag
-            return True
+            self.problem, self.ever_read = None, True
+            return changed
+
+    def _current(self) -> bool:
+        """Whether the kills in force are those of the document now (an ETag check)."""
+        if not self.ever_read or self.problem is not None:
+            return False
+        try:
+            return self.warehouse.etag(KILLS_PATH) == self._etag
+        except (OSError, WarehouseError) as error:
+            uri = self.warehouse.uri(KILLS_PATH)
+            raise KillsUnavailable(f"{uri} cannot be read ({error}); retry later") from None
+
+    def read(self) -> tuple[Kill, ...]:
+        """The kills in the document now; raises KillsUnavailable naming the file and the
+        problem when it cannot be read."""
+        return self._read()[0]
 
     def _read(self) -> tuple[tuple[Kill, ...], str | None]:
-        etag = self.warehouse.etag(KILLS_PATH)
-        if etag is None:
-            return (), None
+        uri = self.warehouse.uri(KILLS_PATH)
         try:
+            etag = self.warehouse.etag(KILLS_PATH)
+            if etag is None:
+                return (), None
             document = self.warehouse.read_json(KILLS_PATH)
-            kills = tuple(Kill(**entry) for entry in document["kills"])
         except FileNotFoundError:
             return (), None
-        except (KeyError, TypeError, json.JSONDecodeError) as error:
-            raise ValueError(
-                f"{self.warehouse.uri(KILLS_PATH)} is malformed ({error}): serving keeps the "
-                "kills it knew; restore the file (a JSON object with a 'kills' list) before "
-                "changing kills"
-            ) from None
+        except json.JSONDecodeError as error:
+            raise KillsUnavailable(f"{uri} is malformed: not JSON ({error}); {_RESTORE}") from None
+        except (OSError, WarehouseError) as error:
+            raise KillsUnavailable(f"{uri} cannot be read ({error}); retry later") from None
+        try:
+            kills = _parse(document)
+        except ValueError as error:
+            raise KillsUnavailable(f"{uri} is malformed: {error}; {_RESTORE}") from None
         return kills, etag
 
     # -- changing --------------------------------------------------------------------------
 
-    def kill(self, scope: KillScope, *, reason: str, actor: str) -> Kill:
-        """Put `scope` under a kill (replacing an earlier kill of the same scope)."""
+    def kill(
+        self, scope: KillScope, *, reason: str, actor: str, allow_unknown_campaign: bool = False
+    ) -> Kill:
+        """Put `scope` under a kill (replacing an earlier kill of the same scope). A campaign
+        no catalog item carries is refused unless `allow_unknown_campaign` (a pre-emptive
+        kill of a campaign not launched yet)."""
         scope.check(self.settings)
         reason = _text("reason", reason)
+        actor = _text("actor", actor)
+        if scope.campaign is not None and not allow_unknown_campaign:
+            self._check_campaign_known(scope)
         killed_at = datetime.fromtimestamp(self.clock() / 1e9, UTC).isoformat()
         kill = Kill(scope.surface, scope.region, scope.campaign, reason, actor, killed_at)
         self._update(lambda kills: (*[k for k in kills if k.scope != scope], kill))
         return kill
 
-    def lift(self, scope: KillScope) -> Kill:
-        """Remove the kill of exactly `scope`; returns it. Raises NoSuchKill without one."""
+    def _check_campaign_known(self, scope: KillScope) -> None:
+        try:
+            known = raw_campaigns(self.warehouse)
+        except (OSError, WarehouseError) as error:
+            raise KillError(
+                f"campaign: cannot check campaign {scope.campaign!r} against the raw items "
+                f"({error}); to kill it anyway, allow unknown campaigns"
+            ) from None
+        if scope.campaign not in known:
+            named = ", ".join(sorted(known)[:_CAMPAIGNS_NAMED]) or "none"
+            more = (
+                f" and {len(known) - _CAMPAIGNS_NAMED} more"
+                if len(known) > _CAMPAIGNS_NAMED
+                else ""
+            )
+            raise KillError(
+                f"campaign: no catalog item carries campaign_id {scope.campaign!r} (known "
+                f"campaigns: {named}{more}); to kill it before it launches, allow unknown "
+                "campaigns"
+            )
+
+    def lift(self, scope: KillScope, *, actor: str, reason: str | None = None) -> Kill:
+        """Remove the kill of exactly `scope`; returns it. Raises NoSuchKill without one.
+        `actor` and `reason` go into the audit trail: checked like a kill's."""
         scope.check(self.settings)
+        _text("actor", actor)
+        if reason is not None:
+            _text("reason", reason)
         lifted: list[Kill] = []
 
         def without(kills: tuple[Kill, ...]) -> tuple[Kill, ...]:
@@ -203,7 +286,7 @@ class KillSwitch:
         """Read, change and conditionally write the document; retried when another writer
         got in between, so no concurrent kill or lift is lost."""
         for _ in range(_WRITE_ATTEMPTS):
-            kills, etag = self._read()
+            kills, etag = self._read()  # KillsUnavailable: nothing is changed on a bad file
             changed = change(kills)
             document = {"kills": [kill.to_dict() for kill in changed]}
             data = json.dumps(document, indent=2, sort_keys=True).encode()
@@ -221,9 +304,57 @@ class KillSwitch:
         )
 
 
+_RESTORE = (
+    "serving keeps enforcing the kills it last read; restore the file (a JSON object "
+    'like {"kills": [{"surface": ..., "region": null, "campaign": null, "reason": ..., '
+    '"actor": ..., "killed_at": ...}]}) before changing kills'
+)
+
+
+def raw_campaigns(warehouse: Warehouse) -> frozenset[str]:
+    """The campaign_ids the raw items carry (what the serving catalog matches kills on)."""
+    campaigns = read_raw(warehouse, "items", columns=["campaign_id"])["campaign_id"]
+    return frozenset(str(campaign) for campaign in campaigns.dropna().unique())
+
+
+def check_printable(field: str, value: str) -> None:
+    """Refuse control characters (newline, NUL, ESC, bidi overrides...) in text that goes
+    into logs and the audit trail: one kill must be one log line, never a forged one."""
+    for position, character in enumerate(value):
+        if unicodedata.category(character) in _FORBIDDEN_CATEGORIES:
+            raise KillError(
+                f"{field}: control character U+{ord(character):04X} at position {position} "
+                "is not allowed (one line of printable text)"
+            )
+
+
 def _text(field: str, value: str) -> str:
     if not isinstance(value, str) or not value.strip():
         raise KillError(f"{field}: required, say why (it goes into the audit trail)")
     if len(value) > _MAX_TEXT:
         raise KillError(f"{field}: at most {_MAX_TEXT} characters, got {len(value)}")
+    check_printable(field, value)
     return value.strip()
+
+
+def _parse(document: Any) -> tuple[Kill, ...]:
+    """The kills of a document; ValueError naming the entry and the key that is wrong."""
+    if not isinstance(document, dict) or set(document) != {"kills"}:
+        raise ValueError("expected a JSON object with exactly one key, 'kills'")
+    entries = document["kills"]
+    if not isinstance(entries, list):
+        raise ValueError("'kills' must be a list")
+    kills = []
+    for index, entry in enumerate(entries):
+        where = f"kills[{index}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be an object")
+        if unknown := sorted(set(entry) - _KILL_FIELDS):
+            raise ValueError(f"{where} has unknown key(s) {unknown}")
+        if missing := sorted(_KILL_FIELDS - set(entry)):
+            raise ValueError(f"{where} lacks key(s) {missing}")
+        for key, value in entry.items():
+            if not (isinstance(value, str) or (value is None and key in _OPTIONAL_FIELDS)):
+                raise ValueError(f"{where}.{key} must be a string, got {value!r}")
+        kills.append(Kill(**entry))
+    return tuple(kills)

@@ -420,17 +420,22 @@ class RecommendationService:
 
     # -- kill switch ----------------------------------------------------------------------
 
-    def kill(self, scope: KillScope, *, reason: str, actor: str) -> Kill:
+    def kill(
+        self, scope: KillScope, *, reason: str, actor: str, allow_unknown_campaign: bool = False
+    ) -> Kill:
         """Kill `scope` in every serving process (here at once, elsewhere within the poll
-        interval) and audit it in the decision log. Raises kills.KillError for a bad scope."""
-        kill = self.kill_switch.kill(scope, reason=reason, actor=actor)
+        interval) and audit it in the decision log. Raises kills.KillError for a bad scope
+        (a campaign no item carries, unless `allow_unknown_campaign`)."""
+        kill = self.kill_switch.kill(
+            scope, reason=reason, actor=actor, allow_unknown_campaign=allow_unknown_campaign
+        )
         self.decision_log.append(AuditRecord(self.clock(), "kill", kill.scope, actor, reason))
         log.warning("serving: killed %s by %s: %s", scope.describe(), actor, reason)
         return kill
 
     def lift(self, scope: KillScope, *, actor: str, reason: str | None = None) -> Kill:
         """Lift the kill of exactly `scope` and audit it; raises kills.NoSuchKill."""
-        kill = self.kill_switch.lift(scope)
+        kill = self.kill_switch.lift(scope, actor=actor, reason=reason)
         self.decision_log.append(AuditRecord(self.clock(), "lift", scope, actor, reason))
         log.warning("serving: lifted the kill of %s by %s", scope.describe(), actor)
         return kill
@@ -470,9 +475,11 @@ class RecommendationService:
     def health(self) -> tuple[bool, dict[str, Any]]:
         """(ready, detail): ready when requests can be answered with a final check.
 
-        Not ready before the first load and while there is no item state (no raw snapshot
-        was ever readable): every item would be refused. A missing manifest or a raw
-        snapshot that vanished after loading is reported but keeps serving what is loaded.
+        Not ready before the first load, while there is no item state (no raw snapshot
+        was ever readable: every item would be refused) and while the kills document was
+        never readable (no kill would be honoured). A missing manifest, a raw snapshot that
+        vanished after loading or a kills document damaged after a good read is reported but
+        keeps serving what is loaded (the kills last read stay in force).
         """
         reasons = []
         if not self._loaded:
@@ -480,6 +487,11 @@ class RecommendationService:
         if not self.state.ready:
             reasons.append(self.state.problem or "no item state loaded")
         warnings = [self.state.problem] if self.state.ready and self.state.problem else []
+        if (kills_problem := self.kill_switch.problem) is not None:
+            if self.kill_switch.ever_read:
+                warnings.append(f"kill switch: {kills_problem}")
+            else:
+                reasons.append(f"kill switch: no kill is known, {kills_problem}")
         partitions: dict[str, dict[str, Any]] = {}
         for (surface, region), lists in sorted(self.store.partitions().items()):
             entry = {}

@@ -11,6 +11,7 @@ from datetime import timedelta
 import pandas as pd
 import pytest
 
+from recsys_assets.channels.attribution import TRACKING_BASE_URL_ENV
 from recsys_assets.data.snapshot import read_raw
 from recsys_assets.publish.lists import decision_log
 from recsys_assets.publish.versions import version_path
@@ -23,6 +24,7 @@ from recsys_assets_tests.serving.published import write_version
 __all__ = ["world"]  # the serving world fixture, reused here
 
 REGION = "na"
+TRACKING_BASE_URL = "https://t.example.com"
 # email_daily subjects, one per rule (CONSUMER is the happy path)
 UNSUBSCRIBED = 910_001
 REVOKED = 910_002
@@ -134,6 +136,14 @@ def publish_channel_version(
         log.loc[log["subject_id"] == subject_id, "scheduled_send_at"] = at
     warehouse.write_parquet(f"{folder}/decision_log.parquet", log)
     return version
+
+
+@pytest.fixture(autouse=True)
+def tracking_base_url(monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every channel test sends with links to a configured `recsys serve` URL; the tests of
+    the refusal without it delete the variable."""
+    monkeypatch.setenv(TRACKING_BASE_URL_ENV, TRACKING_BASE_URL)
+    return TRACKING_BASE_URL
 
 
 @pytest.fixture

@@ -105,3 +105,43 @@ def test_final_slate_serves_a_candidate_pool_surface_and_rerank_needs_one() -> N
         r"storage_mode is 'final_slate'",
     ):
         settings_from_mapping(data, "test.yaml")
+
+
+def test_a_repeated_key_is_refused_with_its_line(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys; a duplicated experiment arm or surface would
+    vanish without a word."""
+    text = Path(DEFAULT_CONFIG_PATH).read_text(encoding="utf-8")
+    path = tmp_path / "surfaces.yaml"
+    path.write_text(text + "\nregions: [na]\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"found duplicate key 'regions'[\s\S]*line \d+"):
+        load_settings(path)
+
+
+@pytest.mark.parametrize(
+    ("weight", "message"),
+    [
+        (float("inf"), "finite number"),
+        (1e308, "less than or equal to 1000000"),
+        ("1", "valid number"),
+        (True, "valid number"),
+        (0, "greater than 0"),
+    ],
+)
+def test_experiment_weights_are_bounded_numbers(weight: object, message: str) -> None:
+    data = _default()
+    data["surfaces"]["home_feed"]["experiment"] = {
+        "id": "split",
+        "arms": {
+            "control": {"serving_mode": "final_slate", "weight": weight},
+            "fallback": {"serving_mode": "fallback_only", "weight": 1},
+        },
+    }
+    with pytest.raises(ConfigError, match=rf"experiment\.arms\.control\.weight: .*{message}"):
+        settings_from_mapping(data)
+
+
+def test_a_duration_beyond_ten_years_is_a_config_error() -> None:
+    data = _default()
+    data["surfaces"]["home_feed"]["ttl"] = "99999999999d"
+    with pytest.raises(ConfigError, match=r"surfaces\.home_feed\.ttl: .*out of range"):
+        settings_from_mapping(data)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from datetime import timedelta
 from pathlib import Path
 
@@ -196,3 +197,40 @@ def test_bytes_per_candidate_row_is_measured_from_a_partition_run(
     assert measure_bytes_per_candidate_row(local_warehouse, partition) == written / 2000
     with pytest.raises(PlanError, match="no candidate pools for push/eu"):
         measure_bytes_per_candidate_row(local_warehouse, SurfaceRegion("push", "eu"))
+
+
+@pytest.mark.parametrize(
+    ("argument", "value", "message"),
+    [
+        ("--bytes-per-row", "-3", "must be a positive number"),
+        ("--bytes-per-row", "nan", "must be a positive number"),
+        ("--bytes-per-row", "inf", "must be a positive number"),
+        ("--window", "1000000000d", "out of range"),
+        ("--window", "0h", "must be a positive duration"),
+        ("--users", "0", "must be between 1 and"),
+        ("--candidates", str(10**13), "must be between 1 and"),
+    ],
+)
+def test_bad_arguments_are_refused_by_name(
+    argument: str, value: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    arguments = {"--users": "1000", "--candidates": "10", argument: value}
+    with pytest.raises(SystemExit) as exited:
+        main(["plan", *(part for pair in arguments.items() for part in pair)])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err
+    assert argument in error and message in error
+
+
+def test_more_regions_than_users_is_no_plan() -> None:
+    request = dataclasses.replace(TEN_MILLION, users=10, regions=20)
+    with pytest.raises(PlanError, match="20 regions for 10 users"):
+        plan_capacity(request, CPU)
+
+
+def test_a_step_measured_on_two_threads_takes_two_cores() -> None:
+    one = plan_capacity(TEN_MILLION, CPU)
+    two = plan_capacity(TEN_MILLION, dataclasses.replace(CPU, cores_per_step=2))
+    assert two.device_hours == pytest.approx(2 * one.device_hours)
+    assert two.waves == math.ceil(one.shards / (TEN_MILLION.parallelism // 2))
+    assert "on 2 cores" in format_plan(two) and "on one core" in format_plan(one)

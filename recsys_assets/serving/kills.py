@@ -248,7 +248,7 @@ class KillSwitch:
         except (OSError, WarehouseError) as error:
             raise KillError(
                 f"campaign: cannot check campaign {scope.campaign!r} against the raw items "
-                f"({error}); to kill it anyway, allow unknown campaigns"
+                f"({error}); to kill it anyway, {_ALLOW_UNKNOWN}"
             ) from None
         if scope.campaign not in known:
             named = ", ".join(sorted(known)[:_CAMPAIGNS_NAMED]) or "none"
@@ -259,8 +259,7 @@ class KillSwitch:
             )
             raise KillError(
                 f"campaign: no catalog item carries campaign_id {scope.campaign!r} (known "
-                f"campaigns: {named}{more}); to kill it before it launches, allow unknown "
-                "campaigns"
+                f"campaigns: {named}{more}); to kill it before it launches, {_ALLOW_UNKNOWN}"
             )
 
     def lift(self, scope: KillScope, *, actor: str, reason: str | None = None) -> Kill:
@@ -294,16 +293,23 @@ class KillSwitch:
                 self.warehouse.write_bytes_if(KILLS_PATH, data, expected_etag=etag)
             except PreconditionFailed:
                 continue
+            except (OSError, WarehouseError) as error:
+                raise KillsUnavailable(
+                    f"{self.warehouse.uri(KILLS_PATH)} cannot be written ({error}); retry later"
+                ) from None
             with self._lock:
-                self.active = ActiveKills(changed)
+                self.active, self.problem, self.ever_read = ActiveKills(changed), None, True
                 self._etag = None  # the next poll re-reads: another write may follow ours
             return
-        raise WarehouseError(
+        raise KillsUnavailable(
             f"{self.warehouse.uri(KILLS_PATH)} kept changing under {_WRITE_ATTEMPTS} attempts; "
             "retry"
         )
 
 
+_ALLOW_UNKNOWN = (
+    'pass --allow-unknown-campaign (recsys kill) or "allow_unknown_campaign": true (HTTP)'
+)
 _RESTORE = (
     "serving keeps enforcing the kills it last read; restore the file (a JSON object "
     'like {"kills": [{"surface": ..., "region": null, "campaign": null, "reason": ..., '

@@ -190,3 +190,11 @@ def test_the_deliver_sends_job_refuses_without_a_tracking_base_url(
         )
         assert "dry run: would send 2" in dry.output_for_node("deliver_send_plan")
     assert not warehouse.list(OUTBOX)
+
+
+def test_a_landing_url_that_is_not_http_stops_the_app(
+    channel: ChannelWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CLICK_LANDING_URL_ENV, "javascript:alert(1)")
+    with pytest.raises(ValueError, match=f"{CLICK_LANDING_URL_ENV}=.* is not an http"):
+        create_app(channel.base.service(), tokens=TOKENS)

@@ -26,6 +26,8 @@ from recsys_assets_tests.serving.conftest import World
 OPERATIONS = {
     ("get", "/v1/recommendations/{surface}"),
     ("post", "/v1/events"),
+    ("get", "/v1/t/open/{token}"),
+    ("get", "/v1/t/click/{token}"),
     ("post", "/v1/admin/kill"),
     ("delete", "/v1/admin/kill"),
     ("get", "/v1/admin/kill"),

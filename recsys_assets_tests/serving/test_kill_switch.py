@@ -1,7 +1,9 @@
 """The kill switch over real HTTP: a kill takes effect on the next request, a lift restores,
 a second service over the same warehouse sees both, only admins may use it, bad bodies are
-4xx naming the field, and every kill and lift is audited in the decision log; `recsys kill`
-does the same without a server."""
+4xx naming the field (unconfigured regions, unknown campaigns, control characters), every
+kill and lift is audited in the decision log, and a damaged kills file is reported (503 on
+the admin endpoints, /healthz) while the kills last read stay enforced; `recsys kill` does the
+same without a server and exits 2 on a damaged file."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
+from recsys_assets.cli import main
 from recsys_assets.data.snapshot import read_raw
 from recsys_assets.serving import commands
 from recsys_assets.serving.api import create_app
@@ -184,6 +187,19 @@ def test_only_admins_may_kill(
         ({"surface": "home_feed", "reason": "x", "campaign": 7}, "campaign"),
         ({"surface": "nope", "reason": "x"}, "surface"),
         ({"surface": "home_feed", "region": "mars", "reason": "x"}, "region"),
+        ({"surface": "enterprise_action_queue", "region": "latam", "reason": "x"}, "region"),
+        ({"surface": "home_feed", "reason": "ok\n2026 kill lifted by root"}, "reason"),
+        ({"surface": "home_feed", "reason": "x\u0000"}, "reason"),
+        ({"surface": "home_feed", "campaign": "winter_sale", "reason": "x"}, "campaign"),
+        (
+            {
+                "surface": "home_feed",
+                "campaign": CAMPAIGN,
+                "reason": "x",
+                "allow_unknown_campaign": 1,
+            },
+            "allow_unknown_campaign",
+        ),
     ],
 )
 def test_bad_bodies_are_4xx_naming_the_field(
@@ -257,3 +273,183 @@ def test_recsys_kill_needs_a_reason(world: World) -> None:
     with pytest.raises(ValueError, match="--reason is required"):
         args.handler(args)
     assert not world.warehouse.exists(KILLS_PATH)
+
+
+def test_unconfigured_region_and_unknown_campaign_errors_say_what_is_known(
+    served: tuple[TestClient, RecommendationService, list[int]],
+) -> None:
+    client, _, _ = served
+    region = client.post(
+        "/v1/admin/kill",
+        json={"surface": "enterprise_action_queue", "region": "latam", "reason": "x"},
+    )
+    assert region.status_code == 422
+    assert "its regions: ['na', 'eu', 'apac']" in region.json()["error"]
+    campaign = client.post(
+        "/v1/admin/kill", json={"surface": "home_feed", "campaign": "winter_sale", "reason": "x"}
+    )
+    assert campaign.status_code == 422
+    assert "known campaigns: " in campaign.json()["error"]
+    assert f"{CAMPAIGN}" in campaign.json()["error"]
+    assert '"allow_unknown_campaign": true' in campaign.json()["error"]
+    pre_emptive = client.post(
+        "/v1/admin/kill",
+        json={
+            "surface": "home_feed",
+            "campaign": "winter_sale",
+            "reason": "launch blocked",
+            "allow_unknown_campaign": True,
+        },
+    )
+    assert pre_emptive.status_code == 201, pre_emptive.text
+    assert [k["campaign"] for k in client.get("/v1/admin/kill").json()["kills"]] == ["winter_sale"]
+
+
+def test_a_damaged_kills_file_is_reported_while_the_known_kills_stay_enforced(
+    served: tuple[TestClient, RecommendationService, list[int]], world: World
+) -> None:
+    client, service, _ = served
+    client.post("/v1/admin/kill", json={"surface": "home_feed", "reason": "bad model"})
+    service.refresh()
+    damaged = b'{"kills": [{"surface": "home_feed", "colour": "red"}]}'
+    world.warehouse.write_bytes(KILLS_PATH, damaged)
+    service.refresh()  # what the poller does
+
+    assert client.get(RECS, params=NA).json()["served_from"] == "killed_fallback"
+    health = client.get("/healthz")
+    assert health.status_code == 200  # degraded: still serving, with the kills last read
+    (warning,) = [w for w in health.json()["warnings"] if w.startswith("kill switch:")]
+    assert "serving/kills.json is malformed: kills[0] has unknown key(s) ['colour']" in warning
+
+    for method, body in [
+        ("POST", {"surface": "push", "reason": "second incident"}),
+        ("DELETE", {"surface": "home_feed"}),
+    ]:
+        response = client.request(method, "/v1/admin/kill", json=body)
+        assert response.status_code == 503, response.text
+        assert "serving/kills.json is malformed" in response.json()["error"]
+    listed = client.get("/v1/admin/kill")
+    assert listed.status_code == 503
+    assert "unknown key(s) ['colour']" in listed.json()["error"]
+    assert [k["reason"] for k in listed.json()["kills"]] == ["bad model"]
+    assert world.warehouse.read_bytes(KILLS_PATH) == damaged  # nothing written over it
+
+    world.warehouse.write_bytes(KILLS_PATH, b'{"kills": []}')  # restored by hand
+    service.refresh()
+    assert not [w for w in client.get("/healthz").json()["warnings"] if "kill" in w]
+    assert client.get(RECS, params=NA).json()["served_from"] == "precomputed"
+
+
+def test_a_service_started_on_a_damaged_kills_file_is_not_ready_until_restored(
+    world: World,
+) -> None:
+    world.publish_consumer_list(30)
+    world.warehouse.write_bytes(KILLS_PATH, b"{not json")
+    service = world.service()
+    with TestClient(create_app(service, tokens=TOKENS), headers=ADMIN) as client:
+        health = client.get("/healthz")
+        assert health.status_code == 503
+        assert health.json()["status"] == "not_ready"
+        (reason,) = health.json()["reasons"]
+        assert reason.startswith("kill switch: no kill is known, ")
+        assert "serving/kills.json is malformed: not JSON" in reason
+        world.warehouse.write_bytes(KILLS_PATH, b'{"kills": []}')
+        service.refresh()
+        assert client.get("/healthz").status_code == 200
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_recsys_kill_on_a_damaged_file_exits_2_naming_it(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    world.publish_consumer_list(30)
+    world.warehouse.write_bytes(KILLS_PATH, b'{"kills": [{"surface": "push"}]}')
+    for argv in [
+        ("kill", "--list"),
+        ("kill", "--surface", "push", "--reason", "incident"),
+        ("kill", "--lift", "--surface", "push"),
+        ("recommend", "--subject", str(CONSUMER), "--surface", "home_feed", "--region", "na"),
+        ("serve", "--port", "1"),
+    ]:
+        code, out, err = _cli(capsys, *argv)
+        assert code == 2, argv
+        assert out == ""
+        assert f"recsys {argv[0]}: error:" in err
+        assert "serving/kills.json is malformed: kills[0] lacks key(s)" in err
+    assert world.warehouse.read_bytes(KILLS_PATH) == b'{"kills": [{"surface": "push"}]}'
+
+
+def test_recsys_kill_refuses_bad_targets_and_control_characters(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _sponsor(world, world.good[:2])
+    for argv, message in [
+        (
+            ("--surface", "enterprise_action_queue", "--region", "latam", "--reason", "x"),
+            "region: surface 'enterprise_action_queue' is not configured for region 'latam'; "
+            "its regions: ['na', 'eu', 'apac']",
+        ),
+        (
+            ("--surface", "home_feed", "--campaign", "winter_sale", "--reason", "x"),
+            "campaign: no catalog item carries campaign_id 'winter_sale' (known campaigns: "
+            "campaign_test, cmp_0000, cmp_0001, cmp_0002, spring_sale); to kill it before it "
+            "launches, pass --allow-unknown-campaign",
+        ),
+        (
+            ("--surface", "home_feed", "--reason", "ok\x1b[2J"),
+            "reason: control character U+001B at position 2",
+        ),
+    ]:
+        code, out, err = _cli(capsys, "kill", *argv)
+        assert (code, out) == (2, ""), argv
+        assert message in err
+    assert not world.warehouse.exists(KILLS_PATH)
+
+    code, out, _ = _cli(
+        capsys,
+        "kill",
+        "--surface",
+        "home_feed",
+        "--campaign",
+        "winter_sale",
+        "--reason",
+        "launch blocked",
+        "--allow-unknown-campaign",
+    )
+    assert code == 0
+    assert json.loads(out)["killed"]["campaign"] == "winter_sale"
+    code, out, _ = _cli(
+        capsys, "kill", "--surface", "home_feed", "--campaign", CAMPAIGN, "--reason", "complaint"
+    )
+    assert code == 0
+
+
+def test_recsys_kill_list_applies_its_filters(
+    world: World, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for argv in [
+        ("--surface", "home_feed", "--region", "eu"),
+        ("--surface", "push"),
+        ("--surface", "push", "--region", "eu"),
+        ("--surface", "email_daily", "--campaign", "spring", "--allow-unknown-campaign"),
+    ]:
+        assert _cli(capsys, "kill", *argv, "--reason", "r")[0] == 0
+
+    def listed(*filters: str) -> list[tuple[str, str | None, str | None]]:
+        code, out, _ = _cli(capsys, "kill", "--list", *filters)
+        assert code == 0
+        return [(k["surface"], k["region"], k["campaign"]) for k in json.loads(out)["kills"]]
+
+    assert len(listed()) == 4
+    assert listed("--surface", "push") == [("push", None, None), ("push", "eu", None)]
+    assert listed("--region", "eu") == [("home_feed", "eu", None), ("push", "eu", None)]
+    assert listed("--surface", "push", "--region", "eu") == [("push", "eu", None)]
+    assert listed("--campaign", "spring") == [("email_daily", None, "spring")]
+    assert listed("--surface", "digest_weekly") == []
+    code, _, err = _cli(capsys, "kill", "--list", "--reason", "x")
+    assert code == 2 and "--list takes only --surface, --region and --campaign" in err

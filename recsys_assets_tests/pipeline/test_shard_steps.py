@@ -22,6 +22,7 @@ from pydantic import ValidationError
 from recsys_assets.config.settings import DEFAULT_CONFIG_PATH, PipelineConfig
 from recsys_assets.definitions import build_definitions
 from recsys_assets.models.bundle import load_bundle
+from recsys_assets.pipeline import candidates as candidate_stage
 from recsys_assets.pipeline.assets import SCORING_BLOCK_ROWS, SHARD_FAULT_ENV_VAR, score_in_blocks
 from recsys_assets.pipeline.jobs import MODEL_JOB, REFRESH_JOB
 from recsys_assets.pipeline.partitions import SurfaceRegion
@@ -222,6 +223,24 @@ def test_fewer_shards_than_the_last_run_leave_no_stale_parts(
     run, _ = eight_shards
     assert set(run.parts.values()) - {1} == {8}  # slates: one subject-order block
     assert one_shard.parts == dict.fromkeys(run.parts, 1)
+
+
+def test_shard_steps_of_one_run_build_the_candidate_sources_once(
+    trained_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In one process (the in-process executor of `recsys run`), the partition's candidate
+    sources are built by the first shard step and reused by the others of the run."""
+    built = []
+    original = candidate_stage.build_context
+
+    def counted(**arguments: object) -> candidate_stage.CandidateContext:
+        built.append(arguments["region"])
+        return original(**arguments)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(candidate_stage, "build_context", counted)
+    run = _refresh(trained_root, tmp_path, shards=4)
+    assert run.parts["candidate_pools"] == 4
+    assert built == [PARTITION.region]
 
 
 def test_pipeline_shards_is_a_positive_count_or_auto() -> None:

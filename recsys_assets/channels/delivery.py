@@ -16,7 +16,7 @@ import pandas as pd
 
 from recsys_assets.automation.runs import TRIGGER_TAG
 from recsys_assets.channels.attribution import tracking_base_url_from_env
-from recsys_assets.channels.plans import read_send_plan
+from recsys_assets.channels.plans import channel_medium, read_send_plan
 from recsys_assets.channels.sender import MessageSender, OutboxSender, SendReport, dispatch_plan
 from recsys_assets.config import Settings
 from recsys_assets.pipeline.partitions import SurfaceRegion
@@ -43,8 +43,12 @@ def deliver_partition(
     the warehouse outbox), its links under `RECSYS_TRACKING_BASE_URL`; FileNotFoundError
     before its first send_plans, TrackingLinksNotConfigured without the URL (unless
     `dry_run`)."""
-    settings.surface(surface)
-    settings.check_region(region)
+    if channel_medium(settings.surface(surface)) is None:
+        raise ValueError(
+            f"{surface} is not a channel surface: only email, push and digest surfaces "
+            "(a send hour or quiet hours, and a subscription flag) have send plans"
+        )
+    settings.check_enabled(surface, region)
     plan = read_send_plan(warehouse, surface, region)
     return dispatch_plan(
         warehouse,
@@ -107,8 +111,12 @@ def deliver_sends() -> None:
     description="After each send_plans materialization, deliver that partition's plan "
     "(deliver_sends). Stopped by default: starting it is the decision to send for real.",
 )
-def deliver_send_plans(context: dg.SensorEvaluationContext) -> dg.SensorResult:
-    """One run per send_plans materialization since the cursor (a storage id), oldest first."""
+def deliver_send_plans(
+    context: dg.SensorEvaluationContext, recsys: RecsysResource
+) -> dg.SensorResult:
+    """One run per channel send_plans materialization since the cursor (a storage id),
+    oldest first; the empty plans of other surfaces are passed over."""
+    settings = recsys.settings()
     after = int(context.cursor) if context.cursor else None
     records = context.instance.fetch_materializations(
         dg.AssetRecordsFilter(asset_key=SEND_PLANS_KEY, after_storage_id=after),
@@ -120,6 +128,9 @@ def deliver_send_plans(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         if record.partition_key is None:
             continue
         partition = SurfaceRegion.from_key(record.partition_key)
+        surface = settings.surfaces.get(partition.surface)
+        if surface is None or channel_medium(surface) is None:
+            continue
         requests.append(
             dg.RunRequest(
                 run_key=f"deliver:{record.storage_id}",

@@ -272,15 +272,8 @@ class SurfaceConfig(_Strict):
         return self
 
     def _check_candidate_pool(self) -> None:
-        """A shortlist holds the stored slate and more, within the candidate budget; a
-        `candidate_pool` block on a surface that stores final slates would be ignored."""
+        """A shortlist holds the stored slate and more, within the candidate budget."""
         if self.storage_mode != "candidate_pool":
-            if "candidate_pool" in self.model_fields_set:
-                raise ValueError(
-                    "candidate_pool is set but storage_mode is "
-                    f"{self.storage_mode!r}, so it would be ignored: set storage_mode: "
-                    "candidate_pool or remove the candidate_pool block"
-                )
             return
         size = self.candidate_pool.shortlist_size
         if not self.store_depth <= size <= self.candidate_budget:

@@ -145,13 +145,3 @@ def test_a_duration_beyond_ten_years_is_a_config_error() -> None:
     data["surfaces"]["home_feed"]["ttl"] = "99999999999d"
     with pytest.raises(ConfigError, match=r"surfaces\.home_feed\.ttl: .*out of range"):
         settings_from_mapping(data)
-
-
-def test_a_candidate_pool_block_on_a_final_slate_surface_is_refused() -> None:
-    """It would be ignored: the surface publishes final slates."""
-    data = _default()
-    data["surfaces"]["home_feed"]["candidate_pool"] = {"shortlist_size": 300}
-    with pytest.raises(
-        ConfigError, match=r"candidate_pool is set but storage_mode is 'final_slate'"
-    ):
-        settings_from_mapping(data)

@@ -245,7 +245,7 @@ class UniformSample:
         values_all = np.concatenate((self.values, values))
         keys_all = np.concatenate((self._keys, keys))
         if values_all.size > self.capacity:
-            kept = np.argpartition(keys_all, self.capacity - 1)[: self.capacity]
+            kept = _smallest(keys_all, self.capacity)
             values_all, keys_all = values_all[kept], keys_all[kept]
         self.values, self._keys = values_all, keys_all
 
@@ -263,18 +263,28 @@ class RowSample:
     def add(self, count: int, rows: Callable[[np.ndarray], pd.DataFrame]) -> None:
         """Offer `count` rows; `rows(positions)` builds the frame of those positions."""
         keys = self._rng.random(count)
-        offered = np.sort(np.argsort(keys, kind="stable")[: self.capacity])
+        offered = np.sort(_smallest(keys, self.capacity))
         if offered.size == 0:
             return
         frame = rows(offered).reset_index(drop=True)
         kept = pd.concat([self._kept, frame], ignore_index=True) if len(self._kept) else frame
         all_keys = np.concatenate((self._keys, keys[offered]))
-        best = np.sort(np.argsort(all_keys, kind="stable")[: self.capacity])
+        best = np.sort(_smallest(all_keys, self.capacity))
         self._kept = kept.iloc[best].reset_index(drop=True)
         self._keys = all_keys[best]
 
     def rows(self) -> pd.DataFrame:
         return self._kept
+
+
+def _smallest(keys: np.ndarray, count: int) -> np.ndarray:
+    """Positions of the `count` smallest keys, in no order: a partial sort (the keys are
+    random draws, a million per shard, of which a hundred are kept)."""
+    if keys.size <= count:
+        return np.arange(keys.size)
+    if count <= 0:
+        return np.empty(0, dtype=np.int64)
+    return np.argpartition(keys, count - 1)[:count]
 
 
 def markdown_table(rows: dict[str, object], headers: tuple[str, str]) -> str:

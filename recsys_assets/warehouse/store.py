@@ -248,6 +248,11 @@ class Warehouse:
         LZ4: on a 1.55M-row, 53-column features part it wrote as fast as zstd (0.96 s vs
         1.08 s) and read back 4× faster (0.19 s vs 0.77 s) for 16% more bytes; the
         pipeline reads every part it writes once more downstream.
+
+        Dictionary encoding only for columns that are not floating point: scores and
+        utilities are nearly all distinct, so the writer built a dictionary per page only
+        to drop it. On a 1.55M-row scored_candidates part: 0.80 s instead of 1.38 s, 5%
+        smaller.
         """
         table = (
             frame
@@ -255,7 +260,14 @@ class Warehouse:
             else pa.Table.from_pandas(frame, preserve_index=False)
         )
         buffer = io.BytesIO()
-        pq.write_table(table, buffer, compression="lz4")
+        pq.write_table(
+            table,
+            buffer,
+            compression="lz4",
+            use_dictionary=[
+                field.name for field in table.schema if not pa.types.is_floating(field.type)
+            ],
+        )
         self.write_bytes(relative, buffer.getvalue())
 
     def read_parquet(

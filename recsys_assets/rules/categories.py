@@ -15,7 +15,11 @@ UNKNOWN_CATEGORY = "unknown"
 
 
 def category_capped(categories: pd.Series) -> np.ndarray:
-    """True where `max_per_category` applies: a known category."""
-    return (categories.notna() & (categories.astype(object) != UNKNOWN_CATEGORY)).to_numpy(
-        dtype=bool
-    )
+    """True where `max_per_category` applies: a known category.
+
+    Decided once per distinct category, not per row: a shard's 1.5M category cells are
+    factorized (Arrow strings stay Arrow) instead of each turned into a Python object.
+    """
+    codes, distinct = pd.factorize(categories)  # null → -1
+    known = np.array([value != UNKNOWN_CATEGORY for value in distinct], dtype=bool)
+    return np.append(known, False)[codes]

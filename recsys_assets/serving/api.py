@@ -365,6 +365,24 @@ class RequireScope:
 
 
 read_access = RequireScope(RECOMMENDATIONS_READ, open_when_unconfigured=True)
+SINGLE_VALUED_QUERY = ("subject_id", "region", "limit", "category_intent")
+"""The recommendation route's scalar query parameters (session_item_ids repeats by design)."""
+
+
+def single_valued_query(request: Request) -> None:
+    """A scalar query parameter given twice is a 422 naming it: FastAPI would otherwise
+    answer for the last value, silently serving e.g. another subject than the first
+    `subject_id` a client (or an attacker appending one) wrote."""
+    repeated = [name for name in SINGLE_VALUED_QUERY if len(request.query_params.getlist(name)) > 1]
+    if repeated:
+        raise RequestValidationError(
+            [
+                {"loc": ("query", name), "msg": "given more than once", "type": "value_error"}
+                for name in repeated
+            ]
+        )
+
+
 write_access = RequireScope(EVENTS_WRITE, open_when_unconfigured=False)
 admin_access = RequireScope(ADMIN, open_when_unconfigured=False)
 
@@ -494,7 +512,7 @@ def create_app(
         response_model=recommendation_model,
         responses=errors,
         summary="Recommendations for one subject on one surface",
-        dependencies=[Depends(read_access)],
+        dependencies=[Depends(read_access), Depends(single_valued_query)],
     )
     async def recommendations(
         surface: Annotated[str, Path(), _one_of(serving.settings.surfaces)],

@@ -80,6 +80,38 @@ def test_a_huge_subject_id_is_422_and_the_log_keeps_writing(
         service.recommend(HUGE, "home_feed", "na")
 
 
+@pytest.mark.parametrize(
+    ("name", "query"),
+    [
+        ("subject_id", f"subject_id={CONSUMER}&subject_id=999&region=na"),
+        ("region", f"subject_id={CONSUMER}&region=na&region=eu"),
+        ("limit", f"subject_id={CONSUMER}&region=na&limit=3&limit=5"),
+        ("category_intent", f"subject_id={CONSUMER}&region=na&category_intent=a&category_intent=b"),
+    ],
+)
+def test_a_scalar_query_parameter_given_twice_is_422_naming_it(
+    client: TestClient, world: World, name: str, query: str
+) -> None:
+    response = client.get(f"/v1/recommendations/home_feed?{query}")
+    assert response.status_code == 422, response.text
+    assert f"query.{name}: given more than once" in response.json()["error"]
+    client.app.state.service.decision_log.flush()  # type: ignore[attr-defined]
+    assert _logged(world).empty  # nothing was served
+
+
+def test_repeated_session_items_are_still_a_list(client: TestClient) -> None:
+    response = client.get(
+        "/v1/recommendations/home_feed",
+        params=[
+            ("subject_id", CONSUMER),
+            ("region", "na"),
+            ("session_item_ids", 1),
+            ("session_item_ids", 2),
+        ],
+    )
+    assert response.status_code == 200, response.text
+
+
 def test_a_bad_record_is_isolated_and_counted_good_rows_still_land(world: World) -> None:
     _home(world, world.good[:30])
     service = world.service()

@@ -116,6 +116,10 @@ class PipelineConfig(_Strict):
     trending_min_share: float = Field(0.05, gt=0, le=1)
     partition_workers: int = Field(2, ge=1)
     """Partitions `recsys run` refreshes at a time, each in its own process."""
+    scoring_precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """The ranker's precision in scored_candidates: `auto` = bf16 on CUDA when the bundle
+    allows it (bundle.json `inference`), else fp32 (so fp32 on the CPU); `fp32`; `bf16`
+    (refused for a bundle whose measured bf16 deviation is over the tolerance)."""
 
 
 class EligibilityConfig(_Strict):
@@ -482,9 +486,38 @@ def settings_from_mapping(data: Any, source: str = "<mapping>") -> Settings:
     if not isinstance(data, dict):
         raise ConfigError(f"invalid configuration in {source}: expected a mapping at top level")
     try:
-        return Settings.model_validate(data)
+        settings = Settings.model_validate(data)
     except ValidationError as error:
         raise ConfigError(_format_validation_error(source, error)) from None
+    ignored = _ignored_candidate_pool_blocks(data)
+    if ignored:
+        raise ConfigError(
+            f"invalid configuration in {source}:\n"
+            + "\n".join(
+                f"  surfaces.{name}.candidate_pool: only a surface with storage_mode: "
+                f"candidate_pool uses this block, and its storage_mode is {mode!r}; remove "
+                "the block or set storage_mode: candidate_pool"
+                for name, mode in ignored
+            )
+        )
+    return settings
+
+
+def _ignored_candidate_pool_blocks(data: dict[str, Any]) -> list[tuple[str, str]]:
+    """(surface, storage_mode) of each surface the file gives a candidate_pool block that
+    its storage_mode never reads: the operator meant something that would not happen.
+    Checked on the file's own mapping, where a block is either written or not (a validated
+    SurfaceConfig always has one, so a dump-and-validate round trip stays valid)."""
+    surfaces = data.get("surfaces")
+    if not isinstance(surfaces, dict):
+        return []
+    return [
+        (str(name), str(surface.get("storage_mode", "final_slate")))
+        for name, surface in surfaces.items()
+        if isinstance(surface, dict)
+        and "candidate_pool" in surface
+        and surface.get("storage_mode", "final_slate") != "candidate_pool"
+    ]
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from recsys_assets.config import ConfigError, load_settings
-from recsys_assets.config.settings import DEFAULT_CONFIG_PATH, settings_from_mapping
+from recsys_assets.config.settings import DEFAULT_CONFIG_PATH, SurfaceConfig, settings_from_mapping
 
 
 def _default() -> dict:
@@ -31,6 +31,24 @@ def test_unknown_key_is_named_with_its_path() -> None:
     data["surfaces"]["push"]["display_cuont"] = 3
     with pytest.raises(ConfigError, match=r"surfaces\.push\.display_cuont: unknown key"):
         settings_from_mapping(data, "test.yaml")
+
+
+def test_a_candidate_pool_block_on_a_final_slate_surface_is_refused() -> None:
+    data = _default()
+    data["surfaces"]["push"]["candidate_pool"] = {"shortlist_size": 60}
+    with pytest.raises(
+        ConfigError,
+        match=r"surfaces\.push\.candidate_pool: only a surface with storage_mode: "
+        r"candidate_pool uses this block, and its storage_mode is 'final_slate'",
+    ):
+        settings_from_mapping(data, "test.yaml")
+    data["surfaces"]["push"]["storage_mode"] = "candidate_pool"
+    assert settings_from_mapping(data).surface("push").candidate_pool.shortlist_size == 60
+
+
+def test_a_validated_surface_survives_a_dump_and_validate_round_trip() -> None:
+    surface = load_settings().surface("home_feed")
+    assert SurfaceConfig.model_validate(surface.model_dump()) == surface
 
 
 def test_store_depth_must_exceed_display_count() -> None:

@@ -12,7 +12,9 @@ interactions, `data.holdout`) gives the task the lists are judged on:
    on the holdout), their recall on the held-out positives is reported, and the candidate
    pools of a sample of users are built and labelled with what they did next
    (`pipeline.training_rows`): the ranker learns on candidate-pool rows and the calibrator
-   is fitted on its validation subjects;
+   is fitted on its validation subjects; on those rows the deviation of bf16 inference
+   from fp32 is measured and recorded (`inference` in bundle.json), which decides whether
+   scoring may run in bf16 (`scoring_precision`);
 2. the served retrieval models are then fitted again on the *whole* window, so every user
    has a vector and a history, and the newest interactions count.
 
@@ -44,7 +46,13 @@ from recsys_assets.models.collaborative import (
     tune_collaborative,
 )
 from recsys_assets.models.device import pick_device, seed_everything
-from recsys_assets.models.ranker import RankerConfig, RankerModel, train_ranker
+from recsys_assets.models.ranker import (
+    PRECISIONS,
+    RankerConfig,
+    RankerModel,
+    ValidationScores,
+    train_ranker,
+)
 from recsys_assets.models.two_tower import (
     TwoTowerConfig,
     TwoTowerModel,
@@ -52,6 +60,7 @@ from recsys_assets.models.two_tower import (
     train_two_tower,
 )
 from recsys_assets.pipeline.features import FEATURE_SET_VERSION
+from recsys_assets.pipeline.runs import rank_within_runs
 from recsys_assets.pipeline.training_rows import (
     RetrievalModels,
     pool_training_rows,
@@ -68,8 +77,57 @@ CALIBRATION_FILE = "calibration.json"
 BUNDLE_FILE = "bundle.json"
 
 
+BF16_MAX_ABS_DIFF_TOLERANCE = 0.02
+"""Largest change of a calibrated probability that bf16 inference may make on any
+validation row for a bundle to allow it."""
+BF16_TOPK_OVERLAP_TOLERANCE = 0.98
+"""Smallest mean share of a validation subject's fp32 top-k that bf16 must keep."""
+SCORING_PRECISION_KEY = "pipeline.scoring_precision"
+
+
 class BundleMissing(FileNotFoundError):
     """No model bundle (or not the requested version) in the warehouse."""
+
+
+class ScoringPrecisionError(ValueError):
+    """The configured scoring precision is one the bundle does not allow."""
+
+
+@dataclass(frozen=True)
+class InferencePrecision:
+    """How bf16 inference deviates from fp32 on the bundle's validation rows (bundle.json
+    `inference`). A bundle written before this was measured loads with the defaults: bf16
+    not allowed."""
+
+    bf16_allowed: bool = False
+    bf16_max_abs_diff: float | None = None
+    """Largest |bf16 − fp32| of the calibrated probability over the validation rows."""
+    bf16_p99_abs_diff: float | None = None
+    bf16_topk_overlap: float | None = None
+    """Mean over validation subjects of the share of their fp32 top-k that bf16 keeps."""
+    bf16_topk_same_order: float | None = None
+    """Share of validation subjects whose top-k is the same items in the same order."""
+    k: int = 0
+    validation_rows: int = 0
+    measured_on: str = ""
+    """The device the deviation was measured on (bf16 kernels differ by device)."""
+    tolerance: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InferencePrecision:
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
+
+    def describe(self) -> str:
+        """The measurement against its tolerance, for error messages and docs."""
+        if self.bf16_max_abs_diff is None:
+            return "it records no bf16 measurement (trained before bundles recorded one)"
+        return (
+            f"on {self.validation_rows:,} validation rows bf16 moved calibrated probabilities "
+            f"by up to {self.bf16_max_abs_diff:.4g} (p99 {self.bf16_p99_abs_diff:.4g}) and "
+            f"kept {self.bf16_topk_overlap:.4g} of each subject's top-{self.k} "
+            f"(tolerance: at most {self.tolerance.get('max_abs_diff')}, "
+            f"at least {self.tolerance.get('topk_overlap')})"
+        )
 
 
 @dataclass(frozen=True)
@@ -86,13 +144,16 @@ class BundleInfo:
     created_at: str
     path: str
     files: dict[str, str] = field(default_factory=dict)
+    inference: InferencePrecision = field(default_factory=InferencePrecision)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BundleInfo:
-        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
+        fields = {name: data[name] for name in cls.__dataclass_fields__ if name in data}
+        fields["inference"] = InferencePrecision.from_dict(data.get("inference") or {})
+        return cls(**fields)
 
 
 @dataclass
@@ -111,13 +172,99 @@ class ModelBundle:
         return prediction, self.calibrator.transform(prediction)
 
     def score_matrix(
-        self, matrix: np.ndarray, *, columns: tuple[str, ...], feature_set_version: str
+        self,
+        matrix: np.ndarray,
+        *,
+        columns: tuple[str, ...],
+        feature_set_version: str,
+        batch_size: int = 65_536,
+        pad_last: bool = False,
+        precision: str = "fp32",
     ) -> tuple[np.ndarray, np.ndarray]:
-        """(raw prediction, calibrated probability) per row of a gathered feature matrix."""
+        """(raw prediction, calibrated probability) per row of a gathered feature matrix;
+        `batch_size`, `pad_last` and `precision` as `RankerModel.predict_matrix` takes them
+        (`scoring_precision` picks the precision)."""
         prediction = self.ranker.predict_matrix(
-            matrix, columns=columns, feature_set_version=feature_set_version
+            matrix,
+            columns=columns,
+            feature_set_version=feature_set_version,
+            batch_size=batch_size,
+            pad_last=pad_last,
+            precision=precision,
         )
         return prediction, self.calibrator.transform(prediction)
+
+
+def scoring_precision(requested: str, bundle: ModelBundle) -> str:
+    """The precision to score with for `pipeline.scoring_precision` = `requested`.
+
+    `auto`: bf16 only on CUDA and only when the bundle allows it, else fp32 (the CPU stays
+    fp32). `fp32`: fp32. `bf16`: bf16 on any device, refused when the bundle's measured
+    deviation is over the tolerance or was never measured.
+    """
+    allowed = bundle.info.inference.bf16_allowed
+    if requested == "auto":
+        return "bf16" if bundle.ranker.device.type == "cuda" and allowed else "fp32"
+    if requested == "bf16" and not allowed:
+        raise ScoringPrecisionError(
+            f"{SCORING_PRECISION_KEY} is 'bf16' but model bundle "
+            f"{bundle.info.model_version} does not allow bf16: "
+            f"{bundle.info.inference.describe()}; set {SCORING_PRECISION_KEY} to auto or "
+            "fp32, or retrain model_bundle"
+        )
+    if requested not in PRECISIONS:
+        raise ScoringPrecisionError(
+            f"{SCORING_PRECISION_KEY} is {requested!r}; use one of {['auto', *PRECISIONS]}"
+        )
+    return requested
+
+
+def measure_bf16(
+    ranker: RankerModel, calibrator: Calibrator, validation: ValidationScores, k: int
+) -> InferencePrecision:
+    """Score the validation rows in fp32 and in bf16 on the ranker's device and compare the
+    calibrated probabilities: largest and p99 absolute difference, and per subject how much
+    of the fp32 top-k bf16 keeps (and in the same order). bf16 is allowed when the largest
+    difference and the top-k overlap are within BF16_*_TOLERANCE."""
+    fp32, bf16 = (
+        calibrator.transform(ranker.predict_matrix(validation.features, precision=precision))
+        for precision in PRECISIONS
+    )
+    difference = np.abs(bf16.astype(np.float64) - fp32.astype(np.float64))
+    fp32_rank = _rank_within_subject(fp32, validation.subjects)
+    bf16_rank = _rank_within_subject(bf16, validation.subjects)
+    in_top = fp32_rank < k
+    subject_codes = np.unique(validation.subjects, return_inverse=True)[1]
+    kept = np.bincount(subject_codes, weights=in_top & (bf16_rank < k))
+    same = np.bincount(subject_codes, weights=in_top & (bf16_rank != fp32_rank)) == 0
+    overlap = kept / np.bincount(subject_codes, weights=in_top)
+    measured = {
+        "bf16_max_abs_diff": float(difference.max()),
+        "bf16_p99_abs_diff": float(np.quantile(difference, 0.99)),
+        "bf16_topk_overlap": float(overlap.mean()),
+        "bf16_topk_same_order": float(same.mean()),
+    }
+    return InferencePrecision(
+        bf16_allowed=measured["bf16_max_abs_diff"] <= BF16_MAX_ABS_DIFF_TOLERANCE
+        and measured["bf16_topk_overlap"] >= BF16_TOPK_OVERLAP_TOLERANCE,
+        **measured,
+        k=k,
+        validation_rows=len(difference),
+        measured_on=str(ranker.device),
+        tolerance={
+            "max_abs_diff": BF16_MAX_ABS_DIFF_TOLERANCE,
+            "topk_overlap": BF16_TOPK_OVERLAP_TOLERANCE,
+        },
+    )
+
+
+def _rank_within_subject(scores: np.ndarray, subjects: np.ndarray) -> np.ndarray:
+    """Each row's 0-based rank among its subject's rows by descending score (ties: row
+    order)."""
+    order = np.lexsort((-scores, subjects))
+    rank = np.empty(len(scores), dtype=np.int64)
+    rank[order] = rank_within_runs(subjects[order])
+    return rank
 
 
 def training_cutoff(snapshot: dict[str, Any], as_of: pd.Timestamp | None = None) -> pd.Timestamp:
@@ -190,6 +337,9 @@ def train_bundle(
     calibrator, calibration = fit_calibrator(
         ranker.validation.labels, ranker.validation.predictions, ranker.validation.score_time
     )
+    inference = measure_bf16(
+        ranker.model, calibrator, ranker.validation, k=training_surface(settings).display_count
+    )
 
     # 2. The served retrieval models, on the whole window.
     collaborative = fit_collaborative(
@@ -255,6 +405,7 @@ def train_bundle(
         created_at=created_at.isoformat(),
         path=folder,
         files={name: hashlib.sha256(data).hexdigest() for name, data in artifacts.items()},
+        inference=inference,
     )
     for name, data in artifacts.items():
         warehouse.write_bytes(f"{folder}/{name}", data)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,6 +38,8 @@ from recsys_assets.pipeline.features import FEATURE_COLUMNS, FEATURE_SET_VERSION
 from recsys_assets.pipeline.runs import rank_within_runs, run_starts
 
 _MIN_SCALE = 1e-6
+PRECISIONS = ("fp32", "bf16")
+"""Inference precisions of `RankerModel.predict_matrix`."""
 
 
 class RankerTrainingError(ValueError):
@@ -129,12 +131,23 @@ class RankerModel:
         columns: tuple[str, ...] | None = None,
         feature_set_version: str | None = None,
         batch_size: int = 65_536,
+        pad_last: bool = False,
+        precision: str = "fp32",
     ) -> np.ndarray:
         """Raw probabilities (float32) for a float32 rows × features matrix, in batches on
         the model's device. `columns` names the matrix's columns when they are not in the
-        ranker's own order; `feature_set_version` is checked against the ranker's."""
+        ranker's own order; `feature_set_version` is checked against the ranker's.
+
+        `pad_last` pads the last batch with zero rows, so every forward pass has the same
+        shape (BLAS picks kernels by shape: a row's score then does not depend on its
+        batch). `precision` is `fp32`, or `bf16`: the network's matmuls under autocast
+        (`log1p` and the standardisation stay fp32), as `models.bundle` allows it.
+        """
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision is {precision!r}; use one of {list(PRECISIONS)}")
         if feature_set_version is not None:
             self._check_version([feature_set_version])
+        order: list[int] | None = None
         if columns is not None and tuple(columns) != self.feature_columns:
             missing = [name for name in self.feature_columns if name not in columns]
             if missing:
@@ -142,16 +155,79 @@ class RankerModel:
                     f"feature matrix lacks {len(missing)} ranker input(s), e.g. {missing[:5]}"
                 )
             position = {name: index for index, name in enumerate(columns)}
-            matrix = matrix[:, [position[name] for name in self.feature_columns]]
-        matrix = np.asarray(matrix, dtype=np.float32)  # any layout: torch reads strided views
+            order = [position[name] for name in self.feature_columns]
         out = np.empty(len(matrix), dtype=np.float32)
-        with torch.inference_mode():
+        autocast = (
+            torch.autocast(self.device.type, dtype=torch.bfloat16)
+            if precision == "bf16"
+            else nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            if self.device.type == "cuda":
+                with torch.cuda.device(self.device):
+                    self._stream_pinned(matrix, order, out, batch_size, pad_last)
+                return out
             for start in range(0, len(matrix), batch_size):
-                batch = torch.from_numpy(matrix[start : start + batch_size]).to(self.device)
-                out[start : start + batch_size] = (
-                    torch.sigmoid(self.network(batch)).float().cpu().numpy()
-                )
+                block = matrix[start : start + batch_size]
+                if order is not None:
+                    block = block[:, order]
+                block = np.asarray(block, dtype=np.float32)  # any layout: torch reads views
+                rows = len(block)
+                if pad_last and rows < batch_size:
+                    padding = np.zeros((batch_size - rows, block.shape[1]), dtype=np.float32)
+                    block = np.concatenate([block, padding])
+                probabilities = torch.sigmoid(self.network(torch.from_numpy(block)))
+                out[start : start + rows] = probabilities.float().numpy()[:rows]
         return out
+
+    def _stream_pinned(
+        self,
+        matrix: np.ndarray,
+        order: list[int] | None,
+        out: np.ndarray,
+        batch_size: int,
+        pad_last: bool,
+    ) -> None:
+        """The CUDA batch loop: each batch is staged in one of two pinned host buffers and
+        copied to the GPU with `non_blocking=True`; its probabilities come back once per
+        batch into a pinned output buffer. While the GPU copies and scores batch i, the
+        CPU stages batch i+1 in the other buffer; a buffer is reused only after the event
+        recorded behind its last copy back has completed. One stream (the device's current
+        one): a batch's copy in, kernels and copy back run in order, so no cross-stream
+        synchronisation is needed; the price is that the GPU does not overlap one batch's
+        copy with the previous batch's kernels."""
+        width = len(self.feature_columns)
+        staging = [
+            torch.empty((batch_size, width), dtype=torch.float32, pin_memory=True) for _ in range(2)
+        ]
+        results = [torch.empty(batch_size, dtype=torch.float32, pin_memory=True) for _ in range(2)]
+        copied_back = [torch.cuda.Event(), torch.cuda.Event()]
+        in_flight: list[tuple[int, int] | None] = [None, None]
+
+        def drain(slot: int) -> None:
+            pending = in_flight[slot]
+            if pending is not None:
+                copied_back[slot].synchronize()
+                start, rows = pending
+                out[start : start + rows] = results[slot].numpy()[:rows]
+                in_flight[slot] = None
+
+        for index, start in enumerate(range(0, len(matrix), batch_size)):
+            slot = index % 2
+            drain(slot)
+            block = matrix[start : start + batch_size]
+            rows = len(block)
+            size = batch_size if pad_last else rows
+            host = staging[slot].numpy()
+            host[:rows] = block if order is None else block[:, order]
+            host[rows:size] = 0.0
+            batch = staging[slot][:size].to(self.device, non_blocking=True)
+            probabilities = torch.sigmoid(self.network(batch)).float()
+            results[slot][:size].copy_(probabilities, non_blocking=True)
+            copied_back[slot].record()
+            in_flight[slot] = (start, rows)
+        for slot in (0, 1):
+            drain(slot)
 
     def _check_version(self, versions: list[str]) -> None:
         if versions != [self.feature_set_version]:
@@ -201,12 +277,16 @@ class RankerModel:
 
 @dataclass
 class ValidationScores:
-    """The validation split's labels and raw predictions (for calibration)."""
+    """The validation split's labels and raw predictions (for calibration), and its feature
+    rows with their subjects (to measure how reduced-precision inference ranks them)."""
 
     labels: np.ndarray
     predictions: np.ndarray
     score_time: np.ndarray
     """The order the calibration report splits on (earlier half fits, later half reports)."""
+    features: np.ndarray
+    """Rows × the ranker's feature_columns, float32."""
+    subjects: np.ndarray
 
 
 @dataclass
@@ -331,6 +411,8 @@ def train_ranker(
             labels=validation_labels,
             predictions=predictions,
             score_time=subject_order.reindex(validation_rows["subject_id"]).to_numpy(),
+            features=matrix[is_validation],
+            subjects=validation_rows["subject_id"].to_numpy(dtype=np.int64),
         ),
     )
 

@@ -12,6 +12,7 @@ blocking: a violation stops the downstream steps of the run. docs/AUTOMATION.md,
 
 import math
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -31,8 +32,23 @@ from recsys_assets.contracts.pipeline import PIPELINE_CONTRACTS, validate_stage
 from recsys_assets.data import read_raw
 from recsys_assets.data.assets import raw_table_key, raw_tables
 from recsys_assets.data.snapshot import raw_table_path
-from recsys_assets.models.bundle import ModelBundle, load_bundle, train_bundle
+from recsys_assets.models.bundle import (
+    ModelBundle,
+    ScoringPrecisionError,
+    load_bundle,
+    scoring_precision,
+    train_bundle,
+)
 from recsys_assets.pipeline import candidates as candidate_stage
+from recsys_assets.pipeline.candidate_sources import (
+    BuiltSources,
+    CandidateSourcesError,
+    StoredSources,
+    open_sources,
+    remove_sources,
+    sources_folder,
+    write_sources,
+)
 from recsys_assets.pipeline.feature_tables import (
     PER_SUBJECT_TABLES,
     FeatureTables,
@@ -306,11 +322,22 @@ class ShardOutcome:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
-def _plan_op(asset: str, upstream: Sequence[str], folders: Sequence[str]) -> dg.OpDefinition:
+FanOutHook = Callable[[dg.OpExecutionContext, RecsysResource, int], None]
+"""What a fan-out step does once for all its shard steps: (context, recsys, shard count)."""
+
+
+def _plan_op(
+    asset: str,
+    upstream: Sequence[str],
+    folders: Sequence[str],
+    prepare: FanOutHook | None = None,
+) -> dg.OpDefinition:
     """The fan-out step of `asset`: one dynamic output per shard the subjects asset wrote.
 
     First it removes parts of `folders` (under the asset's partition folder) beyond this
-    run's shard count, left by an earlier run with more shards.
+    run's shard count, left by an earlier run with more shards; then `prepare` does what
+    the run's shard steps need done once (candidate_pools: build the candidate sources).
+    A step with a `prepare` carries the shard steps' tags: a deployment sizes it like them.
     """
 
     @dg.op(
@@ -318,6 +345,7 @@ def _plan_op(asset: str, upstream: Sequence[str], folders: Sequence[str]) -> dg.
         ins={name: dg.In(dg.Nothing) for name in upstream},
         out=dg.DynamicOut(Shard),
         description=f"One {asset} step per subject shard of the partition.",
+        tags=SHARD_STEP_TAGS if prepare is not None else None,
     )
     def plan(
         context: dg.OpExecutionContext, recsys: RecsysResource
@@ -329,6 +357,8 @@ def _plan_op(asset: str, upstream: Sequence[str], folders: Sequence[str]) -> dg.
             remove_parts_beyond(
                 warehouse, stage_path(asset, f"{partition.path}/{folder}".rstrip("/")), count
             )
+        if prepare is not None:
+            prepare(context, recsys, count)
         for index in range(count):
             yield dg.DynamicOutput(Shard(index, count), mapping_key=f"shard_{index:05d}")
 
@@ -346,11 +376,13 @@ def _sharded_asset(
     check_specs: Sequence[dg.AssetCheckSpec],
     kinds: set[str],
     metadata: dict[str, Any] | None = None,
+    prepare: FanOutHook | None = None,
 ) -> dg.AssetsDefinition:
     """A graph-backed asset: fan out over the shards, one `shard_op` step each, collect,
     and `merge_op` verifies the parts and reports the asset's metadata and checks.
-    `folders` are where the shard steps write their parts ("" for the partition's own)."""
-    plan = _plan_op(asset, list(upstream), folders)
+    `folders` are where the shard steps write their parts ("" for the partition's own);
+    `prepare` runs once in the fan-out step (`_plan_op`)."""
+    plan = _plan_op(asset, list(upstream), folders, prepare)
     check_outputs = [spec.get_python_identifier() for spec in check_specs]
 
     def compose(**ready: Any) -> dict[str, Any]:
@@ -462,18 +494,35 @@ def _merged(
 
 # -- candidate_pools -------------------------------------------------------------------
 
+CANDIDATE_SOURCES = "candidate_sources"
+"""The `_run_inputs` entry of a partition's model bundle and candidate sources."""
 
-@dg.op(retry_policy=SHARD_RETRY, tags=SHARD_STEP_TAGS)
-def candidate_pools_shard(
-    context: dg.OpExecutionContext, recsys: RecsysResource, shard: Shard
-) -> ShardOutcome:
-    """Candidates of one subject shard."""
+
+def _run_lineage(context: dg.OpExecutionContext) -> list[str]:
+    """This run's id, then those of the runs it re-executes (parent, grandparent, …)."""
+    lineage = [context.run.run_id]
+    parent = context.run.parent_run_id
+    while parent is not None and parent not in lineage:
+        lineage.append(parent)
+        run = context.instance.get_run_by_id(parent)
+        parent = run.parent_run_id if run is not None else None
+    return lineage
+
+
+def _build_candidate_sources(
+    context: dg.OpExecutionContext, recsys: RecsysResource, shards: int
+) -> None:
+    """The candidate_pools fan-out's one-off work: build the partition's candidate sources
+    and store them for shard steps in other processes (`pipeline/candidate_sources.py`);
+    shard steps in this process take them from memory."""
     partition = SurfaceRegion.from_context(context)
     warehouse, settings = recsys.warehouse(), recsys.settings()
     surface = settings.surface(partition.surface)
 
-    def sources() -> tuple[ModelBundle, candidate_stage.CandidateContext]:
+    def build() -> tuple[ModelBundle, BuiltSources]:
+        started = time.perf_counter()
         bundle = load_bundle(warehouse)
+        score_time = recsys.now()
         ingredients = candidate_stage.build_context(
             items=read_raw(warehouse, "items"),
             interactions=read_raw(warehouse, "interactions"),
@@ -481,7 +530,7 @@ def candidate_pools_shard(
             editorial=read_raw(warehouse, "editorial"),
             region=partition.region,
             surface=surface,
-            score_time=recsys.now(),
+            score_time=score_time,
             trending_window_days=settings.pipeline.trending_window_days,
             trending_min_share=settings.pipeline.trending_min_share,
             recent_history_items=settings.pipeline.recent_history_items,
@@ -489,9 +538,59 @@ def candidate_pools_shard(
             tombstones=load_tombstones(warehouse),
             events=read_events(warehouse),
         )
-        return bundle, ingredients
+        folder = sources_folder(partition.path)
+        manifest = write_sources(
+            warehouse,
+            folder,
+            ingredients,
+            _shard_subjects(warehouse, partition, shards),
+            run_id=context.run.run_id,
+            score_time=score_time,
+            model_version=bundle.info.model_version,
+            build_seconds=time.perf_counter() - started,
+        )
+        context.log.info(
+            f"built the candidate sources of {partition.path} for {shards} shard step(s) in "
+            f"{manifest.build_seconds} s, stored them at {warehouse.uri(folder)} in "
+            f"{manifest.write_seconds} s"
+        )
+        return bundle, BuiltSources(ingredients)
 
-    bundle, ingredients = _run_inputs(context, "candidate_sources", sources)
+    _run_inputs(context, CANDIDATE_SOURCES, build)
+
+
+@dg.op(retry_policy=SHARD_RETRY, tags=SHARD_STEP_TAGS)
+def candidate_pools_shard(
+    context: dg.OpExecutionContext, recsys: RecsysResource, shard: Shard
+) -> ShardOutcome:
+    """Candidates of one subject shard, from the candidate sources the fan-out step built:
+    in memory when it ran in this process, else its shard's rows from the warehouse."""
+    partition = SurfaceRegion.from_context(context)
+    warehouse, settings = recsys.warehouse(), recsys.settings()
+    surface = settings.surface(partition.surface)
+    folder = sources_folder(partition.path)
+
+    def stored() -> tuple[ModelBundle, StoredSources]:
+        bundle = load_bundle(warehouse)
+        return bundle, open_sources(
+            warehouse,
+            folder,
+            run_lineage=_run_lineage(context),
+            model_version=bundle.info.model_version,
+            shards=shard.count,
+            collaborative=bundle.collaborative,
+        )
+
+    try:
+        bundle, sources = _run_inputs(context, CANDIDATE_SOURCES, stored)
+        ingredients = sources.for_shard(shard.index)
+    except CandidateSourcesError as error:
+        raise dg.Failure(description=str(error), allow_retries=False) from None
+    from_warehouse = isinstance(sources, StoredSources)
+    if from_warehouse:
+        context.log.info(
+            f"read shard {shard.index}'s candidate sources from {warehouse.uri(folder)}"
+        )
     two_tower = two_tower_retriever(
         bundle.two_tower, item_chunk=settings.pipeline.retrieval_item_chunk
     )
@@ -525,6 +624,7 @@ def candidate_pools_shard(
             "per_subject": per_subject.to_numpy(),
             "source_counts": source_counts,
             "model_version": bundle.info.model_version,
+            "sources_from_warehouse": from_warehouse,
         },
     )
 
@@ -536,10 +636,24 @@ _CANDIDATE_CHECKS = [_contract_check("candidate_pools")]
 def candidate_pools_merge(
     context: dg.OpExecutionContext, recsys: RecsysResource, outcomes: list[ShardOutcome]
 ) -> Iterator[dg.Output[None] | dg.AssetCheckResult]:
-    """Every shard's candidate pools present and its own; metadata over the partition."""
-    _release_run_inputs("candidate_sources")
+    """Every shard's candidate pools present and its own; metadata over the partition.
+    The candidate sources go: every shard step of the run is done with them."""
+    _release_run_inputs(CANDIDATE_SOURCES)
     partition = SurfaceRegion.from_context(context)
     warehouse = recsys.warehouse()
+    removed = remove_sources(warehouse, sources_folder(partition.path))
+    sources: dict[str, Any] = {
+        "candidate_sources_read_by_shard_steps": sum(
+            outcome.stats["sources_from_warehouse"] for outcome in outcomes
+        )
+    }
+    if removed is not None:
+        manifest, size = removed
+        sources |= {
+            "candidate_sources_build_s": manifest.build_seconds,
+            "candidate_sources_write_s": manifest.write_seconds,
+            "candidate_sources_bytes": size,
+        }
     outcomes = _sorted(outcomes)
     if not any(outcome.violation for outcome in outcomes):
         _verified(
@@ -567,6 +681,7 @@ def candidate_pools_merge(
             "subjects_without_candidates": int((sizes == 0).sum()),
             **{f"candidate_share_{source}": round(share, 4) for source, share in shares.items()},
             "source_mix": dg.MetadataValue.md(markdown_table(source_mix, ("source", "share"))),
+            **sources,
         },
     )
 
@@ -583,6 +698,7 @@ candidate_pools = _sharded_asset(
     folders=[""],
     shard_op=candidate_pools_shard,
     merge_op=candidate_pools_merge,
+    prepare=_build_candidate_sources,
     check_specs=_CANDIDATE_CHECKS,
     metadata=_schema("candidate_pools"),
     kinds={"pandas", "torch", "parquet"},
@@ -754,26 +870,24 @@ features_asof = _sharded_asset(
 
 
 def score_in_blocks(
-    bundle: ModelBundle, matrix: np.ndarray, block_rows: int = SCORING_BLOCK_ROWS
+    bundle: ModelBundle,
+    matrix: np.ndarray,
+    block_rows: int = SCORING_BLOCK_ROWS,
+    precision: str = "fp32",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`bundle.score_matrix` in blocks of exactly `block_rows` rows (the last one padded
-    with zero rows), so every forward pass has the same shape and a row's score does not
-    depend on which shard or batch it came in with (BLAS picks kernels by shape)."""
-    prediction = np.empty(len(matrix), dtype=np.float32)
-    calibrated = np.empty(len(matrix), dtype=np.float64)
-    for start in range(0, len(matrix), block_rows):
-        block = matrix[start : start + block_rows]
-        rows = len(block)
-        if rows < block_rows:
-            block = np.concatenate(
-                [block, np.zeros((block_rows - rows, matrix.shape[1]), dtype=block.dtype)]
-            )
-        raw, probability = bundle.score_matrix(
-            block, columns=tuple(FEATURE_COLUMNS), feature_set_version=FEATURE_SET_VERSION
-        )
-        prediction[start : start + rows] = raw[:rows]
-        calibrated[start : start + rows] = probability[:rows]
-    return prediction, calibrated
+    """`bundle.score_matrix` in forward passes of exactly `block_rows` rows (the last one
+    padded with zero rows), so every pass has the same shape and a row's score does not
+    depend on which shard or batch it came in with (BLAS picks kernels by shape). On CUDA
+    the blocks stream through pinned memory (`RankerModel.predict_matrix`)."""
+    prediction, calibrated = bundle.score_matrix(
+        matrix,
+        columns=tuple(FEATURE_COLUMNS),
+        feature_set_version=FEATURE_SET_VERSION,
+        batch_size=block_rows,
+        pad_last=True,
+        precision=precision,
+    )
+    return prediction, calibrated.astype(np.float64)
 
 
 @dg.op(retry_policy=SHARD_RETRY, tags=SCORING_STEP_TAGS)
@@ -818,7 +932,14 @@ def scored_candidates_shard(
         },
     )
     gathered = gather_features(tables, pool)
-    prediction, calibrated = score_in_blocks(bundle, gathered.matrix)
+    try:
+        precision = scoring_precision(recsys.settings().pipeline.scoring_precision, bundle)
+    except ScoringPrecisionError as error:  # configuration, not a transient fault: no retry
+        raise dg.Failure(str(error), allow_retries=False) from error
+    prediction, calibrated = score_in_blocks(bundle, gathered.matrix, precision=precision)
+    context.add_output_metadata(
+        {"scoring_device": str(bundle.ranker.device), "scoring_precision": precision}
+    )
     sample = RowSample(math.ceil(FEATURE_SAMPLE_ROWS / shard.count), seed=shard.index)
     sample.add(len(pool), lambda rows: gathered.take(rows).frame(pool.iloc[rows], score_time))
     scored = score_candidates(
@@ -858,6 +979,7 @@ def scored_candidates_shard(
             "utilities": utilities,
             "histogram": histogram.counts,
             "sample_rows": len(sample.rows()),
+            "scoring": {"device": str(bundle.ranker.device), "precision": precision},
         },
     )
 
@@ -889,6 +1011,10 @@ def scored_candidates_merge(
         "utility_sample_rows": len(utilities.values),
         "score_histogram": histogram.to_markdown("candidates"),
         "feature_sample_rows": sample_rows,
+        **{
+            f"scoring_{name}": ", ".join(sorted({o.stats["scoring"][name] for o in outcomes}))
+            for name in ("device", "precision")
+        },
     }
     sample_path = f"{folder}/{FEATURE_SAMPLE}"
     if sample_rows:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 import pandas as pd
@@ -38,7 +37,11 @@ import scipy.sparse as sp
 
 from recsys_assets.config import SurfaceConfig
 from recsys_assets.config.settings import SOURCES
-from recsys_assets.models.collaborative import CollaborativeModel
+from recsys_assets.models.collaborative import (
+    SCORE_BLOCK_VALUES,
+    CollaborativeModel,
+    read_dense_blocks,
+)
 from recsys_assets.pipeline.features import HISTORY_SCORES
 from recsys_assets.pipeline.runs import rank_within_runs
 from recsys_assets.rules.eligibility import item_rejection_reasons
@@ -77,8 +80,9 @@ class CandidateContext:
     the collaborative model and of the history scores."""
     blocked: pd.DataFrame
     """(subject_id, item_id) pairs never to propose: consumed or hidden."""
-    neighbours: pd.DataFrame
-    """item_id, neighbour_id, similarity (top I2I_NEIGHBOURS per item, eligible neighbours)."""
+    similarity: SimilarityGraph
+    """Item → neighbour similarities: the top I2I_NEIGHBOURS co-engaged eligible items per
+    item (`_item_neighbours`), as a sparse graph every shard shares."""
     trending: np.ndarray
     editorial: np.ndarray
     new_items: pd.DataFrame
@@ -87,11 +91,6 @@ class CandidateContext:
     """True for surfaces that recommend a tenant's own cases (enterprise queue)."""
     collaborative: CollaborativeModel | None = None
     recent_history_items: int = 5
-
-    @cached_property
-    def similarity(self) -> SimilarityGraph:
-        """`neighbours` as a sparse graph, built once per partition for every shard."""
-        return SimilarityGraph.of(self.neighbours)
 
 
 def build_context(
@@ -162,7 +161,7 @@ def build_context(
         history=history,
         engagement=_engagement(interactions),
         blocked=blocked,
-        neighbours=_item_neighbours(history, eligible["item_id"].to_numpy()),
+        similarity=SimilarityGraph.of(_item_neighbours(history, eligible["item_id"].to_numpy())),
         trending=_trending(
             history,
             eligible,
@@ -486,44 +485,47 @@ class SimilarityGraph:
         )
         return cls(item_ids, matrix)
 
-    def totals(self, subjects: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, sp.csr_matrix]:
-        """Sorted subject ids and their subjects × graph-items sums (indices sorted) over the
-        history rows (subjects[i], items[i]); a row counts as often as it appears."""
+    def visits(self, subjects: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, sp.csr_matrix]:
+        """Sorted subject ids and their subjects × graph-items counts of the history rows
+        (subjects[i], items[i]) whose item is in the graph."""
         item_at = _positions(self.item_ids, items)
         linked = item_at >= 0
         subject_ids, subject_row = np.unique(subjects[linked], return_inverse=True)
-        visits = sp.csr_matrix(
+        return subject_ids, sp.csr_matrix(
             (np.ones(int(linked.sum())), (subject_row, item_at[linked])),
             shape=(len(subject_ids), len(self.item_ids)),
         )
+
+    def totals(self, subjects: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, sp.csr_matrix]:
+        """Sorted subject ids and their subjects × graph-items sums (indices sorted) over the
+        history rows (subjects[i], items[i]); a row counts as often as it appears."""
+        subject_ids, visits = self.visits(subjects, items)
         totals = (visits @ self.matrix).tocsr()
         totals.sort_indices()
         return subject_ids, totals
 
     def pair_sums(self, pairs: pd.DataFrame, history: pd.DataFrame) -> np.ndarray:
         """The sum for each (subject_id, item_id) row of `pairs` over `history` (subject_id,
-        item_id rows), float32; 0 where the subject's history never links to the item."""
+        item_id rows), float32; 0 where the subject's history never links to the item.
+
+        The subjects' sums are made dense a block of subjects at a time and read at the
+        pairs (`read_dense_blocks`): no sorted sparse result to search per pair."""
         if pairs.empty or history.empty or len(self.item_ids) == 0:
             return np.zeros(len(pairs), dtype=np.float32)
-        subject_ids, totals = self.totals(
+        subject_ids, visits = self.visits(
             history["subject_id"].to_numpy(dtype=np.int64),
             history["item_id"].to_numpy(dtype=np.int64),
         )
         rows = _positions(subject_ids, pairs["subject_id"].to_numpy(dtype=np.int64))
         columns = _positions(self.item_ids, pairs["item_id"].to_numpy(dtype=np.int64))
-        # Stored entries keyed row * items + column ascend (rows, then sorted indices).
-        width = len(self.item_ids)
-        entry_rows = np.repeat(np.arange(totals.shape[0], dtype=np.int64), np.diff(totals.indptr))
-        keys = entry_rows * width + totals.indices
-        sums = np.zeros(len(pairs), dtype=np.float32)
-        known = np.flatnonzero((rows >= 0) & (columns >= 0))
-        if len(keys) == 0 or len(known) == 0:
-            return sums
-        wanted = rows[known] * width + columns[known]
-        at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
-        hit = keys[at] == wanted
-        sums[known[hit]] = totals.data[at[hit]]
-        return sums
+        columns[rows < 0] = -1
+        return read_dense_blocks(
+            np.maximum(rows, 0),
+            columns,
+            len(subject_ids),
+            len(self.item_ids),
+            lambda start, stop: (visits[start:stop] @ self.matrix).toarray(),
+        ).astype(np.float32)
 
 
 def _positions(sorted_ids: np.ndarray, ids: np.ndarray) -> np.ndarray:
@@ -556,7 +558,7 @@ def _from_collaborative(
     never = model.history_matrix(subjects, blocked)  # the pairs never to propose
     has_history = np.diff(matrix.indptr) > 0
     frames = []
-    batch = max(1, 4_000_000 // max(model.size, 1))
+    batch = max(1, SCORE_BLOCK_VALUES // max(model.size, 1))
     for start in range(0, len(subjects), batch):
         stop = min(start + batch, len(subjects))
         scores = model.scores(matrix[start:stop])

@@ -98,4 +98,3 @@ def read_version_report(warehouse: Warehouse, folder: str) -> dict[str, Any] | N
         return json.loads(warehouse.read_bytes(f"{folder}/{VALIDATION_FILE}"))
     except FileNotFoundError:
         return None
-

@@ -229,7 +229,7 @@ def test_shard_steps_of_one_run_build_the_candidate_sources_once(
     trained_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """In one process (the in-process executor of `recsys run`), the partition's candidate
-    sources are built by the first shard step and reused by the others of the run."""
+    sources are built once, by the fan-out step, and reused by every shard step of the run."""
     built = []
     original = candidate_stage.build_context
 

@@ -161,9 +161,8 @@ def history_matrix(
     subjects_of_rows = history["subject_id"].to_numpy(dtype=np.int64)
     rows = np.minimum(np.searchsorted(subject_ids, subjects_of_rows), max(len(subject_ids) - 1, 0))
     columns = _columns(item_ids, history["item_id"].to_numpy(dtype=np.int64))
-    keep = columns >= 0
-    if len(subject_ids):
-        keep &= subject_ids[rows] == subjects_of_rows
+    # Rows of other subjects (every row when there are no subjects) are left out.
+    keep = (columns >= 0) & (subject_ids[rows] == subjects_of_rows if len(subject_ids) else False)
     matrix = sp.csr_matrix(
         (np.ones(int(keep.sum()), dtype=np.float32), (rows[keep], columns[keep])),
         shape=(len(subject_ids), len(item_ids)),

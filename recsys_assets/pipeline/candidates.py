@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import scipy.sparse as sp
 
 from recsys_assets.config import SurfaceConfig
@@ -43,7 +44,7 @@ from recsys_assets.models.collaborative import (
     read_dense_blocks,
 )
 from recsys_assets.pipeline.features import HISTORY_SCORES
-from recsys_assets.pipeline.runs import rank_within_runs
+from recsys_assets.pipeline.runs import rank_within_runs, run_lengths, run_starts
 from recsys_assets.rules.eligibility import item_rejection_reasons
 from recsys_assets.rules.engagement import engagement_events, interest_signal
 from recsys_assets.rules.person import CONSUMED_EVENTS, consumed_pairs, hidden_pairs
@@ -566,32 +567,43 @@ def _from_collaborative(
         scores[never[start:stop].nonzero()] = -np.inf
         top = np.argpartition(-scores, depth - 1, axis=1)[:, :depth]
         top_scores = np.take_along_axis(scores, top, axis=1)
-        rows = np.repeat(np.arange(start, stop), depth)
-        frame = pd.DataFrame(
-            {
-                "subject_id": subjects[rows],
-                "item_id": model.item_ids[top.ravel()],
-                "score": top_scores.ravel(),
-            }
+        top_items = model.item_ids[top]
+        # Each subject's picks by score, then lower item id (as _top_n ranks): a sort
+        # within each row of `depth`, refused pairs (-inf) last.
+        by_rank = np.lexsort((top_items, -top_scores))
+        top_items = np.take_along_axis(top_items, by_rank, axis=1)
+        top_scores = np.take_along_axis(top_scores, by_rank, axis=1)
+        rows, ranks = np.nonzero(np.isfinite(top_scores) & has_history[start:stop, None])
+        frames.append(
+            pd.DataFrame(
+                {
+                    "subject_id": subjects[start + rows],
+                    "item_id": top_items[rows, ranks],
+                    "rank": ranks + 1,
+                }
+            )
         )
-        keep = np.isfinite(frame["score"].to_numpy()) & has_history[rows]
-        frames.append(frame[keep])
     if not frames:
         return _empty_proposals().drop(columns="source")
-    return _top_n(pd.concat(frames, ignore_index=True), "score", n)
+    return pd.concat(frames, ignore_index=True)
 
 
-def provenance_labels(present: np.ndarray) -> np.ndarray:
-    """`|`-joined source names per row of a (rows × SOURCES) boolean matrix, without a row loop."""
-    codes = present.astype(np.int64) @ (1 << np.arange(len(SOURCES), dtype=np.int64))
-    table = np.array(
+def provenance_labels(present: np.ndarray) -> pd.api.extensions.ExtensionArray:
+    """`|`-joined source names per row of a (rows × SOURCES) boolean matrix, as a text
+    column: one label per combination of sources, taken by code (Arrow), without a row loop
+    or a Python string per row."""
+    packed = np.packbits(present, axis=1, bitorder="little")  # bit b = SOURCES[b]
+    codes = np.zeros(len(present), dtype=np.int64)
+    for byte in range(packed.shape[1]):
+        codes |= packed[:, byte].astype(np.int64) << (8 * byte)
+    labels = pa.array(
         [
             "|".join(name for bit, name in enumerate(SOURCES) if code >> bit & 1)
             for code in range(1 << len(SOURCES))
         ],
-        dtype=object,
+        type=pa.large_string(),
     )
-    return table[codes]
+    return pd.array(labels.take(pa.array(codes)), dtype="str")
 
 
 def _empty_proposals() -> pd.DataFrame:
@@ -686,7 +698,13 @@ def _top_n(frame: pd.DataFrame, score: str, n: int) -> pd.DataFrame:
     """Each subject's n best rows by `score` (ties: lower item_id), ranked from 1."""
     subject = frame["subject_id"].to_numpy(dtype=np.int64)
     item = frame["item_id"].to_numpy(dtype=np.int64)
-    order = np.lexsort((item, -frame[score].to_numpy(dtype=np.float64), subject))
+    # Three stable sorts, least significant key first (np.lexsort's order, 1.5× faster
+    # here): the last one sorts small subject codes, which numpy does by radix.
+    order = np.argsort(item, kind="stable")
+    order = order[np.argsort(-frame[score].to_numpy(dtype=np.float64)[order], kind="stable")]
+    subject_code = pd.factorize(subject, sort=True)[0]
+    small = subject_code.astype(np.min_scalar_type(max(int(subject_code.max(initial=0)), 0)))
+    order = order[np.argsort(small[order], kind="stable")]
     ranked_subject = subject[order]
     rank = rank_within_runs(ranked_subject) + 1
     top = rank <= n
@@ -706,53 +724,72 @@ def _merge_sources(proposed: pd.DataFrame, quota: dict[str, int], budget: int) -
     """One row per (subject, item): provenance, per-source ranks, best relative rank, budget.
 
     A pair's relative rank is its best rank / its source's quota; each subject keeps its
-    `budget` pairs of lowest relative rank (ties: lower item_id). Grouping is done on
-    order-preserving integer codes of (subject_id, item_id), so the result comes out sorted
-    by them without a second sort.
+    `budget` pairs of lowest relative rank (ties: lower item_id). The proposals are sorted
+    once on an order-preserving integer code of (subject_id, item_id), so the pairs come out
+    in that order and each pair's values are reductions over its run of rows. Only subjects
+    with more than `budget` pairs (few: the budget is sized to hold the sources' quotas) are
+    sorted by relative rank.
     """
     if proposed.empty:
         proposed = _empty_proposals()
-    source = proposed["source"].to_numpy(dtype=np.int64)
-    rank = proposed["rank"].to_numpy(dtype=np.int64)
     quotas = np.array([max(quota.get(name, 0), 1) for name in SOURCES], dtype=np.float64)
-    relative = rank / quotas[source]
-    score = (
-        proposed["retrieval_score"].to_numpy(dtype=np.float32, na_value=np.nan)
-        if "retrieval_score" in proposed.columns
-        else np.full(len(proposed), np.nan, dtype=np.float32)
-    )
     subject_code, subject_values = pd.factorize(
         proposed["subject_id"].to_numpy(dtype=np.int64), sort=True
     )
     item_code, item_values = pd.factorize(proposed["item_id"].to_numpy(dtype=np.int64), sort=True)
     items = max(len(item_values), 1)
-    pairs, pair = np.unique(subject_code.astype(np.int64) * items + item_code, return_inverse=True)
-
-    unranked = np.iinfo(np.int64).max
-    ranks = np.full(len(pairs) * len(SOURCES), unranked, dtype=np.int64)
-    np.minimum.at(ranks, pair * len(SOURCES) + source, rank)
-    ranks = np.where(ranks == unranked, 0, ranks).reshape(len(pairs), len(SOURCES))
-    best_relative = np.full(len(pairs), np.inf)
-    np.minimum.at(best_relative, pair, relative)
-    best_score = np.full(len(pairs), np.nan, dtype=np.float32)
-    np.fmax.at(best_score, pair, score)
+    code = subject_code.astype(np.int64) * items + item_code
+    order = np.argsort(code, kind="stable")
+    code = code[order]
+    source = proposed["source"].to_numpy(dtype=np.int64)[order]
+    rank = proposed["rank"].to_numpy(dtype=np.int64)[order]
+    score = (
+        proposed["retrieval_score"].to_numpy(dtype=np.float32, na_value=np.nan)[order]
+        if "retrieval_score" in proposed.columns
+        else np.full(len(proposed), np.nan, dtype=np.float32)
+    )
+    starts = run_starts(code)
+    pairs = code[starts]
     pair_subject = pairs // items
-    pair_item = item_values[pairs % items]
+    best_relative = (
+        np.minimum.reduceat(rank / quotas[source], starts) if starts.size else np.zeros(0)
+    )
 
-    # Stable: pairs are in (subject, item) order, so equal relative ranks keep item order.
-    by_preference = np.lexsort((best_relative, pair_subject))
-    within = rank_within_runs(pair_subject[by_preference])
-    kept = np.sort(by_preference[within < budget])
+    # Subjects over the budget keep their `budget` pairs of lowest relative rank; a stable
+    # sort keeps pairs of equal relative rank in item order.
+    subject_starts = run_starts(pair_subject)
+    crowded = np.repeat(
+        run_lengths(subject_starts, pairs.size) > budget,
+        run_lengths(subject_starts, pairs.size),
+    )
+    keep = ~crowded
+    if crowded.any():
+        candidates = np.flatnonzero(crowded)
+        preferred = candidates[np.lexsort((best_relative[candidates], pair_subject[candidates]))]
+        keep[preferred[rank_within_runs(pair_subject[preferred]) < budget]] = True
+    kept = np.flatnonzero(keep)
 
+    # Per-source ranks of the kept pairs (a source proposing a pair twice: its best rank),
+    # as (sources × pairs) so each rank column is contiguous.
+    kept_at = np.full(pairs.size, -1, dtype=np.int64)
+    kept_at[kept] = np.arange(kept.size)
+    row_kept = kept_at[np.repeat(np.arange(pairs.size), run_lengths(starts, code.size))]
+    mine = row_kept >= 0
+    unranked = np.iinfo(np.int64).max
+    ranks = np.full(len(SOURCES) * kept.size, unranked, dtype=np.int64)
+    np.minimum.at(ranks, source[mine] * kept.size + row_kept[mine], rank[mine])
+    ranks[ranks == unranked] = 0  # not proposed by that source
+    ranks = ranks.reshape(len(SOURCES), kept.size)
     merged = pd.DataFrame(
         {
             "subject_id": subject_values[pair_subject[kept]],
-            "item_id": pair_item[kept],
-            "source_provenance": provenance_labels(ranks[kept] > 0),
+            "item_id": item_values[pairs[kept] % items],
+            "source_provenance": provenance_labels((ranks > 0).T),
+            **{column: ranks[index].astype(np.int32) for index, column in enumerate(RANK_COLUMNS)},
+            "retrieval_score": (
+                np.fmax.reduceat(score, starts)[kept] if starts.size else score[:0]
+            ),
         }
     )
-    for index, column in enumerate(RANK_COLUMNS):
-        merged[column] = ranks[kept, index].astype(np.int32)
-    merged["retrieval_score"] = best_score[kept]
     merged["candidate_policy_version"] = CANDIDATE_POLICY_VERSION
     return merged

@@ -110,6 +110,26 @@ def tiny_raw_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "raw"
 
 
+@pytest.fixture(scope="session")
+def tiny_trained_root(tiny_raw_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny raw tables and a model bundle trained on them by the model_bundle asset, once
+    per session (per test worker): read-only, tests copy it before running on it."""
+    import dagster as dg
+
+    from recsys_assets.definitions import build_definitions
+    from recsys_assets.pipeline.jobs import MODEL_JOB
+    from recsys_assets.pipeline.resources import RecsysResource
+
+    root = tmp_path_factory.mktemp("tiny_trained")
+    shutil.copytree(tiny_raw_root, root / "raw")
+    definitions = build_definitions(
+        RecsysResource(warehouse_url=root.as_uri(), score_time=TINY_AS_OF.isoformat())
+    )
+    with dg.instance_for_test() as instance:
+        assert definitions.resolve_job_def(MODEL_JOB).execute_in_process(instance=instance).success
+    return root
+
+
 @pytest.fixture
 def tiny_warehouse(
     tiny_raw_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

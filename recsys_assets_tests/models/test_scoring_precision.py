@@ -36,7 +36,7 @@ from recsys_assets.models.calibration import Calibrator
 from recsys_assets.models.ranker import RankerModel, ValidationScores, _Network
 from recsys_assets.pipeline.assets import SCORING_BLOCK_ROWS, score_in_blocks
 from recsys_assets.pipeline.features import FEATURE_COLUMNS
-from recsys_assets.pipeline.jobs import MODEL_JOB, REFRESH_JOB
+from recsys_assets.pipeline.jobs import REFRESH_JOB
 from recsys_assets.pipeline.partitions import SurfaceRegion
 from recsys_assets.pipeline.resources import RecsysResource
 from recsys_assets.warehouse import Warehouse
@@ -49,21 +49,8 @@ SCORING_ASSETS = ("subjects", "candidate_pools", "features_asof", "scored_candid
 
 
 @pytest.fixture(scope="module")
-def trained_root(tiny_raw_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny raw tables and a model bundle trained on them by the model_bundle asset."""
-    root = tmp_path_factory.mktemp("precision_base")
-    shutil.copytree(tiny_raw_root, root / "raw")
-    definitions = build_definitions(
-        RecsysResource(warehouse_url=root.as_uri(), score_time=TINY_AS_OF.isoformat())
-    )
-    with dg.instance_for_test() as instance:
-        assert definitions.resolve_job_def(MODEL_JOB).execute_in_process(instance=instance).success
-    return root
-
-
-@pytest.fixture(scope="module")
-def bundle(trained_root: Path) -> ModelBundle:
-    return load_bundle(Warehouse(trained_root.as_uri()), device=CPU)
+def bundle(tiny_trained_root: Path) -> ModelBundle:
+    return load_bundle(Warehouse(tiny_trained_root.as_uri()), device=CPU)
 
 
 def _refresh(
@@ -94,11 +81,11 @@ def _refresh(
 
 @pytest.fixture(scope="module")
 def fp32_run(
-    trained_root: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_trained_root: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[dg.ExecuteInProcessResult, Path]:
     """subjects → scored_candidates with the default `auto` on the CPU; the warehouse root."""
     folder = tmp_path_factory.mktemp("fp32_run")
-    return _refresh(trained_root, folder, "auto"), folder / "warehouse"
+    return _refresh(tiny_trained_root, folder, "auto"), folder / "warehouse"
 
 
 def _scoring_metadata(result: dg.ExecuteInProcessResult) -> list[tuple[str, str]]:
@@ -124,9 +111,9 @@ def _scored(root: Path) -> pd.DataFrame:
 
 
 def test_the_bundle_records_its_bf16_deviation_against_the_tolerance(
-    trained_root: Path, bundle: ModelBundle
+    tiny_trained_root: Path, bundle: ModelBundle
 ) -> None:
-    warehouse = Warehouse(trained_root.as_uri())
+    warehouse = Warehouse(tiny_trained_root.as_uri())
     stored = warehouse.read_json(f"models/{current_model_version(warehouse)}/{BUNDLE_FILE}")
     inference = stored["inference"]
     assert inference["tolerance"] == {
@@ -296,10 +283,10 @@ def test_the_setting_is_validated_and_errors_name_the_key() -> None:
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_the_pinned_cuda_path_matches_the_cpu(bundle: ModelBundle, trained_root: Path) -> None:
+def test_the_pinned_cuda_path_matches_the_cpu(bundle: ModelBundle, tiny_trained_root: Path) -> None:
     """Uneven row counts, the last block padded, columns in another order: the pinned,
     double-buffered CUDA loop gives the CPU's fp32 scores (to float rounding)."""
-    on_gpu = load_bundle(Warehouse(trained_root.as_uri()), device=torch.device("cuda"))
+    on_gpu = load_bundle(Warehouse(tiny_trained_root.as_uri()), device=torch.device("cuda"))
     matrix = _gamma_rows(5 * SCORING_BLOCK_ROWS + 7, seed=2)
     reversed_columns = tuple(reversed(FEATURE_COLUMNS))
     shuffled = np.ascontiguousarray(matrix[:, ::-1])

@@ -24,7 +24,7 @@ from recsys_assets.definitions import build_definitions
 from recsys_assets.models.bundle import load_bundle
 from recsys_assets.pipeline import candidates as candidate_stage
 from recsys_assets.pipeline.assets import SCORING_BLOCK_ROWS, SHARD_FAULT_ENV_VAR, score_in_blocks
-from recsys_assets.pipeline.jobs import MODEL_JOB, REFRESH_JOB
+from recsys_assets.pipeline.jobs import REFRESH_JOB
 from recsys_assets.pipeline.partitions import SurfaceRegion
 from recsys_assets.pipeline.resources import RecsysResource
 from recsys_assets.publish.manifest import read_manifest
@@ -51,24 +51,11 @@ class ShardedRun:
     subjects: pd.Series
 
 
-@pytest.fixture(scope="module")
-def trained_root(tiny_raw_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Tiny raw tables and a model bundle trained on them, copied by each run below."""
-    root = tmp_path_factory.mktemp("sharded_base")
-    shutil.copytree(tiny_raw_root, root / "raw")
-    definitions = build_definitions(
-        RecsysResource(warehouse_url=root.as_uri(), score_time=TINY_AS_OF.isoformat())
-    )
-    with dg.instance_for_test() as instance:
-        assert definitions.resolve_job_def(MODEL_JOB).execute_in_process(instance=instance).success
-    return root
-
-
-def _refresh(trained_root: Path, folder: Path, shards: int) -> ShardedRun:
+def _refresh(tiny_trained_root: Path, folder: Path, shards: int) -> ShardedRun:
     """The partition's refresh run with `pipeline.shards`, on the warehouse in `folder`
-    (a copy of `trained_root` the first time)."""
+    (a copy of `tiny_trained_root` the first time)."""
     if not (folder / "warehouse").exists():
-        shutil.copytree(trained_root, folder / "warehouse")
+        shutil.copytree(tiny_trained_root, folder / "warehouse")
     config = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
     config["pipeline"]["shards"] = shards
     config_path = folder / f"surfaces_{shards}.yaml"
@@ -125,7 +112,7 @@ def eight_shards_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def eight_shards(
-    trained_root: Path, eight_shards_folder: Path
+    tiny_trained_root: Path, eight_shards_folder: Path
 ) -> Iterator[tuple[ShardedRun, Path]]:
     """Eight shards, and shard 3 of scored_candidates dies once right after writing its
     part (SHARD_FAULT_ENV_VAR): its step is retried."""
@@ -133,15 +120,15 @@ def eight_shards(
     marker.write_text("scored_candidates/3")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(SHARD_FAULT_ENV_VAR, str(marker))
-        yield _refresh(trained_root, eight_shards_folder, shards=8), marker
+        yield _refresh(tiny_trained_root, eight_shards_folder, shards=8), marker
 
 
 @pytest.fixture(scope="module")
 def one_shard(
-    trained_root: Path, eight_shards_folder: Path, eight_shards: tuple[ShardedRun, Path]
+    tiny_trained_root: Path, eight_shards_folder: Path, eight_shards: tuple[ShardedRun, Path]
 ) -> ShardedRun:
     """One shard, on the warehouse the eight-shard run left: its extra parts must go."""
-    return _refresh(trained_root, eight_shards_folder, shards=1)
+    return _refresh(tiny_trained_root, eight_shards_folder, shards=1)
 
 
 def _parquet_bytes(table: pa.Table) -> bytes:
@@ -183,8 +170,8 @@ def test_published_lists_are_byte_identical_with_one_and_eight_shards(
     )
 
 
-def test_scores_do_not_depend_on_the_block_a_row_lands_in(trained_root: Path) -> None:
-    bundle = load_bundle(Warehouse(trained_root.as_uri()))
+def test_scores_do_not_depend_on_the_block_a_row_lands_in(tiny_trained_root: Path) -> None:
+    bundle = load_bundle(Warehouse(tiny_trained_root.as_uri()))
     rng = np.random.default_rng(0)
     matrix = rng.normal(size=(SCORING_BLOCK_ROWS + 1_000, len(bundle.ranker.feature_columns)))
     matrix = matrix.astype(np.float32)
@@ -226,7 +213,7 @@ def test_fewer_shards_than_the_last_run_leave_no_stale_parts(
 
 
 def test_shard_steps_of_one_run_build_the_candidate_sources_once(
-    trained_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_trained_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """In one process (the in-process executor of `recsys run`), the partition's candidate
     sources are built once, by the fan-out step, and reused by every shard step of the run."""
@@ -238,7 +225,7 @@ def test_shard_steps_of_one_run_build_the_candidate_sources_once(
         return original(**arguments)  # type: ignore[arg-type]
 
     monkeypatch.setattr(candidate_stage, "build_context", counted)
-    run = _refresh(trained_root, tmp_path, shards=4)
+    run = _refresh(tiny_trained_root, tmp_path, shards=4)
     assert run.parts["candidate_pools"] == 4
     assert built == [PARTITION.region]
 

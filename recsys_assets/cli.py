@@ -17,6 +17,7 @@ import dagster as dg
 
 from recsys_assets.config import ConfigError
 from recsys_assets.contracts import ContractViolation
+from recsys_assets.pipeline.runner import TrainingFailed
 from recsys_assets.warehouse import WarehouseError
 
 COMMAND_MODULES = (
@@ -67,6 +68,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         print(f"recsys {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except TrainingFailed as error:
+        # A run that failed, not a bad argument: Dagster logged the step's traceback.
+        print(f"recsys {args.command}: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

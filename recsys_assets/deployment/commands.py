@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 from datetime import timedelta
@@ -82,10 +83,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _plan(args: argparse.Namespace) -> int:
     settings = load_settings()
-    bytes_per_row = args.bytes_per_row
+    # The measurement first: without it there is no plan, whatever else is asked.
+    throughput = load_throughput("gpu" if args.gpus else "cpu", args.benchmark, args.bytes_per_row)
     if args.bytes_from is not None:
-        bytes_per_row = measure_bytes_per_candidate_row(Warehouse.from_env(), args.bytes_from)
-    throughput = load_throughput("gpu" if args.gpus else "cpu", args.benchmark, bytes_per_row)
+        settings.surface(args.bytes_from.surface)  # a ConfigError naming the known ones
+        settings.check_region(args.bytes_from.region)
+        throughput = dataclasses.replace(
+            throughput,
+            bytes_per_candidate_row=measure_bytes_per_candidate_row(
+                Warehouse.from_env(), args.bytes_from
+            ),
+        )
     request = PlanRequest(
         users=args.users,
         candidates=args.candidates,
@@ -100,14 +108,20 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 def _positive_int(value: str) -> int:
-    number = int(value)
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number (got {value!r})") from None
     if number < 1 or number > MAX_COUNT:
         raise argparse.ArgumentTypeError(f"must be between 1 and {MAX_COUNT:,} (got {value})")
     return number
 
 
 def _positive_float(value: str) -> float:
-    number = float(value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number (got {value!r})") from None
     if not math.isfinite(number) or number <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive number (got {value})")
     return number

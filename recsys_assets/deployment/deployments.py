@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast, get_args
+from urllib.parse import urlsplit
 
 import dagster as dg
 from dagster._core.definitions.unresolved_asset_job_definition import (
@@ -120,6 +121,14 @@ def celery_executor(environ: Mapping[str, str] = os.environ) -> dg.ExecutorDefin
             f"{DEPLOYMENT_ENV_VAR}=celery needs {CELERY_BROKER_ENV_VAR}, the broker's URL "
             "(e.g. redis://redis-host:6379/0)"
         )
+    for variable in (CELERY_BROKER_ENV_VAR, CELERY_BACKEND_ENV_VAR):
+        value = environ.get(variable)
+        if value and not urlsplit(value).scheme:
+            # Otherwise the mistake surfaces only when a run launches, in a worker's log.
+            raise DeploymentError(
+                f"{variable}={value!r} is not a URL: give scheme://host, e.g. "
+                "redis://redis-host:6379/0"
+            )
     backend = (
         CELERY_BACKEND_ENV_VAR if environ.get(CELERY_BACKEND_ENV_VAR) else CELERY_BROKER_ENV_VAR
     )

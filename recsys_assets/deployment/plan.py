@@ -107,11 +107,17 @@ def plan_capacity(request: PlanRequest, throughput: Throughput) -> CapacityPlan:
         + len(HEAVY_STEPS) * throughput.step_startup_s
     )
     per_step = throughput.cores_per_step if throughput.device == "cpu" else 1
+    if request.parallelism < per_step:
+        raise PlanError(
+            f"--cores {request.parallelism} is fewer than the {per_step} cores one shard step "
+            f"was measured on ({throughput.source}): give at least {per_step}, or measure with "
+            "fewer threads per step"
+        )
     device_seconds = per_step * (
         candidate_rows / throughput.per_shard_rows_per_s
         + shards * len(HEAVY_STEPS) * throughput.step_startup_s
     )
-    waves = math.ceil(shards / max(1, request.parallelism // per_step))
+    waves = math.ceil(shards / (request.parallelism // per_step))
     wall_seconds = waves * shard_seconds
     storage = (
         None
@@ -179,7 +185,7 @@ def format_plan(plan: CapacityPlan) -> str:
         (f"{unit}-hours", f"{plan.device_hours:,.1f}"),
         (
             "wall time",
-            f"{_duration(plan.wall_seconds)} at {request.parallelism:,} {unit}s "
+            f"{_duration(plan.wall_seconds)} at {_count(request.parallelism, unit)} "
             f"({plan.waves:,} waves of shards)",
         ),
         ("storage", storage_line),
@@ -222,8 +228,11 @@ def measure_bytes_per_candidate_row(warehouse: Warehouse, partition: SurfaceRegi
     if not warehouse.parquet_parts(candidates):
         raise PlanError(
             f"no candidate pools for {partition.surface}/{partition.region} in "
-            f"{warehouse.uri(candidates)}: run the partition there first (`recsys run "
-            f"--surface {partition.surface} --region {partition.region}`)"
+            f"{warehouse.uri(candidates)}: --bytes-from measures the warehouse a run left "
+            f"in $RECSYS_WAREHOUSE_URL (`{BENCHMARK_COMMAND}` leaves one in "
+            "benchmarks/output/bench_shards/<scale>/warehouse; `recsys run --surface "
+            f"{partition.surface} --region {partition.region}` fills the current one), or "
+            "pass --bytes-per-row"
         )
     rows = warehouse.dataset(candidates).count_rows()
     written = sum(
@@ -261,14 +270,36 @@ def _throughput(
     return Throughput(
         device=device,
         per_shard_rows_per_s=float(rate),
-        step_startup_s=float(entry.get("step_startup_s") or 0.0),
+        step_startup_s=_non_negative(entry, "step_startup_s", device, path, default=0.0),
         bytes_per_candidate_row=bytes_per_row
         if bytes_per_row is not None
-        else (float(measured_bytes) if measured_bytes is not None else None),
+        else (
+            _non_negative(entry, "bytes_per_candidate_row", device, path)
+            if measured_bytes is not None
+            else None
+        ),
         measured_at=str(entry.get("measured_at", "at an unknown time")),
         source=path.name,
         cores_per_step=_threads(entry, path),
     )
+
+
+def _non_negative(
+    entry: dict[str, Any], field: str, device: Device, path: Path, default: float = 0.0
+) -> float:
+    """A measured quantity that is a finite number >= 0 (missing: `default`)."""
+    value = entry.get(field, default)
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise PlanError(
+            f"{path}: {field} of the {device} entry must be a finite number >= 0 "
+            f"(got {value!r}); rerun `{BENCHMARK_COMMAND}`"
+        )
+    return float(value)
 
 
 def _threads(entry: dict[str, Any], path: Path) -> int:
@@ -282,11 +313,13 @@ def _threads(entry: dict[str, Any], path: Path) -> int:
 
 
 def _count(number: int, unit: str) -> str:
-    return f"one {unit}" if number == 1 else f"{number} {unit}s"
+    return f"one {unit}" if number == 1 else f"{number:,} {unit}s"
 
 
 def _bytes(count: float) -> str:
-    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+    units = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
+    if not math.isfinite(count):
+        return "more than can be counted"
     exponent = min(len(units) - 1, int(math.log(count, 1024))) if count >= 1 else 0
     return f"{count / 1024**exponent:,.1f} {units[exponent]}"
 

@@ -554,6 +554,13 @@ def _evaluate_surface(
     display_count = settings.surface(surface).display_count
     if k > display_count:
         notes.append(f"K={k} is deeper than display_count={display_count}")
+    left_out = len(split.evaluated_users) - len(users)
+    if left_out:
+        notes.append(
+            f"{left_out:,} of {len(split.evaluated_users):,} held-out users are not subjects "
+            f"of {surface} (its eligibility, e.g. active_within_days, left them out): the "
+            f"metrics cover the other {len(users):,}"
+        )
     catalog = build_catalog(
         past["items"],
         past["users"],

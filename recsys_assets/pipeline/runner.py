@@ -53,6 +53,11 @@ def quiet_migrations() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+class TrainingFailed(RuntimeError):
+    """The model bundle's run failed, so no partition was refreshed; the message is its
+    first step error (what the asset raised)."""
+
+
 @dataclass
 class PartitionOutcome:
     partition: SurfaceRegion
@@ -118,7 +123,7 @@ def run_pipeline(
             instance=instance, raise_on_error=False, run_config=run_config
         )
         if not result.success:
-            raise RuntimeError(f"model_bundle failed: {_first_error(result)}")
+            raise TrainingFailed(f"model_bundle failed: {_first_error(result)}")
         metadata = _metadata(result)
         progress(
             f"model_bundle: {metadata.get('model_bundle', {}).get('model_version', '?')} "

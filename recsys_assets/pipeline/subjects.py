@@ -112,10 +112,11 @@ def shard_bounds(n_subjects: int, shard_size: int) -> list[tuple[int, int]]:
 
 def shard_count(n_subjects: int, shards: int | Literal["auto"], shard_subjects: int) -> int:
     """Shards of a partition with `n_subjects`: `pipeline.shards`, or under `auto` one per
-    `shard_subjects` subjects (at least one, so an empty partition still has its parts)."""
-    if shards == "auto":
-        return max(1, math.ceil(n_subjects / shard_subjects))
-    return shards
+    `shard_subjects` subjects; never more than the subjects (a shard beyond them could only
+    be an empty part and four idle steps) and at least one, so an empty partition still has
+    its parts."""
+    wanted = math.ceil(n_subjects / shard_subjects) if shards == "auto" else shards
+    return max(1, min(wanted, n_subjects))
 
 
 def subject_shards(subject_ids: np.ndarray | pd.Series, shards: int) -> np.ndarray:

@@ -167,6 +167,13 @@ def test_celery_needs_a_broker(monkeypatch: pytest.MonkeyPatch) -> None:
         build_definitions()
 
 
+def test_a_celery_broker_that_is_not_a_url_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(DEPLOYMENT_ENV_VAR, "celery")
+    monkeypatch.setenv(CELERY_BROKER_ENV_VAR, "not a url")
+    with pytest.raises(DeploymentError, match=r"RECSYS_CELERY_BROKER='not a url' is not a URL"):
+        build_definitions()
+
+
 def test_an_unknown_deployment_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(DEPLOYMENT_ENV_VAR, "k9s")
     with pytest.raises(DeploymentError, match=re.escape(f"use one of {list(DEPLOYMENTS)}")):

@@ -137,6 +137,18 @@ def test_missing_or_unusable_measurements_name_the_command(tmp_path: Path) -> No
     path.write_text(json.dumps({"device": "cpu", "per_shard_rows_per_s": 0}))
     with pytest.raises(PlanError, match="per_shard_rows_per_s of the cpu entry"):
         load_throughput("cpu", path)
+    # A damaged measurement never turns into a plausible-looking plan.
+    for field, value in (
+        ("step_startup_s", -100),
+        ("step_startup_s", "abc"),
+        ("bytes_per_candidate_row", -75.2),
+        ("bytes_per_candidate_row", float("nan")),
+    ):
+        path.write_text(
+            json.dumps({"device": "cpu", "per_shard_rows_per_s": 150000.0, field: value})
+        )
+        with pytest.raises(PlanError, match=rf"{path}: {field} of the cpu entry must be a finite"):
+            load_throughput("cpu", path)
 
 
 def test_plan_command(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -208,6 +220,8 @@ def test_bytes_per_candidate_row_is_measured_from_a_partition_run(
         ("--window", "1000000000d", "out of range"),
         ("--window", "0h", "must be a positive duration"),
         ("--users", "0", "must be between 1 and"),
+        ("--users", "abc", "must be a whole number (got 'abc')"),
+        ("--bytes-per-row", "lots", "must be a number (got 'lots')"),
         ("--candidates", str(10**13), "must be between 1 and"),
     ],
 )
@@ -234,3 +248,26 @@ def test_a_step_measured_on_two_threads_takes_two_cores() -> None:
     assert two.device_hours == pytest.approx(2 * one.device_hours)
     assert two.waves == math.ceil(one.shards / (TEN_MILLION.parallelism // 2))
     assert "on 2 cores" in format_plan(two) and "on one core" in format_plan(one)
+
+
+def test_fewer_cores_than_one_step_was_measured_on_is_no_plan() -> None:
+    request = dataclasses.replace(TEN_MILLION, parallelism=1)
+    with pytest.raises(PlanError, match="--cores 1 is fewer than the 2 cores one shard step"):
+        plan_capacity(request, dataclasses.replace(CPU, cores_per_step=2))
+
+
+def test_storage_beyond_counting_is_said_not_crashed() -> None:
+    plan = plan_capacity(TEN_MILLION, dataclasses.replace(CPU, bytes_per_candidate_row=1e300))
+    assert "storage         more than can be counted per full run" in format_plan(plan)
+
+
+def test_the_measurement_is_checked_before_the_warehouse(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "shards.json"
+    arguments = ["plan", "--users", "1000", "--candidates", "10", "--benchmark", str(missing)]
+    assert main([*arguments, "--bytes-from", "home_feed/na"]) == 2
+    assert "run `python benchmarks/bench_shards.py` first" in capsys.readouterr().err
+    missing.write_text(json.dumps({"device": "cpu", "per_shard_rows_per_s": 150000.0}))
+    assert main([*arguments, "--bytes-from", "fax/na"]) == 2
+    assert "unknown surface 'fax'" in capsys.readouterr().err

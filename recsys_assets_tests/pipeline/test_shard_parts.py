@@ -31,6 +31,9 @@ def test_auto_shard_count_follows_the_target_subjects_per_shard() -> None:
     assert shard_count(4_000, "auto", 4_000) == 1
     assert shard_count(4_001, "auto", 4_000) == 2
     assert shard_count(10, 8, 4_000) == 8
+    # An explicit count above the subjects would only add empty parts and idle steps.
+    assert shard_count(163, 100_000, 4_000) == 163
+    assert shard_count(0, 8, 4_000) == 1
 
 
 def _slates(subject_ids: np.ndarray) -> pd.DataFrame:

@@ -612,7 +612,7 @@ def candidate_pools_shard(
     violation = write_shard_part(
         warehouse,
         shard_part_path("candidate_pools", partition.path, shard.index),
-        pool.sort_values("subject_id", kind="stable"),
+        pool,  # in (subject_id, item_id) order, as generate_candidates merges it
         lambda part: validate_stage("candidate_pools", part),
     )
     _inject_fault("candidate_pools", shard)
@@ -1078,7 +1078,7 @@ def slates_shard(
     violation = write_shard_part(
         warehouse,
         shard_part_path("slates", f"{partition.path}/{SHARDS_FOLDER}", shard.index),
-        slate.sort_values("subject_id", kind="stable"),
+        slate,  # in (subject_id, position) order, as build_slates lays it out
         lambda part: validate_stage("slates", part),
     )
     _inject_fault("slates", shard)

@@ -44,7 +44,12 @@ from recsys_assets.models.collaborative import (
     read_dense_blocks,
 )
 from recsys_assets.pipeline.features import HISTORY_SCORES
-from recsys_assets.pipeline.runs import rank_within_runs, run_lengths, run_starts
+from recsys_assets.pipeline.runs import (
+    order_within_groups,
+    rank_within_runs,
+    run_lengths,
+    run_starts,
+)
 from recsys_assets.rules.eligibility import item_rejection_reasons
 from recsys_assets.rules.engagement import engagement_events, interest_signal
 from recsys_assets.rules.person import CONSUMED_EVENTS, consumed_pairs, hidden_pairs
@@ -698,13 +703,9 @@ def _top_n(frame: pd.DataFrame, score: str, n: int) -> pd.DataFrame:
     """Each subject's n best rows by `score` (ties: lower item_id), ranked from 1."""
     subject = frame["subject_id"].to_numpy(dtype=np.int64)
     item = frame["item_id"].to_numpy(dtype=np.int64)
-    # Three stable sorts, least significant key first (np.lexsort's order, 1.5× faster
-    # here): the last one sorts small subject codes, which numpy does by radix.
-    order = np.argsort(item, kind="stable")
-    order = order[np.argsort(-frame[score].to_numpy(dtype=np.float64)[order], kind="stable")]
-    subject_code = pd.factorize(subject, sort=True)[0]
-    small = subject_code.astype(np.min_scalar_type(max(int(subject_code.max(initial=0)), 0)))
-    order = order[np.argsort(small[order], kind="stable")]
+    order = order_within_groups(
+        pd.factorize(subject, sort=True)[0], -frame[score].to_numpy(dtype=np.float64), item
+    )
     ranked_subject = subject[order]
     rank = rank_within_runs(ranked_subject) + 1
     top = rank <= n

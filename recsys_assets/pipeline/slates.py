@@ -51,7 +51,12 @@ import numpy as np
 import pandas as pd
 
 from recsys_assets.config.settings import SlatePolicyConfig, SurfaceConfig
-from recsys_assets.pipeline.runs import rank_within_runs, run_lengths, run_starts
+from recsys_assets.pipeline.runs import (
+    order_within_groups,
+    rank_within_runs,
+    run_lengths,
+    run_starts,
+)
 from recsys_assets.rules.categories import category_capped
 
 LINEAGE_COLUMNS = (
@@ -236,9 +241,7 @@ def _check_input(scored: pd.DataFrame, temperature: float) -> None:
 
 def _rank_order(subject_code: np.ndarray, utility: np.ndarray, item_id: np.ndarray) -> np.ndarray:
     """Row order by (subject, utility desc, item_id, input order)."""
-    order = np.argsort(-utility, kind="stable")
-    small_code = subject_code.astype(np.min_scalar_type(int(subject_code.max())))
-    order = order[np.argsort(small_code[order], kind="stable")]
+    order = order_within_groups(subject_code, -utility)
     ranked_subject = subject_code[order]
     ranked_utility = utility[order]
     tie = (ranked_subject[1:] == ranked_subject[:-1]) & (ranked_utility[1:] == ranked_utility[:-1])

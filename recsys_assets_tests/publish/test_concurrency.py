@@ -126,6 +126,10 @@ def test_two_concurrent_publishers_lose_no_update(
     each = 4
     with processes.Pool(2) as pool:
         results = pool.starmap(publish_times, [(warehouse.url, _child_env(), each, 50)] * 2)
+        # Let the workers exit on their own: the `with` block's terminate() can wait forever
+        # on a worker that the signal finds blocked on the pool's queue lock.
+        pool.close()
+        pool.join()
     published = {version for result in results for version in result}
     assert len(published) == 2 * each
     manifest = read_manifest(warehouse, SURFACE, REGION)

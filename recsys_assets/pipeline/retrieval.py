@@ -1,30 +1,48 @@
-"""Exact top-K retrieval: the `two_tower` candidate source.
+"""Exact top-K retrieval by inner product: the `two_tower` candidate source.
 
-Every subject's vector is scored against every candidate item (exact inner product, no
-approximate index to build, tune or let drift), in user batches × item chunks so memory is
-bounded by `user_batch × item_chunk` scores whatever the catalog and subject counts.
+Every subject's vector is searched against every candidate item (exact, no approximate
+index to build, tune or let drift): faiss `IndexFlatIP` on the CPU, a matrix product and
+`topk` per item chunk in torch on any other device (CUDA in the pipeline). Faiss's
+selection is faster than the hand-written staged torch selection this replaces, which
+reached only 0.87-0.88× bare faiss.
 
-On the CPU the expensive part of exact top-K is not the matrix product but the selection
-(`topk` over 100k scores per user). The kernel therefore selects in stages that give the
-same answer (ties aside). A chunk's items are split into interleaved blocks of g1 items
-and each block's maximum is taken (one vectorised pass over the scores); blocks are grouped
-again, g2 blocks to a group, and the group maxima taken. The K best groups must hold every
-block that holds one of the true top K (such a block's maximum is at least the K-th best
-score, and at most K groups have a maximum that high), so the K best blocks are picked among
-those K × g2 block maxima, and the final `topk` runs over the K × g1 scores of those blocks.
-Each `topk` thus sees a few thousand values instead of the whole chunk. On CUDA `topk` is
-fast, so the kernel uses it directly.
+A search's answer is not yet the pipeline's: faiss and torch sum a dot product in
+different orders (scores differ in the last bit) and choose differently among equal
+scores. Cold items of one category share a vector, so such ties are common at the last
+slots, and swapping them alone moved the ml-100k evaluation from 1.11× to 1.06× of EASE
+(commit 4fd4ffe, reverted). So the wrapper makes one canonical answer of either search:
 
-Memory is bounded by `user_batch × item_chunk` scores. When the whole catalog fits in that
-budget with at least `_MIN_SINGLE_CHUNK_USERS` users per batch, it is scored as one chunk
-(fewer users per batch, same memory): every extra chunk repeats the selection stages.
+- the search returns each user's best k + `_SEARCH_MARGIN` + (its exclusion count) items;
+- every returned (user, item) pair is rescored by `_canonical_scores`: float32 vectors,
+  one `einsum` accumulating over the vector width, the same computation for every pair,
+  so a score depends only on the two vectors (identical item vectors score
+  bit-identically, whichever device, batch or slot found them);
+- results are ordered by (score desc, item position asc), excluded pairs dropped, and the
+  first k kept;
+- a user is final when its k-th kept score beats the deepest searched score by more than
+  the rounding error two float32 dot products can differ by (`_rounding_slack`): no item
+  left unsearched can then reach the k-th place. Otherwise (a tie group running past the
+  margin, or exclusions the search could not see past) the user is scored canonically
+  against the whole catalog (`_full_scan`).
+
+The answer is therefore exactly a full canonical scan's, whatever searched. It costs:
+rescoring, ordering and settling 5,000 users × 516 items at d = 64 took 0.12-0.19 s on one
+thread against 3.4-4.2 s for the search itself (4-5%); benchmarks/bench_retrieval.py
+measured 0.81-1.56× bare faiss on a shared 2-core machine (docs/BENCHMARKS.md). On ml-100k
+the lists stayed at 1.12× / 1.13× EASE's Recall / nDCG@20.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from functools import partial
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
+import faiss
 import numpy as np
 import pandas as pd
 import torch
@@ -37,14 +55,20 @@ if TYPE_CHECKING:
 ExcludedPositions = tuple[np.ndarray, np.ndarray]
 """CSR-like exclusions: (indptr [n_users + 1], indices = item positions), per user row."""
 
+Search = Callable[[np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+"""(users [n, d], depth) -> (scores float32, positions int64), [n, depth], best first by the
+search's own arithmetic."""
+
 _MISSING_POSITION = -1
-_BLOCK_ITEMS = 8
-"""g1: items per block. Small enough that K blocks hold few scores, large enough that the
-block maxima are an 8× smaller array."""
-_BLOCK_MIN_SPEEDUP = 4
-"""Block selection pays off once a chunk has this many times more items than K × g1."""
-_MIN_SINGLE_CHUNK_USERS = 256
-"""Fewest users per batch worth trading for scoring the whole catalog as one chunk."""
+_SEARCH_MARGIN = 16
+"""Items searched past k (and a user's exclusions). Random unit vectors at d = 64 and 100k
+items leave ~1e-3 between the k-th and the (k + 16)-th score at k = 500, a hundred times
+the rounding slack, so only ties send a user to the full scan."""
+_RESCORE_FLOATS = 1 << 18
+"""Gathered item floats per `einsum` call (1 MiB, cache-sized): 4-8 users × 516 items at
+d = 64 rescored 5,000 users in 0.09-0.11 s, 64 users (8 MiB) in 0.11-0.12 s."""
+_UNIT_ROUNDOFF = 2.0**-24
+"""float32's unit roundoff."""
 
 
 def exact_top_k(
@@ -53,15 +77,18 @@ def exact_top_k(
     k: int,
     *,
     item_chunk: int = 50_000,
-    user_batch: int = 1024,
+    user_batch: int = 4096,
     exclude: ExcludedPositions | None = None,
     device: torch.device | str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The k items with the largest inner product per user, best first.
+    """The k items with the largest inner product per user, best first, equal scores by
+    item position.
 
     Returns (positions int64 [n_users, k], scores float32 [n_users, k]): positions index
-    `item_vectors`. Excluded (user, item) pairs never appear; when a user has fewer than k
-    items left, the remaining slots hold position -1 and score -inf.
+    `item_vectors`, scores are `_canonical_scores`, the same whichever device searched.
+    Excluded (user, item) pairs never appear; when a user has fewer than k items left, the
+    remaining slots hold position -1 and score -inf. `user_batch` users are searched
+    together; on a torch device scores are computed `user_batch × item_chunk` at a time.
     """
     users = np.ascontiguousarray(user_vectors, dtype=np.float32)
     items = np.ascontiguousarray(item_vectors, dtype=np.float32)
@@ -70,158 +97,297 @@ def exact_top_k(
             f"exact_top_k needs 2-D user and item vectors of the same width; got "
             f"users {users.shape} and items {items.shape}"
         )
-    n_items = items.shape[0]
+    n_users, n_items = users.shape[0], items.shape[0]
     if not 1 <= k <= n_items:
         raise ValueError(f"exact_top_k: k={k} must be between 1 and the {n_items} items")
     if item_chunk < 1 or user_batch < 1:
         raise ValueError(f"item_chunk ({item_chunk}) and user_batch ({user_batch}) must be >= 1")
     target = pick_device() if device is None else torch.device(device)
-    positions = np.empty((users.shape[0], k), dtype=np.int64)
-    scores = np.empty((users.shape[0], k), dtype=np.float32)
-    if users.shape[0] == 0:
+    positions = np.empty((n_users, k), dtype=np.int64)  # every row is written below
+    scores = np.empty((n_users, k), dtype=np.float32)
+    if n_users == 0:
         return positions, scores
-
-    budget = user_batch * item_chunk
-    if n_items > item_chunk and budget // n_items >= _MIN_SINGLE_CHUNK_USERS:
-        item_chunk, user_batch = n_items, budget // n_items
-    chunks = [
-        _ItemChunk.build(items, start, min(start + item_chunk, n_items), k, target)
-        for start in range(0, n_items, item_chunk)
-    ]
-    widest = max(chunk.padded_width for chunk in chunks)
-    buffer = torch.empty(min(user_batch, users.shape[0]) * widest, device=target)
-    for start in range(0, users.shape[0], user_batch):
-        stop = min(start + user_batch, users.shape[0])
-        batch = torch.from_numpy(users[start:stop]).to(target)
-        excluded = _batch_exclusions(exclude, start, stop)
-        best_scores: torch.Tensor | None = None
-        best_positions: torch.Tensor | None = None
-        for chunk in chunks:
-            chunk_scores, chunk_positions = chunk.top_k(batch, buffer, k, excluded)
-            if best_scores is None or best_positions is None:
-                best_scores, best_positions = chunk_scores, chunk_positions
-                continue
-            merged_scores = torch.cat((best_scores, chunk_scores), dim=1)
-            merged_positions = torch.cat((best_positions, chunk_positions), dim=1)
-            keep = min(k, merged_scores.shape[1])
-            best_scores, order = torch.topk(merged_scores, keep, dim=1)
-            best_positions = torch.gather(merged_positions, 1, order)
-        assert best_scores is not None and best_positions is not None
-        found_scores = best_scores.cpu().numpy()
-        found_positions = best_positions.cpu().numpy()
-        found_positions[np.isneginf(found_scores)] = _MISSING_POSITION
-        scores[start:stop] = found_scores
-        positions[start:stop] = found_positions
+    search = (
+        _faiss_search(items)
+        if target.type == "cpu"
+        else _torch_search(items, target, item_chunk=item_chunk, user_batch=user_batch)
+    )
+    slack = _rounding_slack(users, items)
+    threads = torch.get_num_threads()
+    with ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
+        for start in range(0, n_users, user_batch):
+            stop = min(start + user_batch, n_users)
+            _batch_top_k(
+                search,
+                users[start:stop],
+                items,
+                k,
+                _BatchExclusions.of(exclude, start, stop, n_items),
+                slack[start:stop],
+                pool,
+                positions[start:stop],
+                scores[start:stop],
+            )
     return positions, scores
 
 
-class _ItemChunk:
-    """One slice of the catalog, padded to a whole number of block groups."""
+def _faiss_search(items: np.ndarray) -> Search:
+    """Exact search by faiss's `IndexFlatIP` kernel (`knn_inner_product`, BLAS from 20 users
+    up), run on `items` in place: building the index would copy them (17-39 ms for 100k × 64,
+    2-4% of a 5,000-user search). Threads: torch's count (the project's one threading knob;
+    faiss has its own OpenMP pool)."""
 
-    def __init__(
-        self,
-        vectors: torch.Tensor,
-        start: int,
-        stop: int,
-        levels: tuple[int, int],
-        padded: int,
-    ) -> None:
-        self.vectors = vectors
-        self.start = start
-        self.stop = stop
-        self.block_items, self.group_blocks = levels
-        self.padded_width = padded
+    def search(users: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        with _faiss_threads(torch.get_num_threads()):
+            return faiss.knn(users, items, depth, metric=faiss.METRIC_INNER_PRODUCT)
+
+    return search
+
+
+@contextmanager
+def _faiss_threads(count: int) -> Iterator[None]:
+    """faiss's OpenMP threads set to `count` for the block (per calling thread), then back."""
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(count)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+def _torch_search(
+    items: np.ndarray, device: torch.device, *, item_chunk: int, user_batch: int
+) -> Search:
+    """Exact search on a torch device: per `user_batch` users, a matrix product and `topk`
+    per `item_chunk` items, merged by `topk` (memory: `user_batch × item_chunk` scores)."""
+    chunks = [
+        torch.from_numpy(items[start : start + item_chunk]).to(device)
+        for start in range(0, len(items), item_chunk)
+    ]
+
+    def search(users: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        scores = np.empty((len(users), depth), dtype=np.float32)
+        positions = np.empty((len(users), depth), dtype=np.int64)
+        for start in range(0, len(users), user_batch):
+            batch = torch.from_numpy(users[start : start + user_batch]).to(device)
+            best_scores = torch.empty((len(batch), 0), device=device)
+            best_positions = torch.empty((len(batch), 0), dtype=torch.int64, device=device)
+            offset = 0
+            for chunk in chunks:
+                chunk_scores, chunk_positions = torch.topk(
+                    batch @ chunk.T, min(depth, len(chunk)), dim=1
+                )
+                merged_scores = torch.cat((best_scores, chunk_scores), dim=1)
+                merged_positions = torch.cat((best_positions, chunk_positions + offset), dim=1)
+                best_scores, order = torch.topk(
+                    merged_scores, min(depth, merged_scores.shape[1]), dim=1
+                )
+                best_positions = torch.gather(merged_positions, 1, order)
+                offset += len(chunk)
+            scores[start : start + len(batch)] = best_scores.cpu().numpy()
+            positions[start : start + len(batch)] = best_positions.cpu().numpy()
+        return scores, positions
+
+    return search
+
+
+@dataclass(frozen=True)
+class _BatchExclusions:
+    """The excluded (row, position) pairs of one user batch, as sorted row × n_items +
+    position codes, and how many each row has."""
+
+    codes: np.ndarray
+    counts: np.ndarray
+    n_items: int
 
     @classmethod
-    def build(
-        cls, items: np.ndarray, start: int, stop: int, k: int, device: torch.device
-    ) -> _ItemChunk:
-        width = stop - start
-        levels = _levels(width, k) if device.type == "cpu" else (1, 1)
-        step = levels[0] * levels[1]
-        padded = -(-width // step) * step
-        vectors = torch.zeros((padded, items.shape[1]), dtype=torch.float32, device=device)
-        vectors[:width] = torch.from_numpy(items[start:stop]).to(device)
-        return cls(vectors, start, stop, levels, padded)
+    def of(
+        cls, exclude: ExcludedPositions | None, start: int, stop: int, n_items: int
+    ) -> _BatchExclusions | None:
+        if exclude is None:
+            return None
+        indptr, indices = exclude
+        lo, hi = int(indptr[start]), int(indptr[stop])
+        if hi == lo:
+            return None
+        counts = np.diff(indptr[start : stop + 1]).astype(np.int64)
+        rows = np.repeat(np.arange(stop - start, dtype=np.int64), counts)
+        codes = np.unique(rows * n_items + np.asarray(indices[lo:hi], dtype=np.int64))
+        return cls(codes, counts, n_items)
 
-    def top_k(
-        self,
-        users: torch.Tensor,
-        buffer: torch.Tensor,
-        k: int,
-        excluded: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Best min(k, chunk size) (scores, global item positions) of this chunk per user."""
-        rows = users.shape[0]
-        width = self.stop - self.start
-        scores = buffer[: rows * self.padded_width].view(rows, self.padded_width)
-        torch.mm(users, self.vectors.T, out=scores)
-        if self.padded_width > width:
-            scores[:, width:] = -torch.inf
-        if excluded is not None:
-            user_rows, item_positions = excluded
-            inside = (item_positions >= self.start) & (item_positions < self.stop)
-            scores[user_rows[inside], item_positions[inside] - self.start] = -torch.inf
-        keep = min(k, width)
-        if self.block_items == 1:
-            values, local = torch.topk(scores, keep, dim=1)
-            return values, local + self.start
-        # Block j holds items j, j + n_blocks, j + 2 n_blocks, ...: its max is a strided
-        # reduction over g1 contiguous rows of length n_blocks, which vectorises fully.
-        # Groups interleave blocks the same way.
-        n_blocks = self.padded_width // self.block_items
-        blocks = scores.view(rows, self.block_items, n_blocks)
-        block_max = blocks.amax(dim=1)
-        best_blocks = _best_members(block_max, self.group_blocks, keep)
-        gathered = torch.gather(
-            blocks, 2, best_blocks.unsqueeze(1).expand(rows, self.block_items, keep)
+    def contains(self, rows: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """Whether each (rows[i], positions[i, j]) is excluded."""
+        codes = rows[:, None] * self.n_items + positions
+        slot = np.minimum(np.searchsorted(self.codes, codes), len(self.codes) - 1)
+        return self.codes[slot] == codes
+
+    def of_row(self, row: int) -> np.ndarray:
+        """The excluded positions of one row."""
+        lo, hi = np.searchsorted(self.codes, [row * self.n_items, (row + 1) * self.n_items])
+        return self.codes[lo:hi] - row * self.n_items
+
+
+def _batch_top_k(
+    search: Search,
+    users: np.ndarray,
+    items: np.ndarray,
+    k: int,
+    excluded: _BatchExclusions | None,
+    slack: np.ndarray,
+    pool: ThreadPoolExecutor | None,
+    positions: np.ndarray,
+    scores: np.ndarray,
+) -> None:
+    """`exact_top_k` of one user batch into `positions` and `scores` ([rows, k]). The
+    rescoring is split in row parts over `pool`'s threads (numpy releases the GIL)."""
+    rows, n_items = len(users), len(items)
+    counts = np.zeros(rows, dtype=np.int64) if excluded is None else excluded.counts
+    depth = np.minimum(n_items, k + _SEARCH_MARGIN + counts)
+    settle = partial(
+        _settle, items=items, k=k, excluded=excluded, positions=positions, scores=scores
+    )
+    workers = 1 if pool is None else torch.get_num_threads()
+    # Users whose depths are within a factor of two share one search at the deepest of
+    # them: few, large searches, which faiss runs with BLAS.
+    doublings = np.ceil(np.log2(depth)).astype(np.int64)
+    unsettled: list[np.ndarray] = []
+    for doubling in np.unique(doublings):
+        group = np.flatnonzero(doublings == doubling)
+        group_depth = int(depth[group].max())
+        group_users = users if len(group) == rows else users[group]
+        found_scores, found = search(group_users, group_depth)
+        # No item left out of the search scores above its deepest score + the slack.
+        bound = None if group_depth == n_items else found_scores[:, -1] + slack[group]
+        parts = _row_parts(len(group), workers)
+        arguments = (
+            [group_users[part] for part in parts],
+            [found[part] for part in parts],
+            [None if bound is None else bound[part] for part in parts],
+            [group[part] for part in parts],
         )
-        values, flat = torch.topk(gathered.reshape(rows, -1), keep, dim=1)
-        member = torch.div(flat, keep, rounding_mode="floor")
-        block = torch.gather(best_blocks, 1, flat - member * keep)
-        return values, member * n_blocks + block + self.start
+        unsettled.extend(pool.map(settle, *arguments) if pool else map(settle, *arguments))
+    empty = np.empty(0, dtype=np.int64)
+    for row in np.concatenate(unsettled).tolist():
+        positions[row], scores[row] = _full_scan(
+            users[row], items, k, empty if excluded is None else excluded.of_row(row)
+        )
 
 
-def _best_members(maxima: torch.Tensor, group_size: int, keep: int) -> torch.Tensor:
-    """Columns of the `keep` largest values per row of `maxima` (unordered), found by taking
-    the `keep` best groups of `group_size` interleaved columns first, then the best among
-    their members."""
-    rows, width = maxima.shape
-    if group_size == 1:
-        return torch.topk(maxima, keep, dim=1, sorted=False).indices
-    n_groups = width // group_size
-    members = maxima.view(rows, group_size, n_groups)
-    _, best_groups = torch.topk(members.amax(dim=1), keep, dim=1, sorted=False)
-    gathered = torch.gather(members, 2, best_groups.unsqueeze(1).expand(rows, group_size, keep))
-    _, flat = torch.topk(gathered.reshape(rows, -1), keep, dim=1, sorted=False)
-    member = torch.div(flat, keep, rounding_mode="floor")
-    return torch.gather(best_groups, 1, flat - member * keep) + member * n_groups
+def _row_parts(rows: int, workers: int) -> list[slice]:
+    """`rows` split into at most `workers` contiguous, non-empty parts."""
+    bounds = np.linspace(0, rows, min(workers, rows) + 1).astype(np.int64).tolist()
+    return [slice(start, stop) for start, stop in pairwise(bounds)]
 
 
-def _levels(width: int, k: int) -> tuple[int, int]:
-    """(g1 items per block, g2 blocks per group); (1, 1) = plain topk.
+def _settle(
+    users: np.ndarray,
+    found: np.ndarray,
+    bound: np.ndarray | None,
+    rows: np.ndarray,
+    *,
+    items: np.ndarray,
+    k: int,
+    excluded: _BatchExclusions | None,
+    positions: np.ndarray,
+    scores: np.ndarray,
+) -> np.ndarray:
+    """Canonical top k of the searched positions `found` (reordered in place) into the
+    `rows` of `positions` and `scores`, for the rows whose k-th score beats `bound` (None:
+    the search returned every item); returns the other rows."""
+    found_scores = _canonical_scores(users, items, found)
+    _canonical_order(found, found_scores, excluded, rows, len(items))
+    settled = np.ones(len(rows), dtype=bool) if bound is None else found_scores[:, k - 1] > bound
+    if settled.all() and rows[-1] - rows[0] + 1 == len(rows):
+        positions[rows[0] : rows[-1] + 1] = found[:, :k]
+        scores[rows[0] : rows[-1] + 1] = found_scores[:, :k]
+    else:
+        positions[rows[settled]] = found[settled, :k]
+        scores[rows[settled]] = found_scores[settled, :k]
+    return rows[~settled]
 
-    g2 minimises the values the two block-picking `topk`s see, n_blocks / g2 + K · g2.
+
+def _canonical_order(
+    found: np.ndarray,
+    scores: np.ndarray,
+    excluded: _BatchExclusions | None,
+    rows: np.ndarray,
+    n_items: int,
+) -> None:
+    """Searched positions `found` and their canonical `scores` [n, depth] put in order of
+    (score desc, position asc), in place; excluded pairs last, as position -1, score -inf."""
+    if excluded is not None:
+        hit = excluded.contains(rows, found)
+        scores[hit] = -np.inf
+        found[hit] = n_items  # after every item position among the -inf scores
+    # A search returns nearly this order already: only the rows where a score does not
+    # strictly fall (a tie, or a swap by rounding) are checked further and sorted.
+    later, earlier = scores[:, 1:], scores[:, :-1]
+    suspect = np.flatnonzero((later >= earlier).any(axis=1))
+    if len(suspect):
+        later, earlier = scores[suspect, 1:], scores[suspect, :-1]
+        suspect_found = found[suspect]
+        broken = (later > earlier) | (
+            (later == earlier) & (suspect_found[:, 1:] < suspect_found[:, :-1])
+        )
+        fix = suspect[broken.any(axis=1)]
+        order = np.lexsort((found[fix], -scores[fix]))
+        found[fix] = np.take_along_axis(found[fix], order, axis=1)
+        scores[fix] = np.take_along_axis(scores[fix], order, axis=1)
+    if excluded is not None:
+        found[found == n_items] = _MISSING_POSITION
+
+
+def _full_scan(
+    user: np.ndarray, items: np.ndarray, k: int, excluded: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """One user's canonical top k against every item, `excluded` positions left out:
+    (positions, scores) as `exact_top_k` returns them."""
+    n_items = len(items)
+    scores = _canonical_scores(user[None], items, np.arange(n_items)[None])[0]
+    scores[excluded] = -np.inf
+    kth = np.partition(scores, n_items - k)[n_items - k]
+    candidates = np.flatnonzero(scores >= kth)  # every item tied with the k-th, too
+    best = candidates[np.lexsort((candidates, -scores[candidates]))][:k]
+    best_scores = scores[best]
+    return np.where(np.isneginf(best_scores), _MISSING_POSITION, best), best_scores
+
+
+def _canonical_scores(users: np.ndarray, items: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """float32 scores [n, width] of users[i] against items[positions[i, j]].
+
+    Every pair goes through the same computation: the item's float32 vector gathered and one
+    `einsum` inner loop over the vector width (same length and strides for every pair, so
+    the same summation order). A score thus depends only on its two vectors, not on the
+    device, batch, slot or chunk, so equal vectors tie exactly. The vectors are gathered
+    `_RESCORE_FLOATS` at a time into one reused buffer, which stays in cache (`take`'s
+    "clip" mode writes into it directly; "raise" would copy).
     """
-    if width < _BLOCK_MIN_SPEEDUP * k * _BLOCK_ITEMS:
-        return 1, 1
-    group_blocks = max(1, round((width / _BLOCK_ITEMS / k) ** 0.5))
-    return _BLOCK_ITEMS, group_blocks
+    rows, width = positions.shape
+    dim = items.shape[1]
+    scores = np.empty((rows, width), dtype=np.float32)
+    row_step = max(1, _RESCORE_FLOATS // max(1, width * dim))
+    column_step = width if row_step > 1 else max(1, _RESCORE_FLOATS // max(1, dim))
+    buffer = np.empty(min(rows, row_step) * min(width, column_step) * dim, dtype=np.float32)
+    for top in range(0, rows, row_step):
+        for left in range(0, width, column_step):
+            block = (slice(top, top + row_step), slice(left, left + column_step))
+            wanted = positions[block]
+            gathered = buffer[: wanted.size * dim].reshape(*wanted.shape, dim)
+            np.take(items, wanted, axis=0, out=gathered, mode="clip")
+            np.einsum("ijd,id->ij", gathered, users[block[0]], out=scores[block], optimize=False)
+    return scores
 
 
-def _batch_exclusions(
-    exclude: ExcludedPositions | None, start: int, stop: int
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(batch-relative user rows, item positions) of the exclusions of users [start, stop)."""
-    if exclude is None:
-        return None
-    indptr, indices = exclude
-    lo, hi = int(indptr[start]), int(indptr[stop])
-    if hi == lo:
-        return None
-    counts = np.diff(indptr[start : stop + 1])
-    rows = np.repeat(np.arange(stop - start, dtype=np.int64), counts)
-    return torch.from_numpy(rows), torch.from_numpy(np.asarray(indices[lo:hi], dtype=np.int64))
+def _rounding_slack(users: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Per user, how far a search's float32 score and the canonical one can differ.
+
+    Any float32 dot product of width d is within γ_d Σ|u_i v_i| <= d · 2^-24 ‖u‖ max‖v‖ of the
+    exact value, whatever its summation order (BLAS, SIMD, FMA); two of them are within twice
+    that, doubled again here for safety.
+    """
+    largest = float(np.sqrt(np.einsum("id,id->i", items, items).max()))
+    user_norms = np.sqrt(np.einsum("id,id->i", users, users))
+    return 4 * (users.shape[1] + 1) * _UNIT_ROUNDOFF * largest * user_norms
 
 
 def exclusions_from_pairs(

@@ -1,5 +1,7 @@
-"""Exact top-K equals brute force (with exclusions, across chunk and block boundaries), and
-retrieve_two_tower returns the candidate_pools source frame."""
+"""Exact top-K equals a brute-force numpy reference (with exclusions, across user batches and
+depth groups), is canonical (equal scores by item position, the same answer from the faiss
+search, the torch search and a full scan), and retrieve_two_tower returns the
+candidate_pools source frame."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import pytest
 import torch
 
 from recsys_assets.models.two_tower import TwoTowerConfig, TwoTowerModel, train_two_tower
+from recsys_assets.pipeline import retrieval
 from recsys_assets.pipeline.retrieval import (
     exact_top_k,
     exclusions_from_pairs,
@@ -28,44 +31,69 @@ def brute_force(
     return -np.sort(-scores, axis=1)[:, :k]
 
 
+def canonical_reference(
+    users: np.ndarray, items: np.ndarray, k: int, excluded: set[tuple[int, int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The canonical answer by a full numpy scan: every (user, item) pair scored by the
+    rescoring's computation (float32, one einsum inner loop over the width; here over a
+    broadcast view, not gathered vectors), sorted by (score desc, position asc)."""
+    n_users, (n_items, dim) = len(users), items.shape
+    scores = np.einsum(
+        "ijd,id->ij", np.broadcast_to(items, (n_users, n_items, dim)), users, optimize=False
+    )
+    for row, column in excluded:
+        scores[row, column] = -np.inf
+    order = np.lexsort((np.broadcast_to(np.arange(n_items), scores.shape), -scores))[:, :k]
+    top = np.take_along_axis(scores, order, axis=1)
+    return np.where(np.isneginf(top), -1, order), top
+
+
 def random_exclusions(
-    rng: np.random.Generator, n_users: int, n_items: int, per_user: int
+    rng: np.random.Generator, n_users: int, n_items: int, most: int
 ) -> tuple[tuple[np.ndarray, np.ndarray], set[tuple[int, int]]]:
+    """0 to `most` excluded items per user (so users need searches of different depths)."""
     pairs = {
         (row, int(column))
         for row in range(n_users)
-        for column in rng.choice(n_items, size=per_user, replace=False)
+        for column in rng.choice(n_items, size=rng.integers(0, most + 1), replace=False)
     }
-    rows = np.array(sorted(pairs), dtype=np.int64)
+    rows = np.array(sorted(pairs), dtype=np.int64).reshape(-1, 2)
     indptr = np.zeros(n_users + 1, dtype=np.int64)
     np.cumsum(np.bincount(rows[:, 0], minlength=n_users), out=indptr[1:])
     return (indptr, rows[:, 1]), pairs
 
 
+@pytest.fixture(params=["faiss", "torch"])
+def search(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The search behind exact_top_k on the CPU: faiss (the default), or the torch search
+    CUDA runs, here on the CPU with small item chunks and user batches (merged top-k)."""
+    if request.param == "torch":
+        monkeypatch.setattr(
+            retrieval,
+            "_faiss_search",
+            lambda items: retrieval._torch_search(items, CPU, item_chunk=97, user_batch=29),
+        )
+    return str(request.param)
+
+
 @pytest.mark.parametrize(
-    ("n_items", "k", "item_chunk", "user_batch"),
+    ("n_items", "k", "user_batch"),
     [
-        (20_000, 50, 50_000, 64),  # one chunk, block selection
-        (20_000, 50, 6_001, 37),  # ragged chunks (block selection in each) and user batches
-        (1_000, 30, 70, 16),  # chunks smaller than k: merged across many chunks
-        (300, 300, 128, 1_000),  # k = every item
+        (20_000, 50, 64),  # several user batches; two depth groups (0-40 exclusions)
+        (20_000, 50, 37),  # ragged user batches
+        (1_000, 30, 16),  # exclusions past k
+        (300, 300, 1_000),  # k = every item: searched to the end, slots left empty
     ],
 )
 def test_matches_brute_force_with_exclusions(
-    n_items: int, k: int, item_chunk: int, user_batch: int
+    search: str, n_items: int, k: int, user_batch: int
 ) -> None:
     rng = np.random.default_rng(n_items + k)
     users = rng.standard_normal((90, 16)).astype(np.float32)
     items = rng.standard_normal((n_items, 16)).astype(np.float32)
-    exclude, excluded = random_exclusions(rng, len(users), n_items, per_user=min(40, k // 2))
+    exclude, excluded = random_exclusions(rng, len(users), n_items, most=40)
     positions, scores = exact_top_k(
-        users,
-        items,
-        k,
-        item_chunk=item_chunk,
-        user_batch=user_batch,
-        exclude=exclude,
-        device=CPU,
+        users, items, k, user_batch=user_batch, exclude=exclude, device=CPU
     )
     assert positions.shape == scores.shape == (len(users), k)
     assert positions.dtype == np.int64 and scores.dtype == np.float32
@@ -83,6 +111,69 @@ def test_matches_brute_force_with_exclusions(
     assert not {(int(r), int(c)) for r, c in zip(rows, found, strict=True)} & excluded
     assert all(len(set(row[row >= 0])) == (row >= 0).sum() for row in positions)
     assert (np.diff(np.nan_to_num(scores, neginf=-1e30), axis=1) <= 0).all()
+    # And bit for bit the canonical full scan's answer.
+    reference_positions, reference_scores = canonical_reference(users, items, k, excluded)
+    np.testing.assert_array_equal(positions, reference_positions)
+    np.testing.assert_array_equal(scores, reference_scores)
+
+
+def tied_catalog(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(users, items, the positions of a 300-item tie group): items of three "cold
+    categories" (300, 40 and 5 items) share one vector each, scattered over the catalog;
+    the first 60 users point at the big group (3× longer than the other vectors), so their
+    k-th place falls inside it."""
+    dim = 16
+    items = rng.standard_normal((3_000, dim)).astype(np.float32)
+    scattered = rng.permutation(len(items))
+    big, forty, five = scattered[:300], scattered[300:340], scattered[340:345]
+    for slots, length in ((big, 3.0), (forty, 1.0), (five, 1.0)):
+        items[slots] = length * rng.standard_normal(dim).astype(np.float32)
+    users = rng.standard_normal((150, dim)).astype(np.float32)
+    users[:60] = 4 * items[big[0]] + 0.1 * users[:60]
+    return users, items, np.sort(big)
+
+
+def test_equal_vectors_tie_exactly_and_rank_by_position(search: str) -> None:
+    users, items, big = tied_catalog(np.random.default_rng(7))
+    k = 50
+    exclude, excluded = random_exclusions(np.random.default_rng(8), len(users), len(items), 20)
+    positions, scores = exact_top_k(users, items, k, exclude=exclude, device=CPU)
+    reference_positions, reference_scores = canonical_reference(users, items, k, excluded)
+    np.testing.assert_array_equal(positions, reference_positions)
+    np.testing.assert_array_equal(scores, reference_scores)
+    # The users pointing at the big group get its lowest positions they have not excluded,
+    # all with one score.
+    for row in range(60):
+        allowed = [int(p) for p in big if (row, int(p)) not in excluded]
+        assert positions[row].tolist() == allowed[:k]
+        assert len(set(scores[row].tolist())) == 1
+
+
+def test_answer_does_not_depend_on_batches_or_rescoring_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    users, items, _ = tied_catalog(np.random.default_rng(9))
+    exclude, _ = random_exclusions(np.random.default_rng(10), len(users), len(items), 30)
+    first = exact_top_k(users, items, 120, exclude=exclude, device=CPU)
+    # One user per search, and a few items per rescoring call.
+    monkeypatch.setattr(retrieval, "_RESCORE_FLOATS", 100)
+    second = exact_top_k(users, items, 120, user_batch=1, exclude=exclude, device=CPU)
+    for ours, theirs in zip(first, second, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_fewer_items_left_than_k_and_no_users() -> None:
+    rng = np.random.default_rng(11)
+    users = rng.standard_normal((3, 4)).astype(np.float32)
+    items = rng.standard_normal((6, 4)).astype(np.float32)
+    exclude = (np.array([0, 4, 4, 6]), np.array([0, 2, 3, 5, 1, 4]))
+    positions, scores = exact_top_k(users, items, 5, exclude=exclude, device=CPU)
+    assert (positions[0, 2:] == -1).all() and np.isneginf(scores[0, 2:]).all()
+    assert sorted(positions[0, :2].tolist()) == [1, 4]
+    assert (positions[1] >= 0).all()
+    assert positions[2, 4] == -1 and sorted(positions[2, :4].tolist()) == [0, 2, 3, 5]
+    no_users, no_scores = exact_top_k(users[:0], items, 5, device=CPU)
+    assert no_users.shape == no_scores.shape == (0, 5)
 
 
 def test_k_out_of_range_and_mismatched_widths_are_errors() -> None:

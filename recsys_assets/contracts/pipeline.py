@@ -58,8 +58,14 @@ def _finite(series: pd.Series) -> pd.Series:
 
 def _per_distinct(series: pd.Series, rule: Callable[[str], Any]) -> tuple[np.ndarray, np.ndarray]:
     """(codes, rule applied to each distinct value): a text rule evaluated once per distinct
-    value (a few hundred provenance labels), not once per row."""
-    codes, distinct = pd.factorize(series.astype(str), use_na_sentinel=False)
+    value (a few hundred provenance labels), not once per row. A coded column
+    (pipeline/text.py) is read by its codes; a missing value is judged as ''."""
+    if isinstance(series.dtype, pd.CategoricalDtype):
+        distinct = [*series.cat.categories.astype(str), ""]
+        codes = series.cat.codes.to_numpy().astype(np.int64)
+        codes[codes < 0] = len(distinct) - 1
+    else:
+        codes, distinct = pd.factorize(series.astype(str), use_na_sentinel=False)
     return codes, np.array([rule(value) for value in distinct])
 
 
@@ -80,14 +86,14 @@ def _provenance_tokens_valid(provenance: pd.Series) -> pd.Series:
 
 
 def _listed_sources(provenance: pd.Series) -> np.ndarray:
-    """(rows × SOURCES) booleans: which sources each row's provenance names."""
+    """Per row, which sources its provenance names, as bits (bit b = SOURCES[b])."""
 
-    def listed(text: str) -> list[bool]:
+    def listed(text: str) -> int:
         tokens = set(text.split("|"))
-        return [source in tokens for source in SOURCES]
+        return sum(1 << bit for bit, source in enumerate(SOURCES) if source in tokens)
 
-    codes, matrix = _per_distinct(provenance, listed)
-    return matrix.reshape(-1, len(SOURCES)).astype(bool)[codes]
+    codes, bits = _per_distinct(provenance, listed)
+    return bits.astype(np.int64)[codes]
 
 
 def _with_fields(name: str, base: type[pa.DataFrameModel], fields: dict[str, tuple]) -> type:
@@ -143,16 +149,18 @@ class CandidatePools(_ScoredHistory):  # type: ignore[misc, valid-type]
 
     subject_id: Series[np.int64] = pa.Field(ge=0)
     item_id: Series[np.int64] = pa.Field(ge=0)
-    source_provenance: Series[str] = pa.Field(description="Sorted '|'-joined sources")
+    source_provenance: Series[pd.CategoricalDtype] = pa.Field(
+        description="Sorted '|'-joined sources (coded text: pipeline/text.py)"
+    )
     retrieval_score: Series[np.float32] = pa.Field(nullable=True, description="Two-tower dot")
-    candidate_policy_version: Series[str]
+    candidate_policy_version: Series[pd.CategoricalDtype]
 
     class Config:
         strict = True
         unique = ("subject_id", "item_id")
 
     @pa.check("source_provenance", error="'|'-joined known sources in SOURCES order, no repeats")
-    def provenance_tokens(cls, provenance: Series[str]) -> Series[bool]:
+    def provenance_tokens(cls, provenance: pd.Series) -> Series[bool]:
         return _provenance_tokens_valid(provenance)
 
     @pa.check("retrieval_score", error="must be finite or NaN (not ±inf)")
@@ -167,9 +175,10 @@ class CandidatePools(_ScoredHistory):  # type: ignore[misc, valid-type]
     def provenance_matches_ranks(cls, frame: pd.DataFrame) -> Series[bool]:
         if not _has(frame, "source_provenance", *RANK_COLUMNS):
             return pd.Series(True, index=frame.index)
-        ranked = frame[list(RANK_COLUMNS)].to_numpy() > 0
-        agrees = (_listed_sources(frame["source_provenance"]) == ranked).all(axis=1)
-        return pd.Series(agrees, index=frame.index)
+        ranked = np.zeros(len(frame), dtype=np.int64)
+        for bit, column in enumerate(RANK_COLUMNS):
+            ranked |= (frame[column].to_numpy() > 0).astype(np.int64) << bit
+        return pd.Series(_listed_sources(frame["source_provenance"]) == ranked, index=frame.index)
 
 
 _FeatureColumns = _with_fields(
@@ -289,28 +298,32 @@ FEATURE_TABLE_CONTRACTS: dict[str, type[pa.DataFrameModel]] = {
 
 
 class ScoredCandidates(_Stage):
-    """Ranked candidates with calibrated predictions, utility and its components."""
+    """Ranked candidates with calibrated predictions, utility and its components.
+
+    Scores are float32 (what the ranker computes); text columns are coded (pandas
+    Categorical, Parquet dictionary pages: pipeline/text.py), since each repeats a few
+    values across millions of rows."""
 
     subject_id: Series[np.int64] = pa.Field(ge=0)
     item_id: Series[np.int64] = pa.Field(ge=0)
-    prediction: Series[float] = pa.Field(ge=0, le=1, description="Raw ranker probability")
-    calibrated: Series[float] = pa.Field(ge=0, le=1, description="Calibrated probability")
-    utility: Series[float] = pa.Field(description="Documented function of the components")
-    utility_relevance: Series[float]
-    utility_novelty: Series[float]
-    utility_sponsored: Series[float]
-    utility_exploration: Series[float]
-    item_type: Series[str]
-    category: Series[str]
-    creator_id: Series[str]
+    prediction: Series[np.float32] = pa.Field(ge=0, le=1, description="Raw ranker probability")
+    calibrated: Series[np.float32] = pa.Field(ge=0, le=1, description="Calibrated probability")
+    utility: Series[np.float32] = pa.Field(description="Documented function of the components")
+    utility_relevance: Series[np.float32]
+    utility_novelty: Series[np.float32]
+    utility_sponsored: Series[np.float32]
+    utility_exploration: Series[np.float32]
+    item_type: Series[pd.CategoricalDtype]
+    category: Series[pd.CategoricalDtype]
+    creator_id: Series[pd.CategoricalDtype]
     is_sponsored: Series[bool]
     is_exploration_candidate: Series[bool]
-    source_provenance: Series[str]
-    model_version: Series[str]
-    feature_set_version: Series[str]
-    utility_policy_version: Series[str]
+    source_provenance: Series[pd.CategoricalDtype]
+    model_version: Series[pd.CategoricalDtype]
+    feature_set_version: Series[pd.CategoricalDtype]
+    utility_policy_version: Series[pd.CategoricalDtype]
     score_time: Series[pd.Timestamp]
-    pipeline_run_id: Series[str]
+    pipeline_run_id: Series[pd.CategoricalDtype]
 
     class Config:
         unique = ("subject_id", "item_id")

@@ -90,7 +90,7 @@ from recsys_assets.pipeline.shards import (
     verify_shard_parts,
     write_shard_part,
 )
-from recsys_assets.pipeline.slates import build_slates
+from recsys_assets.pipeline.slates import OPTIONAL_LINEAGE_COLUMNS, SCORED_COLUMNS, build_slates
 from recsys_assets.pipeline.subjects import (
     select_subjects,
     shard_bounds,
@@ -1068,8 +1068,11 @@ def slates_shard(
     partition = SurfaceRegion.from_context(context)
     warehouse, settings = recsys.warehouse(), recsys.settings()
     surface = settings.surface(partition.surface)
-    scored = warehouse.read_parquet(
-        shard_part_path("scored_candidates", partition.path, shard.index)
+    path = shard_part_path("scored_candidates", partition.path, shard.index)
+    present = set(warehouse.dataset(path).schema.names)
+    scored = warehouse.read_parquet(  # what the policy reads: not the predictions and components
+        path,
+        columns=[c for c in (*SCORED_COLUMNS, *OPTIONAL_LINEAGE_COLUMNS) if c in present],
     )
     slate = build_slates(scored, surface, seed=settings.training.seed)
     lengths = (

@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import scipy.sparse as sp
 
 from recsys_assets.config import SurfaceConfig
@@ -50,6 +49,7 @@ from recsys_assets.pipeline.runs import (
     run_lengths,
     run_starts,
 )
+from recsys_assets.pipeline.text import constant
 from recsys_assets.rules.eligibility import item_rejection_reasons
 from recsys_assets.rules.engagement import engagement_events, interest_signal
 from recsys_assets.rules.person import CONSUMED_EVENTS, consumed_pairs, hidden_pairs
@@ -593,22 +593,19 @@ def _from_collaborative(
     return pd.concat(frames, ignore_index=True)
 
 
-def provenance_labels(present: np.ndarray) -> pd.api.extensions.ExtensionArray:
-    """`|`-joined source names per row of a (rows × SOURCES) boolean matrix, as a text
-    column: one label per combination of sources, taken by code (Arrow), without a row loop
-    or a Python string per row."""
+def provenance_labels(present: np.ndarray) -> pd.Categorical:
+    """`|`-joined source names per row of a (rows × SOURCES) boolean matrix, as coded text
+    (pipeline/text.py): the row's combination of sources is its code, so no string is built
+    or hashed per row."""
     packed = np.packbits(present, axis=1, bitorder="little")  # bit b = SOURCES[b]
     codes = np.zeros(len(present), dtype=np.int64)
     for byte in range(packed.shape[1]):
         codes |= packed[:, byte].astype(np.int64) << (8 * byte)
-    labels = pa.array(
-        [
-            "|".join(name for bit, name in enumerate(SOURCES) if code >> bit & 1)
-            for code in range(1 << len(SOURCES))
-        ],
-        type=pa.large_string(),
-    )
-    return pd.array(labels.take(pa.array(codes)), dtype="str")
+    labels = [
+        "|".join(name for bit, name in enumerate(SOURCES) if code >> bit & 1)
+        for code in range(1 << len(SOURCES))
+    ]
+    return pd.Categorical.from_codes(codes, categories=labels).remove_unused_categories()
 
 
 def _empty_proposals() -> pd.DataFrame:
@@ -792,5 +789,5 @@ def _merge_sources(proposed: pd.DataFrame, quota: dict[str, int], budget: int) -
             ),
         }
     )
-    merged["candidate_policy_version"] = CANDIDATE_POLICY_VERSION
+    merged["candidate_policy_version"] = constant(CANDIDATE_POLICY_VERSION, len(merged))
     return merged

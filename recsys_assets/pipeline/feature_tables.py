@@ -300,7 +300,7 @@ def gather_features(tables: FeatureTables, pool: pd.DataFrame) -> GatheredFeatur
     item_at = pd.Index(items["item_id"].to_numpy(dtype=np.int64)).get_indexer(item_ids)
     look_up("items", item_at, ITEM_FEATURES)
     for table, target in TARGETS.items():
-        codes = _take(items[f"{target}_code"].to_numpy(dtype=np.int64), item_at, fill=-1)
+        codes = take_or_fill(items[f"{target}_code"].to_numpy(dtype=np.int64), item_at, fill=-1)
         frame = tables[table]
         at = _pair_positions(
             (subject_ids, codes),
@@ -346,8 +346,9 @@ def derive_cross_features(column: Mapping[str, np.ndarray]) -> None:
     column["category_match"][:] = column["user_category_events"] > 0
 
 
-def _take(values: np.ndarray, at: np.ndarray, fill: float | int = 0) -> np.ndarray:
-    """values[at], with `fill` where at is -1 (no row: the key has no history)."""
+def take_or_fill(values: np.ndarray, at: np.ndarray, fill: float | int = 0) -> np.ndarray:
+    """values[at], with `fill` where at is -1 (no row: the key has no history, the item is
+    not in the catalog)."""
     if len(values) == 0:
         return np.full(len(at), fill, dtype=values.dtype)
     out = values[np.maximum(at, 0)]

@@ -17,6 +17,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from recsys_assets.pipeline.feature_tables import take_or_fill
+from recsys_assets.pipeline.text import coded, constant
+
 UTILITY_POLICY_VERSION = "utility_v1"
 NOVELTY_WEIGHT = 0.05
 SPONSORED_BOOST = 0.02
@@ -44,23 +47,26 @@ def score_candidates(
     """
     prediction = np.asarray(prediction, dtype=np.float32)
     calibrated = np.clip(np.asarray(calibrated, dtype=np.float32), 0.0, 1.0)
-    item_ids = pool["item_id"]
-    attributes = items.reindex(item_ids.to_numpy())[ITEM_COLUMNS].reset_index(drop=True)
-    percentile = item_ids.map(popularity_percentile).fillna(0.0).to_numpy(dtype=np.float32)
+    item_ids = pool["item_id"].to_numpy(dtype=np.int64)
+    at = items.index.get_indexer(item_ids)  # the catalog row of each candidate, -1 if none
+    percentile = take_or_fill(
+        popularity_percentile.reindex(items.index).fillna(0.0).to_numpy(dtype=np.float32), at
+    )
     exploratory = (
         (pool["rank_new_item_exploration"] > 0) | (pool["rank_long_tail_quality"] > 0)
     ).to_numpy()
-    sponsored = attributes["is_sponsored"].to_numpy(dtype=bool)
+    sponsored = take_or_fill(items["is_sponsored"].to_numpy(dtype=bool), at, fill=False)
 
     relevance = calibrated
     novelty = (NOVELTY_WEIGHT * (1.0 - percentile) * relevance).astype(np.float32)
     sponsored_boost = np.where(sponsored, SPONSORED_BOOST, 0.0).astype(np.float32)
     exploration = np.where(exploratory, EXPLORATION_WEIGHT * relevance, 0.0).astype(np.float32)
 
+    rows = len(pool)
     scored = pd.DataFrame(
         {
             "subject_id": pool["subject_id"].to_numpy(dtype=np.int64),
-            "item_id": item_ids.to_numpy(dtype=np.int64),
+            "item_id": item_ids,
             "prediction": prediction,
             "calibrated": calibrated,
             "utility": relevance + novelty + sponsored_boost + exploration,
@@ -68,16 +74,16 @@ def score_candidates(
             "utility_novelty": novelty,
             "utility_sponsored": sponsored_boost,
             "utility_exploration": exploration,
-            # Text columns keep their pandas arrays: no object round trip per shard.
-            "item_type": attributes["item_type"].array,
-            "category": attributes["category"].array,
-            "creator_id": attributes["creator_id"].array,
+            # Text columns are coded (pipeline/text.py): an integer per row, not a string.
+            "item_type": coded(items["item_type"], at),
+            "category": coded(items["category"], at),
+            "creator_id": coded(items["creator_id"], at),
             "is_sponsored": sponsored,
             "is_exploration_candidate": exploratory,
-            "source_provenance": pool["source_provenance"].array,
-            "score_time": np.full(len(pool), pd.Timestamp(score_time).to_datetime64()),
+            "source_provenance": pd.Categorical(pool["source_provenance"]),
+            "score_time": np.full(rows, pd.Timestamp(score_time).to_datetime64()),
         }
     )
     for column, value in {**lineage, "utility_policy_version": UTILITY_POLICY_VERSION}.items():
-        scored[column] = value
+        scored[column] = constant(str(value), rows)
     return scored

@@ -57,6 +57,7 @@ from recsys_assets.pipeline.runs import (
     run_lengths,
     run_starts,
 )
+from recsys_assets.pipeline.text import plain_text_columns
 from recsys_assets.rules.categories import category_capped
 
 LINEAGE_COLUMNS = (
@@ -275,14 +276,21 @@ def _reason_codes(
 
 
 def _slate_dtypes(scored: pd.DataFrame) -> dict[str, object]:
-    """Column dtypes of the slates table; pass-through columns keep the scored dtypes."""
-    dtypes: dict[str, object] = {column: scored[column].dtype for column in SCORED_COLUMNS}
+    """Column dtypes of the slates table; pass-through columns keep the scored dtypes, coded
+    text (pipeline/text.py) as plain text."""
+    dtypes: dict[str, object] = {column: _plain(scored[column].dtype) for column in SCORED_COLUMNS}
     dtypes.update(score=scored["utility"].dtype, position="int64", reason_codes="str")
     dtypes.update(subject_id="int64", item_id="int64", is_sponsored="bool", exploration="bool")
     dtypes.update(propensity="float64", exploration_seed="int64", slate_policy_version="str")
     columns = [*SLATE_COLUMNS, *(c for c in OPTIONAL_LINEAGE_COLUMNS if c in scored.columns)]
-    dtypes.update({c: scored[c].dtype for c in OPTIONAL_LINEAGE_COLUMNS if c in scored.columns})
+    dtypes.update(
+        {c: _plain(scored[c].dtype) for c in OPTIONAL_LINEAGE_COLUMNS if c in scored.columns}
+    )
     return {column: dtypes[column] for column in columns}
+
+
+def _plain(dtype: object) -> object:
+    return "str" if isinstance(dtype, pd.CategoricalDtype) else dtype
 
 
 def _kept_by_caps(
@@ -542,7 +550,8 @@ def build_slates(
         high_confidence_threshold=high_confidence_threshold,
         exploration_temperature=exploration_temperature,
     )
-    taken = scored.take(selection.rows).reset_index(drop=True)
+    passed_on = [c for c in (*SCORED_COLUMNS, *OPTIONAL_LINEAGE_COLUMNS) if c in scored]
+    taken = plain_text_columns(scored[passed_on].take(selection.rows).reset_index(drop=True))
     slates = pd.DataFrame(
         {
             "subject_id": taken["subject_id"],

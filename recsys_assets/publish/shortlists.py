@@ -32,6 +32,7 @@ from recsys_assets.pipeline.shards import (
     part_name,
     stage_path,
 )
+from recsys_assets.pipeline.text import plain_text_columns
 from recsys_assets.publish.lists import (
     SHORTLIST_FEATURE_COLUMNS,
     SHORTLIST_ITEM_COLUMNS,
@@ -188,8 +189,8 @@ def _shard_records(
     )
     shortlist = shortlist_shard(
         slate,
-        _part(warehouse, "scored_candidates", where, name),
-        _part(warehouse, "candidate_pools", where, name),
+        plain_text_columns(_part(warehouse, "scored_candidates", where, name)),
+        plain_text_columns(_part(warehouse, "candidate_pools", where, name)),
         tables,
         surface,
     )

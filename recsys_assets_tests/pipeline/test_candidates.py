@@ -27,6 +27,7 @@ from recsys_assets.pipeline.candidates import (
     trending_window,
 )
 from recsys_assets.pipeline.features import HISTORY_SCORES
+from recsys_assets.pipeline.text import plain_text_columns
 
 NOW = pd.Timestamp("2026-11-20 00:00:00")
 
@@ -231,8 +232,9 @@ def test_merge_sources_matches_a_per_pair_reference(
     assert (merged["candidate_policy_version"] == CANDIDATE_POLICY_VERSION).all()
     assert merged[RANK_COLUMNS].dtypes.eq("int32").all()
     assert merged["retrieval_score"].dtype == np.float32
+    assert isinstance(merged["source_provenance"].dtype, pd.CategoricalDtype)  # coded text
     pd.testing.assert_frame_equal(
-        merged.drop(columns="candidate_policy_version"),
+        plain_text_columns(merged.drop(columns="candidate_policy_version")),
         expected,
         check_dtype=False,
         rtol=1e-6,

@@ -62,6 +62,13 @@ def load_revision(revision: str, folder: Path) -> ModuleType:
     return module
 
 
+def _comparable(column: pd.Series) -> pd.Series:
+    """Text as plain strings, whether a revision keeps it coded (pipeline/text.py) or not."""
+    if isinstance(column.dtype, pd.CategoricalDtype) or column.dtype.kind == "O":
+        return column.astype(str)
+    return column
+
+
 def compare(baseline: pd.DataFrame, current: pd.DataFrame) -> dict[str, Any]:
     """Same pairs, provenance and ranks; the largest absolute difference per float column."""
     baseline, current = baseline.reset_index(drop=True), current.reset_index(drop=True)
@@ -71,7 +78,9 @@ def compare(baseline: pd.DataFrame, current: pd.DataFrame) -> dict[str, Any]:
     if not same_pairs:
         return found
     exact = [c for c in baseline.columns if c not in keys and baseline[c].dtype.kind != "f"]
-    found["same_provenance_and_ranks"] = all(baseline[c].equals(current[c]) for c in exact)
+    found["same_provenance_and_ranks"] = all(
+        _comparable(baseline[c]).equals(_comparable(current[c])) for c in exact
+    )
     found["max_abs_difference"] = {
         column: float(
             np.nanmax(np.abs(baseline[column].to_numpy() - current[column].to_numpy()), initial=0)

@@ -1,7 +1,10 @@
-"""Benchmark: exact top-K retrieval (exact_top_k) side by side with its bare search.
+"""Benchmark: exact top-K retrieval (exact_top_k) side by side with its bare search, and
+the flat, IVF and HNSW indexes side by side.
 
     python benchmarks/bench_retrieval.py [--users 5000] [--items 100000] [--dim 64] [--k 500]
                                          [--threads 2] [--repeats 3] [--device cpu|cuda]
+                                         [--indexes flat,ivf,hnsw] [--clusters 256]
+                                         [--nlist 1024] [--nprobe 64] [--m 32] [--ef-search 512]
 
 On the CPU, exact_top_k (a faiss IndexFlatIP search plus the canonical rescoring, ordering
 and settling of pipeline/retrieval.py) against a bare faiss IndexFlatIP search built once
@@ -13,6 +16,14 @@ same ratio by process CPU time (steadier on a shared machine, where other jobs' 
 a 2-thread search's wall-clock time by ±20%), how many result positions agree with the bare
 search (they differ only among scores within float32 rounding of each other), the largest
 score difference, and the process's peak RSS.
+
+Then, on the CPU, exact_top_k under each `pipeline.retrieval.index` of --indexes (ivf and
+hnsw configured by --nlist/--nprobe and --m/--ef-search) on other data: users and items
+scattered around --clusters random centres (0: uniform like the first part). Uniform
+vectors at d = 64 are an approximate index's worst case, with no neighbourhoods to find;
+trained embeddings cluster. Each index is built once (its seconds reported apart, as a
+partition pays them once), then searched like the first part (best of --repeats after a
+warm-up); recall@k is the share of the exact (flat) answer's items each user gets.
 The last line is a JSON summary.
 """
 
@@ -23,19 +34,32 @@ import json
 import resource
 import time
 from collections.abc import Callable
+from functools import partial
 
 import faiss
 import numpy as np
 import torch
 
-from recsys_assets.pipeline.retrieval import exact_top_k
+from recsys_assets.config.settings import RetrievalConfig
+from recsys_assets.pipeline.retrieval import IndexCache, exact_top_k
 
 Search = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 """users -> (positions, scores), best first."""
 
 
+CLUSTER_SPREAD = 0.5
+"""Noise around a cluster centre, per coordinate, against the centres' 1."""
+
+
 def unit_vectors(rng: np.random.Generator, count: int, dim: int) -> np.ndarray:
     vectors = rng.standard_normal((count, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def clustered_vectors(rng: np.random.Generator, count: int, centres: np.ndarray) -> np.ndarray:
+    """Unit vectors around random `centres` (normal, per coordinate scale 1)."""
+    vectors = centres[rng.integers(0, len(centres), count)]
+    vectors = vectors + CLUSTER_SPREAD * rng.standard_normal(vectors.shape).astype(np.float32)
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
@@ -78,6 +102,88 @@ def timed(search: Search, users: np.ndarray) -> tuple[float, float, np.ndarray, 
     return time.perf_counter() - started, time.process_time() - cpu_started, positions, scores
 
 
+def compare_indexes(
+    args: argparse.Namespace, rng: np.random.Generator
+) -> dict[str, dict[str, float]]:
+    """Per index of --indexes: build seconds, users/s, CPU seconds and recall@k against
+    flat's answer, on the data --clusters sets; printed as a table and returned for the
+    summary."""
+    if args.clusters:
+        centres = rng.standard_normal((args.clusters, args.dim)).astype(np.float32)
+        items = clustered_vectors(rng, args.items, centres)
+        users = clustered_vectors(rng, args.users, centres)
+    else:
+        items, users = (
+            unit_vectors(rng, args.items, args.dim),
+            unit_vectors(rng, args.users, args.dim),
+        )
+    names = [name for name in args.indexes.split(",") if name]
+    configs = {
+        name: RetrievalConfig.model_validate(
+            {
+                "index": name,
+                "ivf": {"nlist": args.nlist, "nprobe": args.nprobe},
+                "hnsw": {"m": args.m, "ef_search": args.ef_search},
+            }
+        )
+        for name in dict.fromkeys(["flat", *names])  # flat: the exact answer recall counts
+    }
+    caches = {name: IndexCache() for name in configs}
+    build_s = {}
+    for name, config in configs.items():
+        started = time.perf_counter()
+        if name != "flat":
+            caches[name].index_for(items, config)
+        build_s[name] = time.perf_counter() - started
+
+    def search(name: str, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return exact_top_k(
+            batch,
+            items,
+            args.k,
+            user_batch=args.user_batch,
+            device="cpu",
+            retrieval=configs[name],
+            indexes=caches[name],
+        )
+
+    best = dict.fromkeys(configs, float("inf"))
+    best_cpu = dict.fromkeys(configs, float("inf"))
+    found: dict[str, np.ndarray] = {}
+    for name in configs:
+        search(name, users[: min(len(users), 256)])
+    for _ in range(args.repeats):
+        for name in configs:
+            seconds, cpu_seconds, positions, _ = timed(partial(search, name), users)
+            best[name] = min(best[name], seconds)
+            best_cpu[name] = min(best_cpu[name], cpu_seconds)
+            found[name] = positions
+    rows = np.arange(len(users))[:, None] * args.items
+    exact = (found["flat"] + rows).ravel()
+    table = {}
+    for name in configs:
+        hits = np.isin((found[name] + rows).ravel(), exact).sum()
+        table[name] = {
+            "build_s": round(build_s[name], 2),
+            "users_per_s": round(len(users) / best[name], 1),
+            "cpu_s": round(best_cpu[name], 3),
+            f"recall_at_{args.k}": round(float(hits / exact.size), 5),
+        }
+    data = f"{args.clusters} clusters" if args.clusters else "uniform"
+    print(
+        f"indexes, top-{args.k}: {args.users} users × {args.items} items ({data}), "
+        f"d={args.dim}, {args.threads} threads; ivf nlist {args.nlist} nprobe {args.nprobe}, "
+        f"hnsw m {args.m} ef_search {args.ef_search}"
+    )
+    print(f"{'index':<8} {'build s':>8} {'users/s':>10} {'CPU s':>8} {'recall@k':>9}")
+    for name, row in table.items():
+        print(
+            f"{name:<8} {row['build_s']:>8.2f} {row['users_per_s']:>10.0f} "
+            f"{row['cpu_s']:>8.2f} {row[f'recall_at_{args.k}']:>9.4f}"
+        )
+    return table
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--users", type=int, default=5_000)
@@ -90,6 +196,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--indexes", default="flat,ivf,hnsw", help="comma-separated; empty: skip (CPU only)"
+    )
+    parser.add_argument("--clusters", type=int, default=256, help="0: uniform vectors")
+    parser.add_argument("--nlist", type=int, default=1024)
+    parser.add_argument("--nprobe", type=int, default=64)
+    parser.add_argument("--m", type=int, default=32)
+    parser.add_argument("--ef-search", type=int, default=512)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -169,6 +283,12 @@ def main() -> None:
         "same_positions": round(same_positions, 5),
         "peak_rss_mib": {name: round(value, 1) for name, value in rss.items()},
         "max_score_error": max_score_error,
+        "index_data": {
+            "clusters": args.clusters,
+            "ivf": {"nlist": args.nlist, "nprobe": args.nprobe},
+            "hnsw": {"m": args.m, "ef_search": args.ef_search},
+        },
+        "indexes": compare_indexes(args, rng) if device.type == "cpu" and args.indexes else None,
     }
     print(json.dumps(summary))
 

@@ -101,6 +101,46 @@ class TrainingConfig(_Strict):
     seed: int = 7
 
 
+class IvfConfig(_Strict):
+    """faiss `IndexIVFFlat`: items split into clusters, each user searches the nearest few."""
+
+    nlist: int = Field(1024, ge=2)
+    """Clusters; capped at items / 39 (faiss wants 39 training items per cluster). A catalog
+    too small for two clusters is searched exactly."""
+    nprobe: int = Field(64, ge=1)
+    """Clusters searched per user: recall and cost both rise with it."""
+
+    @model_validator(mode="after")
+    def _probe_within_clusters(self) -> IvfConfig:
+        if self.nprobe > self.nlist:
+            raise ValueError(
+                f"nprobe ({self.nprobe}) must be at most nlist ({self.nlist}): a user cannot "
+                f"search more clusters than there are"
+            )
+        return self
+
+
+class HnswConfig(_Strict):
+    """faiss `IndexHNSWFlat`: a neighbour graph over the items, walked from an entry point."""
+
+    m: int = Field(32, ge=4, le=128)
+    """Graph neighbours per item: memory, build time and recall rise with it."""
+    ef_search: int = Field(512, ge=1)
+    """Candidates kept during a search (never fewer than the items it returns, k + 16 + the
+    subject's exclusions): recall and cost rise with it."""
+
+
+class RetrievalConfig(_Strict):
+    """How the two-tower source finds each subject's top-K items on the CPU (any other
+    device always runs the exact search in torch)."""
+
+    index: Literal["flat", "ivf", "hnsw"] = "flat"
+    """flat: exact. ivf, hnsw: approximate, at a recall measured by
+    benchmarks/bench_retrieval.py."""
+    ivf: IvfConfig = IvfConfig()
+    hnsw: HnswConfig = HnswConfig()
+
+
 class PipelineConfig(_Strict):
     shards: Annotated[int, Field(ge=1, strict=True)] | Literal["auto"] = "auto"
     """Subject shards per partition, each one step of the heavy assets: a count, or `auto`
@@ -108,6 +148,7 @@ class PipelineConfig(_Strict):
     shard_subjects: int = Field(4000, ge=1)
     """Target subjects per shard under `shards: auto` (bounds a step's memory)."""
     retrieval_item_chunk: int = Field(50000, ge=1)
+    retrieval: RetrievalConfig = RetrievalConfig()
     recent_items_per_user: int = Field(20, ge=1)
     recent_history_items: int = Field(5, ge=1)
     """The subject's latest items behind the `*_recent_score` ranker inputs."""

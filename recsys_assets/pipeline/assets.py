@@ -496,6 +496,8 @@ def _merged(
 
 CANDIDATE_SOURCES = "candidate_sources"
 """The `_run_inputs` entry of a partition's model bundle and candidate sources."""
+TWO_TOWER_RETRIEVER = "two_tower_retriever"
+"""The `_run_inputs` entry of the two_tower source's retriever (and its ivf / hnsw index)."""
 
 
 def _run_lineage(context: dg.OpExecutionContext) -> list[str]:
@@ -591,8 +593,14 @@ def candidate_pools_shard(
         context.log.info(
             f"read shard {shard.index}'s candidate sources from {warehouse.uri(folder)}"
         )
-    two_tower = two_tower_retriever(
-        bundle.two_tower, item_chunk=settings.pipeline.retrieval_item_chunk
+    two_tower = _run_inputs(  # one retriever per run: an ivf / hnsw index is built once
+        context,
+        TWO_TOWER_RETRIEVER,
+        lambda: two_tower_retriever(
+            bundle.two_tower,
+            item_chunk=settings.pipeline.retrieval_item_chunk,
+            retrieval=settings.pipeline.retrieval,
+        ),
     )
     subject_shard = warehouse.read_parquet(shard_part_path("subjects", partition.path, shard.index))
     pool = candidate_stage.generate_candidates(
@@ -639,6 +647,7 @@ def candidate_pools_merge(
     """Every shard's candidate pools present and its own; metadata over the partition.
     The candidate sources go: every shard step of the run is done with them."""
     _release_run_inputs(CANDIDATE_SOURCES)
+    _release_run_inputs(TWO_TOWER_RETRIEVER)
     partition = SurfaceRegion.from_context(context)
     warehouse = recsys.warehouse()
     removed = remove_sources(warehouse, sources_folder(partition.path))

@@ -83,6 +83,12 @@ def pool_training_rows(
     controls = tables["user_controls"][tables["user_controls"]["ts"] <= score_time]
     labels = split.relevant.rename(columns={"user_id": "subject_id"}).assign(label=np.float32(1))
     frames = []
+    # One retriever: an approximate index is built once per catalog, not once per chunk.
+    two_tower = two_tower_retriever(
+        models.two_tower,
+        item_chunk=settings.pipeline.retrieval_item_chunk,
+        retrieval=settings.pipeline.retrieval,
+    )
     for region, members in users.groupby("region", sort=True):
         if region not in settings.regions:
             continue
@@ -105,9 +111,7 @@ def pool_training_rows(
                 members.iloc[start : start + size],
                 context,
                 surface,
-                two_tower=two_tower_retriever(
-                    models.two_tower, item_chunk=settings.pipeline.retrieval_item_chunk
-                ),
+                two_tower=two_tower,
                 recent_items_per_user=settings.pipeline.recent_items_per_user,
             )
             features = compute_features(

@@ -163,3 +163,33 @@ def test_a_duration_beyond_ten_years_is_a_config_error() -> None:
     data["surfaces"]["home_feed"]["ttl"] = "99999999999d"
     with pytest.raises(ConfigError, match=r"surfaces\.home_feed\.ttl: .*out of range"):
         settings_from_mapping(data)
+
+
+def test_the_retrieval_index_defaults_to_flat_and_takes_ivf_or_hnsw() -> None:
+    assert load_settings().pipeline.retrieval.index == "flat"
+    data = _default()
+    data["pipeline"]["retrieval"] = {"index": "ivf", "ivf": {"nlist": 256, "nprobe": 16}}
+    retrieval = settings_from_mapping(data).pipeline.retrieval
+    assert (retrieval.index, retrieval.ivf.nlist, retrieval.ivf.nprobe) == ("ivf", 256, 16)
+    assert retrieval.hnsw.m == 32  # the other index keeps its defaults
+
+
+@pytest.mark.parametrize(
+    ("block", "message"),
+    [
+        ({"index": "annoy"}, r"pipeline\.retrieval\.index: Input should be 'flat', 'ivf' or"),
+        (
+            {"ivf": {"nlist": 64, "nprobe": 128}},
+            r"pipeline\.retrieval\.ivf: nprobe \(128\) must be at most nlist \(64\)",
+        ),
+        ({"ivf": {"nlist": 1}}, r"pipeline\.retrieval\.ivf\.nlist: .*greater than or equal to 2"),
+        ({"hnsw": {"m": 2}}, r"pipeline\.retrieval\.hnsw\.m: .*greater than or equal to 4"),
+        ({"hnsw": {"ef_search": 0}}, r"pipeline\.retrieval\.hnsw\.ef_search: .*greater than"),
+        ({"hnsw": {"efSearch": 64}}, r"pipeline\.retrieval\.hnsw\.efSearch: unknown key"),
+    ],
+)
+def test_a_bad_retrieval_index_setting_is_refused_with_its_key(block: dict, message: str) -> None:
+    data = _default()
+    data["pipeline"]["retrieval"] = block
+    with pytest.raises(ConfigError, match=message):
+        settings_from_mapping(data)

@@ -1,7 +1,8 @@
 """Exact top-K equals a brute-force numpy reference (with exclusions, across user batches and
 depth groups), is canonical (equal scores by item position, the same answer from the faiss
 search, the torch search and a full scan), and retrieve_two_tower returns the
-candidate_pools source frame."""
+candidate_pools source frame. The approximate IVF and HNSW indexes return k canonical items
+per user at a recall floor, and a retriever builds its index once."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
+from recsys_assets.config.settings import RetrievalConfig
 from recsys_assets.models.two_tower import TwoTowerConfig, TwoTowerModel, train_two_tower
 from recsys_assets.pipeline import retrieval
 from recsys_assets.pipeline.retrieval import (
     exact_top_k,
     exclusions_from_pairs,
     retrieve_two_tower,
+    two_tower_retriever,
 )
 
 CPU = torch.device("cpu")
@@ -240,3 +243,144 @@ def test_retrieve_two_tower_clips_k_and_handles_empty_inputs(model: TwoTowerMode
     empty = retrieve_two_tower(model, np.array([], dtype=np.int64), candidates, 10)
     assert empty.empty and list(empty.columns) == list(frame.columns)
     assert retrieve_two_tower(model, np.array([5]), np.array([], dtype=np.int64), 10).empty
+
+
+APPROXIMATE = {
+    "ivf": RetrievalConfig.model_validate({"index": "ivf", "ivf": {"nlist": 64, "nprobe": 8}}),
+    "hnsw": RetrievalConfig.model_validate({"index": "hnsw", "hnsw": {"m": 16, "ef_search": 64}}),
+}
+
+
+def clustered(rng: np.random.Generator, count: int, centres: np.ndarray) -> np.ndarray:
+    """Unit vectors scattered around random cluster centres (as trained embeddings are)."""
+    vectors = centres[rng.integers(0, len(centres), count)]
+    vectors = vectors + 0.5 * rng.standard_normal(vectors.shape).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def counting(monkeypatch: pytest.MonkeyPatch, name: str) -> list[int]:
+    """Calls of retrieval.`name` from now on, one entry each."""
+    calls: list[int] = []
+    original = getattr(retrieval, name)
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(retrieval, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_approximate_index_returns_k_canonical_items_at_a_recall_floor(
+    index: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(21)
+    centres = rng.standard_normal((32, 16)).astype(np.float32)
+    users, items = clustered(rng, 300, centres), clustered(rng, 8_000, centres)
+    k = 100
+    exclude, excluded = random_exclusions(rng, len(users), len(items), most=30)
+    full_scans = counting(monkeypatch, "_full_scan")
+    positions, scores = exact_top_k(
+        users, items, k, exclude=exclude, device=CPU, retrieval=APPROXIMATE[index]
+    )
+    # The index's candidates are kept: no user falls back to the full scan.
+    assert not full_scans
+    assert positions.shape == scores.shape == (len(users), k)
+    assert (positions >= 0).all()
+    assert all(len(set(row.tolist())) == k for row in positions)
+    rows = np.repeat(np.arange(len(users)), k)
+    assert not {(int(r), int(c)) for r, c in zip(rows, positions.ravel(), strict=True)} & excluded
+    # Canonical scores (a numpy dot product of the two vectors) in canonical order.
+    gathered = items[positions]
+    np.testing.assert_array_equal(scores, np.einsum("ijd,id->ij", gathered, users, optimize=False))
+    falls = np.diff(scores, axis=1)
+    assert (falls <= 0).all()
+    assert (np.diff(positions, axis=1)[falls == 0] > 0).all()
+    exact_positions, _ = exact_top_k(users, items, k, exclude=exclude, device=CPU)
+    recall = np.mean(
+        [len(set(a) & set(b)) / k for a, b in zip(positions, exact_positions, strict=True)]
+    )
+    assert recall >= 0.98, recall  # measured: ivf 0.999, hnsw 0.998
+
+
+def test_a_user_the_index_leaves_short_of_k_is_scanned_in_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rng = np.random.default_rng(22)
+    centres = rng.standard_normal((32, 16)).astype(np.float32)
+    users, items = clustered(rng, 60, centres), clustered(rng, 4_000, centres)
+    # One cluster of ~60 items searched per user: too few for k = 150.
+    config = RetrievalConfig.model_validate({"index": "ivf", "ivf": {"nlist": 64, "nprobe": 1}})
+    full_scans = counting(monkeypatch, "_full_scan")
+    positions, scores = exact_top_k(users, items, 150, device=CPU, retrieval=config)
+    assert 0 < len(full_scans) < len(users)  # measured: 57 of 60
+    assert (positions >= 0).all()
+    # Those users got the exact answer.
+    reference_positions, reference_scores = canonical_reference(users, items, 150, set())
+    exact_rows = (positions == reference_positions).all(axis=1)
+    assert exact_rows.sum() >= len(full_scans)
+    np.testing.assert_array_equal(scores[exact_rows], reference_scores[exact_rows])
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_approximate_search_of_every_item_is_the_exact_answer(index: str) -> None:
+    """k = every item (IVF: a catalog too small for two clusters, searched exactly), with
+    exclusions: each user gets all its items, in canonical order."""
+    rng = np.random.default_rng(23)
+    users = rng.standard_normal((40, 8)).astype(np.float32)
+    items = rng.standard_normal((70, 8)).astype(np.float32)
+    exclude, excluded = random_exclusions(rng, len(users), len(items), most=20)
+    positions, scores = exact_top_k(
+        users, items, 70, exclude=exclude, device=CPU, retrieval=APPROXIMATE[index]
+    )
+    reference_positions, reference_scores = canonical_reference(users, items, 70, excluded)
+    np.testing.assert_array_equal(positions, reference_positions)
+    np.testing.assert_array_equal(scores, reference_scores)
+
+
+def test_flat_is_the_default_and_builds_no_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    builds = counting(monkeypatch, "_build_index")
+    users, items, _ = tied_catalog(np.random.default_rng(24))
+    positions, scores = exact_top_k(users, items, 60, device=CPU, retrieval=RetrievalConfig())
+    reference_positions, reference_scores = canonical_reference(users, items, 60, set())
+    np.testing.assert_array_equal(positions, reference_positions)
+    np.testing.assert_array_equal(scores, reference_scores)
+    assert not builds
+
+
+@pytest.mark.parametrize("index", ["ivf", "hnsw"])
+def test_a_retriever_builds_its_index_once_per_catalog(
+    index: str, model: TwoTowerModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(retrieval, "pick_device", lambda: CPU)
+    builds = counting(monkeypatch, "_build_index")
+    two_tower = two_tower_retriever(model, item_chunk=1_000, retrieval=APPROXIMATE[index])
+    assert two_tower is not None
+    candidates = np.arange(100, dtype=np.int64)
+    blocked = pd.DataFrame({"subject_id": [3], "item_id": [10]})
+    for shard in (np.array([1, 2, 3]), np.array([4, 5]), np.array([3, 6, 7])):
+        frame = two_tower(shard, candidates, 20, blocked)
+        assert frame.groupby("subject_id").size().tolist() == [20] * len(shard)
+    assert len(builds) == 1
+    two_tower(np.array([1]), candidates[:90], 20, blocked)
+    assert len(builds) == 2
+
+
+def test_another_device_runs_the_exact_search_whatever_the_index(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A CUDA target searches exactly in torch (here on the CPU) and builds no index."""
+    builds = counting(monkeypatch, "_build_index")
+    torch_search = retrieval._torch_search
+    monkeypatch.setattr(
+        retrieval,
+        "_torch_search",
+        lambda items, device, **sizes: torch_search(items, CPU, **sizes),
+    )
+    users, items, _ = tied_catalog(np.random.default_rng(25))
+    positions, scores = exact_top_k(users, items, 60, device="cuda", retrieval=APPROXIMATE["hnsw"])
+    reference_positions, reference_scores = canonical_reference(users, items, 60, set())
+    np.testing.assert_array_equal(positions, reference_positions)
+    np.testing.assert_array_equal(scores, reference_scores)
+    assert not builds

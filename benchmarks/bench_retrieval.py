@@ -41,7 +41,9 @@ import numpy as np
 import torch
 
 from recsys_assets.config.settings import RetrievalConfig
+from recsys_assets.models.bundle import load_bundle
 from recsys_assets.pipeline.retrieval import IndexCache, exact_top_k
+from recsys_assets.warehouse import Warehouse
 
 Search = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 """users -> (positions, scores), best first."""
@@ -102,13 +104,28 @@ def timed(search: Search, users: np.ndarray) -> tuple[float, float, np.ndarray, 
     return time.perf_counter() - started, time.process_time() - cpu_started, positions, scores
 
 
+def model_embeddings(warehouse: str, users: int) -> tuple[np.ndarray, np.ndarray]:
+    """(item vectors of the whole catalog, user vectors of the first `users` users) of the
+    two-tower model in the warehouse's bundle: the recall an index reaches on the vectors it
+    would search in production, not on synthetic ones."""
+    model = load_bundle(Warehouse(warehouse)).two_tower
+    if model is None:
+        raise SystemExit(f"the bundle in {warehouse} has no two-tower model")
+    return (
+        np.ascontiguousarray(model.item_embeddings(model.item_ids), dtype=np.float32),
+        np.ascontiguousarray(model.user_embeddings(model.user_ids[:users]), dtype=np.float32),
+    )
+
+
 def compare_indexes(
     args: argparse.Namespace, rng: np.random.Generator
 ) -> dict[str, dict[str, float]]:
     """Per index of --indexes: build seconds, users/s, CPU seconds and recall@k against
     flat's answer, on the data --clusters sets; printed as a table and returned for the
     summary."""
-    if args.clusters:
+    if args.embeddings_from:
+        items, users = model_embeddings(args.embeddings_from, args.users)
+    elif args.clusters:
         centres = rng.standard_normal((args.clusters, args.dim)).astype(np.float32)
         items = clustered_vectors(rng, args.items, centres)
         users = clustered_vectors(rng, args.users, centres)
@@ -158,7 +175,7 @@ def compare_indexes(
             best[name] = min(best[name], seconds)
             best_cpu[name] = min(best_cpu[name], cpu_seconds)
             found[name] = positions
-    rows = np.arange(len(users))[:, None] * args.items
+    rows = np.arange(len(users))[:, None] * len(items)
     exact = (found["flat"] + rows).ravel()
     table = {}
     for name in configs:
@@ -169,10 +186,16 @@ def compare_indexes(
             "cpu_s": round(best_cpu[name], 3),
             f"recall_at_{args.k}": round(float(hits / exact.size), 5),
         }
-    data = f"{args.clusters} clusters" if args.clusters else "uniform"
+    data = (
+        f"two-tower embeddings of {args.embeddings_from}"
+        if args.embeddings_from
+        else f"{args.clusters} clusters"
+        if args.clusters
+        else "uniform"
+    )
     print(
-        f"indexes, top-{args.k}: {args.users} users × {args.items} items ({data}), "
-        f"d={args.dim}, {args.threads} threads; ivf nlist {args.nlist} nprobe {args.nprobe}, "
+        f"indexes, top-{args.k}: {len(users)} users × {len(items)} items ({data}), "
+        f"d={items.shape[1]}, {args.threads} threads; ivf nlist {args.nlist} nprobe {args.nprobe}, "
         f"hnsw m {args.m} ef_search {args.ef_search}"
     )
     print(f"{'index':<8} {'build s':>8} {'users/s':>10} {'CPU s':>8} {'recall@k':>9}")
@@ -200,6 +223,12 @@ def main() -> None:
         "--indexes", default="flat,ivf,hnsw", help="comma-separated; empty: skip (CPU only)"
     )
     parser.add_argument("--clusters", type=int, default=256, help="0: uniform vectors")
+    parser.add_argument(
+        "--embeddings-from",
+        metavar="WAREHOUSE",
+        help="compare the indexes on the two-tower vectors of this warehouse's model bundle "
+        "(e.g. benchmarks/output/bench_pipeline/medium) instead of synthetic ones",
+    )
     parser.add_argument("--nlist", type=int, default=1024)
     parser.add_argument("--nprobe", type=int, default=64)
     parser.add_argument("--m", type=int, default=32)
@@ -285,6 +314,7 @@ def main() -> None:
         "max_score_error": max_score_error,
         "index_data": {
             "clusters": args.clusters,
+            "embeddings_from": args.embeddings_from,
             "ivf": {"nlist": args.nlist, "nprobe": args.nprobe},
             "hnsw": {"m": args.m, "ef_search": args.ef_search},
         },

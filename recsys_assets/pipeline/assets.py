@@ -1077,12 +1077,10 @@ def slates_shard(
     partition = SurfaceRegion.from_context(context)
     warehouse, settings = recsys.warehouse(), recsys.settings()
     surface = settings.surface(partition.surface)
-    path = shard_part_path("scored_candidates", partition.path, shard.index)
-    present = set(warehouse.dataset(path).schema.names)
-    scored = warehouse.read_parquet(  # what the policy reads: not the predictions and components
-        path,
-        columns=[c for c in (*SCORED_COLUMNS, *OPTIONAL_LINEAGE_COLUMNS) if c in present],
-    )
+    part = warehouse.dataset(shard_part_path("scored_candidates", partition.path, shard.index))
+    scored = part.to_table(  # what the policy reads: not the predictions and components
+        columns=[c for c in (*SCORED_COLUMNS, *OPTIONAL_LINEAGE_COLUMNS) if c in part.schema.names]
+    ).to_pandas()
     slate = build_slates(scored, surface, seed=settings.training.seed)
     lengths = (
         slate.groupby("subject_id").size().reindex(scored["subject_id"].unique(), fill_value=0)

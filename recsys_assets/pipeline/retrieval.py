@@ -412,12 +412,8 @@ def _settle(
         settled = np.ones(len(rows), dtype=bool)
     else:
         settled = found_scores[:, k - 1] > bound
-    if settled.all() and rows[-1] - rows[0] + 1 == len(rows):
-        positions[rows[0] : rows[-1] + 1] = found[:, :k]
-        scores[rows[0] : rows[-1] + 1] = found_scores[:, :k]
-    else:
-        positions[rows[settled]] = found[settled, :k]
-        scores[rows[settled]] = found_scores[settled, :k]
+    positions[rows[settled]] = found[settled, :k]
+    scores[rows[settled]] = found_scores[settled, :k]
     return rows[~settled]
 
 

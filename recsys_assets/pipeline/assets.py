@@ -79,6 +79,8 @@ from recsys_assets.pipeline.shards import (
     RowSample,
     ShardWriteResult,
     UniformSample,
+    block_threads,
+    in_subject_blocks,
     markdown_table,
     merge_in_subject_order,
     part_name,
@@ -603,12 +605,16 @@ def candidate_pools_shard(
         ),
     )
     subject_shard = warehouse.read_parquet(shard_part_path("subjects", partition.path, shard.index))
-    pool = candidate_stage.generate_candidates(
+    pool = in_subject_blocks(
         subject_shard,
-        ingredients,
-        surface,
-        two_tower=two_tower,
-        recent_items_per_user=settings.pipeline.recent_items_per_user,
+        lambda subjects: candidate_stage.generate_candidates(
+            subjects,
+            ingredients,
+            surface,
+            two_tower=two_tower,
+            recent_items_per_user=settings.pipeline.recent_items_per_user,
+        ),
+        block_threads(settings.pipeline.step_threads),
     )
     per_subject = (
         pool.groupby("subject_id").size().reindex(subject_shard["subject_id"], fill_value=0)
@@ -1081,7 +1087,11 @@ def slates_shard(
     scored = part.to_table(  # what the policy reads: not the predictions and components
         columns=[c for c in (*SCORED_COLUMNS, *OPTIONAL_LINEAGE_COLUMNS) if c in part.schema.names]
     ).to_pandas()
-    slate = build_slates(scored, surface, seed=settings.training.seed)
+    slate = in_subject_blocks(
+        scored,
+        lambda block: build_slates(block, surface, seed=settings.training.seed),
+        block_threads(settings.pipeline.step_threads),
+    )
     lengths = (
         slate.groupby("subject_id").size().reindex(scored["subject_id"].unique(), fill_value=0)
     )

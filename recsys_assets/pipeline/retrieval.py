@@ -49,6 +49,7 @@ items and hnsw 0.909 at half flat's speed: measure on the model's own embeddings
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -186,14 +187,20 @@ class IndexCache:
         self._items: np.ndarray | None = None
         self._config: RetrievalConfig | None = None
         self._index: faiss.Index | None = None
+        self._lock = threading.Lock()  # shard steps search from several threads at once
 
     def index_for(self, items: np.ndarray, config: RetrievalConfig) -> faiss.Index | None:
         """The index `config` names over `items` (None: a catalog too small for two IVF
         clusters, searched exactly)."""
-        if config != self._config or self._items is None or not np.array_equal(items, self._items):
-            self._index = _build_index(items, config)
-            self._items, self._config = items.copy(), config
-        return self._index
+        with self._lock:
+            if (
+                config != self._config
+                or self._items is None
+                or not np.array_equal(items, self._items)
+            ):
+                self._index = _build_index(items, config)
+                self._items, self._config = items.copy(), config
+            return self._index
 
 
 def _build_index(items: np.ndarray, config: RetrievalConfig) -> faiss.Index | None:

@@ -12,7 +12,10 @@ count, for publishing.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import pairwise
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -20,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
+import torch
 
 from recsys_assets.contracts import ContractViolation
 from recsys_assets.data.snapshot import RawDataMissing, raw_table_path
@@ -64,6 +68,39 @@ def shard_parts(warehouse: Warehouse, asset: str, partition_path: str) -> int:
             "partition again"
         )
     return len(names)
+
+
+def block_threads(configured: int | Literal["auto"]) -> int:
+    """Threads a shard step spreads its subjects over (`pipeline.step_threads`): `auto` is
+    torch's thread count, the CPU share this process has (`recsys run` sets it to the cores
+    divided by the partitions it runs at once)."""
+    return torch.get_num_threads() if configured == "auto" else configured
+
+
+def in_subject_blocks(
+    frame: pd.DataFrame, work: Callable[[pd.DataFrame], pd.DataFrame], threads: int
+) -> pd.DataFrame:
+    """`work(frame)`, computed as `work` over up to `threads` blocks of whole subjects at
+    once, one thread each, and concatenated in block order.
+
+    `frame`'s rows must be in subject order (`subject_id` non-decreasing), and `work` must
+    treat each subject on its own, as the shard steps' work does (the same subject gives the
+    same rows in any shard): then the result is the same as one call. Most of that work is in
+    numpy, pandas, scipy, faiss and pyarrow calls that release the GIL, so the blocks share
+    the cores a single step would otherwise leave idle.
+    """
+    subject_ids = frame["subject_id"].to_numpy()
+    if threads <= 1 or len(frame) == 0 or subject_ids[0] == subject_ids[-1]:
+        return work(frame)
+    if np.any(subject_ids[1:] < subject_ids[:-1]):
+        raise ValueError("in_subject_blocks: the frame's rows are not in subject_id order")
+    # Each block starts at the first row of the subject an even split would land in.
+    even = [len(frame) * block // threads for block in range(1, threads)]
+    starts = np.searchsorted(subject_ids, subject_ids[even], side="left")
+    bounds = np.unique(np.concatenate(([0], starts, [len(frame)])))
+    blocks = [frame.iloc[start:stop] for start, stop in pairwise(bounds)]
+    with ThreadPoolExecutor(len(blocks), thread_name_prefix="subject-block") as pool:
+        return pd.concat(list(pool.map(work, blocks)), ignore_index=True)
 
 
 def write_shard_part(

@@ -253,6 +253,11 @@ class Warehouse:
         utilities are nearly all distinct, so the writer built a dictionary per page only
         to drop it. On a 1.55M-row scored_candidates part: 0.80 s instead of 1.38 s, 5%
         smaller.
+
+        Min/max statistics only for columns that are neither floating point nor dictionary
+        coded text: readers prune row groups by ids and times, never by a score or a coded
+        label, and a coded column's statistics cost more than the rest of its writing (the
+        same part: 0.15 s instead of 0.25 s).
         """
         table = (
             frame
@@ -266,6 +271,11 @@ class Warehouse:
             compression="lz4",
             use_dictionary=[
                 field.name for field in table.schema if not pa.types.is_floating(field.type)
+            ],
+            write_statistics=[
+                field.name
+                for field in table.schema
+                if not (pa.types.is_floating(field.type) or pa.types.is_dictionary(field.type))
             ],
         )
         self.write_bytes(relative, buffer.getvalue())

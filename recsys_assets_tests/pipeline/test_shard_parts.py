@@ -1,12 +1,19 @@
-"""Shard assignment, the merge step's verification and the subject-order merge."""
+"""Shard assignment, the merge step's verification, the subject-order merge and a step's
+subjects spread over threads."""
 
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
+from recsys_assets.config.settings import PipelineConfig
 from recsys_assets.pipeline.shards import (
+    block_threads,
+    in_subject_blocks,
     merge_in_subject_order,
     part_name,
     shard_parts,
@@ -113,3 +120,96 @@ def test_shard_count_comes_from_the_subjects_parts(local_warehouse: Warehouse) -
     local_warehouse.delete(f"{folder}/{part_name(0)}")
     with pytest.raises(FileNotFoundError, match=r"has parts \['part-00001.parquet'\]"):
         shard_parts(local_warehouse, "subjects", partition)
+
+
+def _candidate_rows() -> pd.DataFrame:
+    """Rows grouped by subject, uneven per subject, with coded text."""
+    generator = np.random.default_rng(3)
+    subjects = np.repeat(np.arange(40, dtype="int64"), generator.integers(1, 30, size=40))
+    return pd.DataFrame(
+        {
+            "subject_id": subjects,
+            "item_id": generator.integers(0, 1_000, size=len(subjects)),
+            "score": generator.random(len(subjects)).astype("float32"),
+            "source": pd.Categorical.from_codes(
+                generator.integers(0, 3, size=len(subjects)), ["a", "b", "c"]
+            ),
+        }
+    )
+
+
+def _top_two(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per-subject work: each subject's two best rows."""
+    ordered = frame.sort_values(["subject_id", "score"], ascending=[True, False], kind="stable")
+    return ordered.groupby("subject_id", sort=False).head(2).reset_index(drop=True)
+
+
+def test_subject_blocks_on_threads_give_what_one_call_gives() -> None:
+    rows = _candidate_rows()
+    seen: list[set[int]] = []
+    both_running = threading.Barrier(2, timeout=10)
+
+    def work(block: pd.DataFrame) -> pd.DataFrame:
+        seen.append(set(block["subject_id"]))
+        both_running.wait()  # two blocks at once, or a BrokenBarrierError after 10 s
+        return _top_two(block)
+
+    threaded = in_subject_blocks(rows, work, threads=2)
+    pd.testing.assert_frame_equal(threaded, _top_two(rows))
+    assert threaded["source"].dtype == rows["source"].dtype
+    assert len(seen) == 2 and not seen[0] & seen[1]  # whole subjects, none in two blocks
+    assert seen[0] | seen[1] == set(rows["subject_id"])
+
+
+def test_subject_blocks_never_split_a_subject_and_stay_in_order() -> None:
+    rows = _candidate_rows()
+    for threads in (1, 3, 7, 40, 500):
+        blocks: list[pd.DataFrame] = []
+        result = in_subject_blocks(rows, lambda b, seen=blocks: seen.append(b) or b, threads)
+        pd.testing.assert_frame_equal(result, rows)
+        assert 1 <= len(blocks) <= min(threads, rows["subject_id"].nunique())
+        owners = pd.concat(
+            [block[["subject_id"]].assign(block=i) for i, block in enumerate(blocks)]
+        )
+        assert (owners.groupby("subject_id")["block"].nunique() == 1).all()
+
+
+def test_one_thread_one_subject_or_no_rows_is_one_call() -> None:
+    rows = _candidate_rows()
+    calls: list[int] = []
+
+    def work(block: pd.DataFrame) -> pd.DataFrame:
+        calls.append(len(block))
+        return block
+
+    in_subject_blocks(rows, work, threads=1)
+    in_subject_blocks(rows[rows["subject_id"] == 5], work, threads=4)
+    in_subject_blocks(rows.iloc[:0], work, threads=4)
+    assert calls == [len(rows), int((rows["subject_id"] == 5).sum()), 0]
+
+
+def test_subject_blocks_refuse_rows_out_of_subject_order() -> None:
+    rows = _candidate_rows().sample(frac=1.0, random_state=0)
+    with pytest.raises(ValueError, match="not in subject_id order"):
+        in_subject_blocks(rows, _top_two, threads=2)
+
+
+def test_a_failing_block_fails_the_whole_call() -> None:
+    def work(block: pd.DataFrame) -> pd.DataFrame:
+        if 39 in set(block["subject_id"]):
+            raise RuntimeError("subject 39 broke")
+        return block
+
+    with pytest.raises(RuntimeError, match="subject 39 broke"):
+        in_subject_blocks(_candidate_rows(), work, threads=2)
+
+
+def test_step_threads_is_a_count_or_auto_for_torch_threads() -> None:
+    import torch
+
+    assert PipelineConfig().step_threads == "auto"
+    assert block_threads("auto") == torch.get_num_threads()
+    assert block_threads(PipelineConfig(step_threads=3).step_threads) == 3
+    for bad in (0, -1, "2", 1.5):
+        with pytest.raises(ValidationError, match="step_threads"):
+            PipelineConfig(step_threads=bad)

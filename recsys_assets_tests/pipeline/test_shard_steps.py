@@ -51,13 +51,16 @@ class ShardedRun:
     subjects: pd.Series
 
 
-def _refresh(tiny_trained_root: Path, folder: Path, shards: int) -> ShardedRun:
-    """The partition's refresh run with `pipeline.shards`, on the warehouse in `folder`
-    (a copy of `tiny_trained_root` the first time)."""
+def _refresh(
+    tiny_trained_root: Path, folder: Path, shards: int, step_threads: int = 1
+) -> ShardedRun:
+    """The partition's refresh run with `pipeline.shards` and `pipeline.step_threads`, on the
+    warehouse in `folder` (a copy of `tiny_trained_root` the first time)."""
     if not (folder / "warehouse").exists():
         shutil.copytree(tiny_trained_root, folder / "warehouse")
     config = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
     config["pipeline"]["shards"] = shards
+    config["pipeline"]["step_threads"] = step_threads
     config_path = folder / f"surfaces_{shards}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     warehouse = Warehouse((folder / "warehouse").as_uri())
@@ -114,20 +117,22 @@ def eight_shards_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def eight_shards(
     tiny_trained_root: Path, eight_shards_folder: Path
 ) -> Iterator[tuple[ShardedRun, Path]]:
-    """Eight shards, and shard 3 of scored_candidates dies once right after writing its
-    part (SHARD_FAULT_ENV_VAR): its step is retried."""
+    """Eight shards, each step's subjects over three threads, and shard 3 of
+    scored_candidates dies once right after writing its part (SHARD_FAULT_ENV_VAR): its step
+    is retried."""
     marker = eight_shards_folder / "fault"
     marker.write_text("scored_candidates/3")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(SHARD_FAULT_ENV_VAR, str(marker))
-        yield _refresh(tiny_trained_root, eight_shards_folder, shards=8), marker
+        yield _refresh(tiny_trained_root, eight_shards_folder, shards=8, step_threads=3), marker
 
 
 @pytest.fixture(scope="module")
 def one_shard(
     tiny_trained_root: Path, eight_shards_folder: Path, eight_shards: tuple[ShardedRun, Path]
 ) -> ShardedRun:
-    """One shard, on the warehouse the eight-shard run left: its extra parts must go."""
+    """One shard on one thread, on the warehouse the eight-shard run left: its extra parts
+    must go."""
     return _refresh(tiny_trained_root, eight_shards_folder, shards=1)
 
 
@@ -159,7 +164,7 @@ def test_each_heavy_asset_runs_one_step_per_shard(
     assert subjects.metadata["shards"].value == 8
 
 
-def test_published_lists_are_byte_identical_with_one_and_eight_shards(
+def test_published_lists_are_byte_identical_with_one_shard_and_eight_threaded_shards(
     one_shard: ShardedRun, eight_shards: tuple[ShardedRun, Path]
 ) -> None:
     run, _ = eight_shards

@@ -946,25 +946,38 @@ def scored_candidates_shard(
             },
         },
     )
-    gathered = gather_features(tables, pool)
     try:
         precision = scoring_precision(recsys.settings().pipeline.scoring_precision, bundle)
     except ScoringPrecisionError as error:  # configuration, not a transient fault: no retry
         raise dg.Failure(str(error), allow_retries=False) from error
-    prediction, calibrated = score_in_blocks(bundle, gathered.matrix, precision=precision)
+
+    def gather_and_score(block: pd.DataFrame) -> pd.DataFrame:
+        gathered = gather_features(tables, block)
+        prediction, calibrated = score_in_blocks(bundle, gathered.matrix, precision=precision)
+        return score_candidates(
+            block,
+            prediction,
+            calibrated,
+            items,
+            score_time=score_time,
+            popularity_percentile=popularity,
+            lineage=lineage,
+        )
+
+    # A GPU takes one stream of scoring blocks; on the CPU the gathers share the cores.
+    on_cpu = bundle.ranker.device.type == "cpu"
+    scored = in_subject_blocks(
+        pool,
+        gather_and_score,
+        block_threads(recsys.settings().pipeline.step_threads) if on_cpu else 1,
+    )
     context.add_output_metadata(
         {"scoring_device": str(bundle.ranker.device), "scoring_precision": precision}
     )
     sample = RowSample(math.ceil(FEATURE_SAMPLE_ROWS / shard.count), seed=shard.index)
-    sample.add(len(pool), lambda rows: gathered.take(rows).frame(pool.iloc[rows], score_time))
-    scored = score_candidates(
-        pool,
-        prediction,
-        calibrated,
-        items,
-        score_time=score_time,
-        popularity_percentile=popularity,
-        lineage=lineage,
+    sample.add(  # the sampled rows gathered again: the same lookups, a few thousand rows
+        len(pool),
+        lambda rows: gather_features(tables, pool.iloc[rows]).frame(pool.iloc[rows], score_time),
     )
     utilities = UniformSample(math.ceil(UTILITY_SAMPLE_ROWS / shard.count), seed=shard.index)
     utilities.add(scored["utility"].to_numpy())

@@ -236,10 +236,6 @@ class GatheredFeatures:
     feature_timestamp: np.ndarray
     """datetime64[us] per row."""
 
-    def take(self, rows: np.ndarray) -> GatheredFeatures:
-        """These rows only (positions)."""
-        return GatheredFeatures(self.matrix[rows], self.feature_timestamp[rows])
-
     def frame(self, pool: pd.DataFrame, score_time: pd.Timestamp) -> pd.DataFrame:
         """What `compute_features` returns for these rows: the pool's own columns, score_time,
         feature_timestamp, the features and the version (debug samples, tests)."""

@@ -17,13 +17,14 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import dagster as dg
 import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
+import torch
 from dagster_duckdb import DuckDBResource
 
 from recsys_assets.config import ConfigError
@@ -79,7 +80,6 @@ from recsys_assets.pipeline.shards import (
     RowSample,
     ShardWriteResult,
     UniformSample,
-    block_threads,
     in_subject_blocks,
     markdown_table,
     merge_in_subject_order,
@@ -605,16 +605,12 @@ def candidate_pools_shard(
         ),
     )
     subject_shard = warehouse.read_parquet(shard_part_path("subjects", partition.path, shard.index))
-    pool = in_subject_blocks(
+    pool = candidate_stage.generate_candidates(
         subject_shard,
-        lambda subjects: candidate_stage.generate_candidates(
-            subjects,
-            ingredients,
-            surface,
-            two_tower=two_tower,
-            recent_items_per_user=settings.pipeline.recent_items_per_user,
-        ),
-        block_threads(settings.pipeline.step_threads),
+        ingredients,
+        surface,
+        two_tower=two_tower,
+        recent_items_per_user=settings.pipeline.recent_items_per_user,
     )
     per_subject = (
         pool.groupby("subject_id").size().reindex(subject_shard["subject_id"], fill_value=0)
@@ -903,6 +899,13 @@ def score_in_blocks(
         precision=precision,
     )
     return prediction, calibrated.astype(np.float64)
+
+
+def block_threads(configured: int | Literal["auto"]) -> int:
+    """Threads a shard step spreads its subjects over (`pipeline.step_threads`): `auto` is
+    torch's thread count, the CPU share this process has (`recsys run` sets it to the cores
+    divided by the partitions it runs at once)."""
+    return torch.get_num_threads() if configured == "auto" else configured
 
 
 @dg.op(retry_policy=SHARD_RETRY, tags=SCORING_STEP_TAGS)

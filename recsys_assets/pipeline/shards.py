@@ -15,7 +15,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -23,7 +22,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
-import torch
 
 from recsys_assets.contracts import ContractViolation
 from recsys_assets.data.snapshot import RawDataMissing, raw_table_path
@@ -68,13 +66,6 @@ def shard_parts(warehouse: Warehouse, asset: str, partition_path: str) -> int:
             "partition again"
         )
     return len(names)
-
-
-def block_threads(configured: int | Literal["auto"]) -> int:
-    """Threads a shard step spreads its subjects over (`pipeline.step_threads`): `auto` is
-    torch's thread count, the CPU share this process has (`recsys run` sets it to the cores
-    divided by the partitions it runs at once)."""
-    return torch.get_num_threads() if configured == "auto" else configured
 
 
 def in_subject_blocks(

@@ -11,8 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from recsys_assets.config.settings import PipelineConfig
+from recsys_assets.pipeline.assets import block_threads
 from recsys_assets.pipeline.shards import (
-    block_threads,
     in_subject_blocks,
     merge_in_subject_order,
     part_name,

@@ -158,8 +158,8 @@ class PipelineConfig(_Strict):
     partition_workers: int = Field(2, ge=1)
     """Partitions `recsys run` refreshes at a time, each in its own process."""
     step_threads: Annotated[int, Field(ge=1, strict=True)] | Literal["auto"] = "auto"
-    """Threads the scored_candidates (on the CPU) and slates shard steps spread their
-    subjects over: a count, or `auto` for torch's thread count (the cores,
+    """Threads the candidate_pools, scored_candidates (on the CPU) and slates shard steps
+    spread their subjects over: a count, or `auto` for torch's thread count (the cores,
     shared between the partitions `recsys run` refreshes at a time)."""
     scoring_precision: Literal["auto", "fp32", "bf16"] = "auto"
     """The ranker's precision in scored_candidates: `auto` = bf16 on CUDA when the bundle

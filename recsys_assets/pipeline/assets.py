@@ -605,12 +605,16 @@ def candidate_pools_shard(
         ),
     )
     subject_shard = warehouse.read_parquet(shard_part_path("subjects", partition.path, shard.index))
-    pool = candidate_stage.generate_candidates(
+    pool = in_subject_blocks(
         subject_shard,
-        ingredients,
-        surface,
-        two_tower=two_tower,
-        recent_items_per_user=settings.pipeline.recent_items_per_user,
+        lambda subjects: candidate_stage.generate_candidates(
+            subjects,
+            ingredients,
+            surface,
+            two_tower=two_tower,
+            recent_items_per_user=settings.pipeline.recent_items_per_user,
+        ),
+        block_threads(settings.pipeline.step_threads),
     )
     per_subject = (
         pool.groupby("subject_id").size().reindex(subject_shard["subject_id"], fill_value=0)

@@ -596,7 +596,8 @@ def _from_collaborative(
 def provenance_labels(present: np.ndarray) -> pd.Categorical:
     """`|`-joined source names per row of a (rows × SOURCES) boolean matrix, as coded text
     (pipeline/text.py): the row's combination of sources is its code, so no string is built
-    or hashed per row."""
+    or hashed per row. The categories are every combination, used or not, so any block of
+    subjects codes the same way (`in_subject_blocks`)."""
     packed = np.packbits(present, axis=1, bitorder="little")  # bit b = SOURCES[b]
     codes = np.zeros(len(present), dtype=np.int64)
     for byte in range(packed.shape[1]):
@@ -605,7 +606,7 @@ def provenance_labels(present: np.ndarray) -> pd.Categorical:
         "|".join(name for bit, name in enumerate(SOURCES) if code >> bit & 1)
         for code in range(1 << len(SOURCES))
     ]
-    return pd.Categorical.from_codes(codes, categories=labels).remove_unused_categories()
+    return pd.Categorical.from_codes(codes, categories=labels)
 
 
 def _empty_proposals() -> pd.DataFrame:

@@ -76,9 +76,12 @@ def in_subject_blocks(
 
     `frame`'s rows must be in subject order (`subject_id` non-decreasing), and `work` must
     treat each subject on its own, as the shard steps' work does (the same subject gives the
-    same rows in any shard): then the result is the same as one call. Most of that work is in
-    numpy, pandas, scipy, faiss and pyarrow calls that release the GIL, so the blocks share
-    the cores a single step would otherwise leave idle.
+    same rows in any shard), and code text with categories that do not depend on the rows (a
+    block's categories would otherwise differ from one call's, and so would the Parquet
+    bytes): then the result is the same as one call, byte for byte. Blocks whose categories
+    differ raise ValueError. Most of that work is in numpy, pandas, scipy, faiss and pyarrow
+    calls that release the GIL, so the blocks share the cores a single step would otherwise
+    leave idle.
     """
     subject_ids = frame["subject_id"].to_numpy()
     if threads <= 1 or len(frame) == 0 or subject_ids[0] == subject_ids[-1]:
@@ -91,7 +94,16 @@ def in_subject_blocks(
     bounds = np.unique(np.concatenate(([0], starts, [len(frame)])))
     blocks = [frame.iloc[start:stop] for start, stop in pairwise(bounds)]
     with ThreadPoolExecutor(len(blocks), thread_name_prefix="subject-block") as pool:
-        return pd.concat(list(pool.map(work, blocks)), ignore_index=True)
+        results = list(pool.map(work, blocks))
+    for column, dtype in results[0].dtypes.items():
+        if isinstance(dtype, pd.CategoricalDtype) and any(
+            not result[column].cat.categories.equals(dtype.categories) for result in results[1:]
+        ):
+            raise ValueError(
+                f"in_subject_blocks: column {column!r} has different categories in different "
+                "blocks; the work must code text with categories that do not depend on the rows"
+            )
+    return pd.concat(results, ignore_index=True)
 
 
 def write_shard_part(

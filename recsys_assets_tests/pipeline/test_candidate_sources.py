@@ -158,8 +158,13 @@ def _run(
     )
 
 
-def _copy(sharded_root: Path, folder: Path) -> Path:
+def _copy(sharded_root: Path, folder: Path, *, step_threads: int | None = None) -> Path:
+    """A copy of the sharded warehouse; `step_threads` sets pipeline.step_threads in it."""
     shutil.copytree(sharded_root, folder)
+    if step_threads is not None:
+        config = yaml.safe_load((folder / "surfaces.yaml").read_text())
+        config["pipeline"]["step_threads"] = step_threads
+        (folder / "surfaces.yaml").write_text(yaml.safe_dump(config))
     return folder
 
 
@@ -167,7 +172,7 @@ def _copy(sharded_root: Path, folder: Path) -> Path:
 def in_process(
     sharded_root: Path, instance: dg.DagsterInstance, tmp_path_factory: pytest.TempPathFactory
 ) -> PoolsRun:
-    root = _copy(sharded_root, tmp_path_factory.mktemp("in_process") / "warehouse")
+    root = _copy(sharded_root, tmp_path_factory.mktemp("in_process") / "warehouse", step_threads=1)
     result, run = _run(instance, root, "in_process")
     assert result.success
     return run
@@ -177,11 +182,12 @@ def in_process(
 def multiprocess(
     sharded_root: Path, instance: dg.DagsterInstance, tmp_path_factory: pytest.TempPathFactory
 ) -> PoolsRun:
-    """Every step in its own process; shard 1 dies once right after writing its part
+    """Every step in its own process, each spreading its subjects over three threads (the
+    in-process run uses one); shard 1 dies once right after writing its part
     (SHARD_FAULT_ENV_VAR), so its retry, a fresh process of the same run, reads the
     sources again."""
     folder = tmp_path_factory.mktemp("multiprocess")
-    root = _copy(sharded_root, folder / "warehouse")
+    root = _copy(sharded_root, folder / "warehouse", step_threads=3)
     marker = folder / "fault"
     marker.write_text("candidate_pools/1")
     with pytest.MonkeyPatch.context() as patch:

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from recsys_assets.config.settings import PipelineConfig
 from recsys_assets.pipeline.assets import block_threads
+from recsys_assets.pipeline.candidates import SOURCES, provenance_labels
 from recsys_assets.pipeline.shards import (
     in_subject_blocks,
     merge_in_subject_order,
@@ -192,6 +193,27 @@ def test_subject_blocks_refuse_rows_out_of_subject_order() -> None:
     rows = _candidate_rows().sample(frac=1.0, random_state=0)
     with pytest.raises(ValueError, match="not in subject_id order"):
         in_subject_blocks(rows, _top_two, threads=2)
+
+
+def test_blocks_that_code_text_by_their_own_rows_are_refused() -> None:
+    """Categories taken from a block's rows differ between blocks and from one call's (the
+    Parquet dictionary and codes with them): refused, never concatenated to other bytes."""
+
+    def work(block: pd.DataFrame) -> pd.DataFrame:
+        return block.assign(label=pd.Categorical(block["subject_id"].astype(str)))
+
+    with pytest.raises(ValueError, match="column 'label' has different categories"):
+        in_subject_blocks(_candidate_rows(), work, threads=2)
+
+
+def test_pool_provenance_codes_the_same_way_in_any_block() -> None:
+    """Every source combination is a category, used or not: two blocks with different
+    combinations still share one dictionary."""
+    first = provenance_labels(np.array([[True] + [False] * (len(SOURCES) - 1)]))
+    second = provenance_labels(np.array([[False, True] + [False] * (len(SOURCES) - 2)]))
+    assert first.categories.equals(second.categories)
+    assert len(first.categories) == 2 ** len(SOURCES)
+    assert list(first) == [SOURCES[0]] and list(second) == [SOURCES[1]]
 
 
 def test_a_failing_block_fails_the_whole_call() -> None:

@@ -118,6 +118,7 @@ def test_campaign_kill_removes_its_items_and_fills_from_deeper(
 ) -> None:
     client, service, _ = served
     assert _ids(client.get(RECS, params=NA).json())[:2] == world.good[:2]
+    world.clock.advance(timedelta(seconds=1))  # the log below is read back in time order
     response = client.post(
         "/v1/admin/kill",
         json={"surface": "home_feed", "campaign": CAMPAIGN, "reason": "brand complaint"},
@@ -130,6 +131,7 @@ def test_campaign_kill_removes_its_items_and_fills_from_deeper(
     metrics = client.get("/metrics").text
     assert 'reason="campaign_killed",region="na"' in metrics
     assert 'reason="tombstoned"' not in metrics
+    world.clock.advance(timedelta(seconds=1))
     client.request("DELETE", "/v1/admin/kill", json={"surface": "home_feed", "campaign": CAMPAIGN})
     assert _ids(client.get(RECS, params=NA).json()) == world.good[:20]
     service.decision_log.flush()
@@ -223,8 +225,12 @@ def test_kills_and_lifts_are_audited_in_the_decision_log(
     served: tuple[TestClient, RecommendationService, list[int]], world: World
 ) -> None:
     client, service, _ = served
+    # The world's clock stands still unless moved: the log is read back in time order, and
+    # its writer thread may put the kill and the lift in different files, read in any order.
     client.post("/v1/admin/kill", json={"surface": "home_feed", "region": "na", "reason": "r1"})
+    world.clock.advance(timedelta(seconds=1))
     client.get(RECS, params=NA)
+    world.clock.advance(timedelta(seconds=1))
     client.request(
         "DELETE", "/v1/admin/kill", json={"surface": "home_feed", "region": "na", "reason": "ok"}
     )

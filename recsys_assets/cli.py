@@ -65,7 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, ContractViolation, WarehouseError, OSError, ValueError) as error:
         # The errors bad input and storage raise, each worded where it arises to name the
         # file and the problem; anything else is a bug and keeps its traceback.
-        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        message = lines[0] if lines else type(error).__name__
+        for line in lines[1:]:  # one line on stderr, findings apart
+            message += (" " if message.endswith(":") else "; ") + line
         print(f"recsys {args.command}: error: {message}", file=sys.stderr)
         return 2
     except TrainingFailed as error:

@@ -160,7 +160,8 @@ class PipelineConfig(_Strict):
     step_threads: Annotated[int, Field(ge=1, strict=True)] | Literal["auto"] = "auto"
     """Threads the candidate_pools, scored_candidates (on the CPU) and slates shard steps
     spread their subjects over: a count, or `auto` for torch's thread count (the cores,
-    shared between the partitions `recsys run` refreshes at a time)."""
+    shared between the partitions `recsys run` refreshes at a time). Never more than the
+    cores the process may run on."""
     scoring_precision: Literal["auto", "fp32", "bf16"] = "auto"
     """The ranker's precision in scored_candidates: `auto` = bf16 on CUDA when the bundle
     allows it (bundle.json `inference`), else fp32 (so fp32 on the CPU); `fp32`; `bf16`
@@ -515,15 +516,43 @@ def _check_surface_regions(
         raise ValueError(f"{where}: duplicates in {list(enabled)}")
 
 
-def _format_validation_error(source: str, error: ValidationError) -> str:
-    lines = [f"invalid configuration in {source}:"]
+def _format_validation_error(source: str, error: ValidationError, data: Any) -> str:
+    """One line per bad key of `data`, the key as the file spells it: the alternatives of a
+    key that takes one of several kinds (`step_threads: 4 | auto`) are joined on its line,
+    with the value the file gave, instead of one line per alternative named by pydantic's
+    internal schema tags (`step_threads.constrained-int`, `step_threads.literal['auto']`)."""
+    findings: dict[str, list[str]] = {}
+    given: dict[str, Any] = {}
     for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        key = _key_in_file(data, item["loc"], missing=item["type"] == "missing")
+        where = ".".join(str(part) for part in key) or "(top level)"
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown key"
-        lines.append(f"  {where}: {message}")
+        if message not in findings.setdefault(where, []):
+            findings[where].append(message)
+        if not isinstance(item.get("input"), dict | list) and item["type"] != "missing":
+            given[where] = item.get("input")
+    lines = [f"invalid configuration in {source}:"]
+    for where, messages in findings.items():
+        text = " or ".join(messages)
+        got = f" (got {given[where]!r})" if where in given else ""
+        lines.append(f"  {where}: {text}{got if got[6:-1] not in text else ''}")
     return "\n".join(lines)
+
+
+def _key_in_file(data: Any, loc: tuple[int | str, ...], *, missing: bool) -> tuple[int | str, ...]:
+    """The part of a pydantic error location that names keys of `data`: what follows the
+    last key the file has is a union member's tag, except the key a `missing` error names."""
+    node = data
+    for depth, part in enumerate(loc):
+        in_mapping = isinstance(node, dict) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if in_mapping or in_list:
+            node = node[part]
+        else:
+            return loc[: depth + 1] if missing and depth == len(loc) - 1 else loc[:depth]
+    return loc
 
 
 def settings_from_mapping(data: Any, source: str = "<mapping>") -> Settings:
@@ -533,7 +562,7 @@ def settings_from_mapping(data: Any, source: str = "<mapping>") -> Settings:
     try:
         settings = Settings.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_format_validation_error(source, error)) from None
+        raise ConfigError(_format_validation_error(source, error, data)) from None
     ignored = _ignored_candidate_pool_blocks(data)
     if ignored:
         raise ConfigError(

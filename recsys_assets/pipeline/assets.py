@@ -908,8 +908,19 @@ def score_in_blocks(
 def block_threads(configured: int | Literal["auto"]) -> int:
     """Threads a shard step spreads its subjects over (`pipeline.step_threads`): `auto` is
     torch's thread count, the CPU share this process has (`recsys run` sets it to the cores
-    divided by the partitions it runs at once)."""
-    return torch.get_num_threads() if configured == "auto" else configured
+    divided by the partitions it runs at once). Never more than the cores the process may
+    run on: past them, threads only add hand-offs and each block's fixed costs (a ranker
+    pass padded to SCORING_BLOCK_ROWS; on tiny data `step_threads: 100000` ran 3.3× slower
+    in 1.9× the memory)."""
+    wanted = torch.get_num_threads() if configured == "auto" else configured
+    return max(1, min(wanted, usable_cores()))
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @dg.op(retry_policy=SHARD_RETRY, tags=SCORING_STEP_TAGS)

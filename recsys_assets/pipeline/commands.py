@@ -72,6 +72,7 @@ def _positive(text: str) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     started = time.monotonic()
+    load_settings()  # a bad configuration is named first, whatever else is missing
     warehouse = Warehouse.from_env()
     read_snapshot(warehouse)  # no raw data: say so in one line, before any run starts
     train = not (args.reuse_model and warehouse.exists("models/current.json"))

@@ -65,6 +65,7 @@ import torch
 
 from recsys_assets.config.settings import RetrievalConfig
 from recsys_assets.models.device import pick_device
+from recsys_assets.pipeline.threads import thread_share
 
 if TYPE_CHECKING:
     from recsys_assets.models.two_tower import TwoTowerModel
@@ -137,15 +138,16 @@ def exact_top_k(
         if target.type == "cpu" and retrieval.index != "flat"
         else None
     )
+    # Inside a shard step's block of subjects, that block's share of the threads.
+    threads = thread_share(torch.get_num_threads())
     if index is not None:
-        search = _index_search(index, retrieval)
+        search = _index_search(index, retrieval, threads)
     elif target.type == "cpu":
-        search = _faiss_search(items)
+        search = _faiss_search(items, threads)
     else:
         search = _torch_search(items, target, item_chunk=item_chunk, user_batch=user_batch)
     # An approximate search has no bound to settle by: None.
     slack = None if index is not None else _rounding_slack(users, items)
-    threads = torch.get_num_threads()
     with ThreadPoolExecutor(threads) if threads > 1 else nullcontext() as pool:
         for start in range(0, n_users, user_batch):
             stop = min(start + user_batch, n_users)
@@ -157,20 +159,20 @@ def exact_top_k(
                 _BatchExclusions.of(exclude, start, stop, n_items),
                 None if slack is None else slack[start:stop],
                 pool,
+                threads,
                 positions[start:stop],
                 scores[start:stop],
             )
     return positions, scores
 
 
-def _faiss_search(items: np.ndarray) -> Search:
+def _faiss_search(items: np.ndarray, threads: int) -> Search:
     """Exact search by faiss's `IndexFlatIP` kernel (`knn_inner_product`, BLAS from 20 users
     up), run on `items` in place: building the index would copy them (17-39 ms for 100k × 64,
-    2-4% of a 5,000-user search). Threads: torch's count (the project's one threading knob;
-    faiss has its own OpenMP pool)."""
+    2-4% of a 5,000-user search), on `threads` of faiss's own OpenMP threads."""
 
     def search(users: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
-        with _faiss_threads(torch.get_num_threads()):
+        with _faiss_threads(threads):
             return faiss.knn(users, items, depth, metric=faiss.METRIC_INNER_PRODUCT)
 
     return search
@@ -226,7 +228,7 @@ def _build_index(items: np.ndarray, config: RetrievalConfig) -> faiss.Index | No
     return index
 
 
-def _index_search(index: faiss.Index, config: RetrievalConfig) -> Search:
+def _index_search(index: faiss.Index, config: RetrievalConfig, threads: int) -> Search:
     """Approximate search of a built index (position -1 past the last item it found). An
     HNSW search keeps at least `depth` candidates: with fewer, faiss returns fewer items
     (m = 8, ef_search = 10, depth 300: 95-119 of 300), leaving users to the full scan."""
@@ -237,7 +239,7 @@ def _index_search(index: faiss.Index, config: RetrievalConfig) -> Search:
             if config.index == "hnsw"
             else None
         )
-        with _faiss_threads(torch.get_num_threads()):
+        with _faiss_threads(threads):
             return index.search(users, depth, params=params)
 
     return search
@@ -335,12 +337,13 @@ def _batch_top_k(
     excluded: _BatchExclusions | None,
     slack: np.ndarray | None,
     pool: ThreadPoolExecutor | None,
+    threads: int,
     positions: np.ndarray,
     scores: np.ndarray,
 ) -> None:
     """`exact_top_k` of one user batch into `positions` and `scores` ([rows, k]); `slack`
-    None: an approximate search. The rescoring is split in row parts over `pool`'s threads
-    (numpy releases the GIL)."""
+    None: an approximate search. The rescoring is split in row parts over `pool`'s
+    `threads` threads (numpy releases the GIL)."""
     rows, n_items = len(users), len(items)
     counts = np.zeros(rows, dtype=np.int64) if excluded is None else excluded.counts
     depth = np.minimum(n_items, k + _SEARCH_MARGIN + counts)
@@ -353,7 +356,7 @@ def _batch_top_k(
         positions=positions,
         scores=scores,
     )
-    workers = 1 if pool is None else torch.get_num_threads()
+    workers = 1 if pool is None else threads
     # Users whose depths are within a factor of two share one search at the deepest of
     # them: few, large searches, which faiss runs with BLAS.
     doublings = np.ceil(np.log2(depth)).astype(np.int64)

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from recsys_assets.contracts import ContractViolation
 from recsys_assets.data.snapshot import RawDataMissing, raw_table_path
+from recsys_assets.pipeline.threads import with_share
 from recsys_assets.warehouse import Warehouse
 
 PIPELINE_ROOT = "pipeline"
@@ -81,7 +82,8 @@ def in_subject_blocks(
     bytes): then the result is the same as one call, byte for byte. Blocks whose categories
     differ raise ValueError. Most of that work is in numpy, pandas, scipy, faiss and pyarrow
     calls that release the GIL, so the blocks share the cores a single step would otherwise
-    leave idle.
+    leave idle. Kernels with threads of their own take the block's share of `threads`
+    (pipeline/threads.py), not `threads` each.
     """
     subject_ids = frame["subject_id"].to_numpy()
     if threads <= 1 or len(frame) == 0 or subject_ids[0] == subject_ids[-1]:
@@ -93,8 +95,10 @@ def in_subject_blocks(
     starts = np.searchsorted(subject_ids, subject_ids[even], side="left")
     bounds = np.unique(np.concatenate(([0], starts, [len(frame)])))
     blocks = [frame.iloc[start:stop] for start, stop in pairwise(bounds)]
+    # Each block's kernels (faiss, the retrieval's pool) take its share of the threads.
+    share = with_share(threads // len(blocks), work)
     with ThreadPoolExecutor(len(blocks), thread_name_prefix="subject-block") as pool:
-        results = list(pool.map(work, blocks))
+        results = list(pool.map(share, blocks))
     for column, dtype in results[0].dtypes.items():
         if isinstance(dtype, pd.CategoricalDtype) and any(
             not result[column].cat.categories.equals(dtype.categories) for result in results[1:]

@@ -33,6 +33,38 @@ def test_unknown_key_is_named_with_its_path() -> None:
         settings_from_mapping(data, "test.yaml")
 
 
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (0, "greater than or equal to 1 or Input should be 'auto' (got 0)"),
+        ("two", "a valid integer or Input should be 'auto' (got 'two')"),
+        (None, "a valid integer or Input should be 'auto' (got None)"),
+    ],
+)
+def test_a_key_of_several_kinds_is_one_finding_with_the_value_given(
+    value: object, message: str
+) -> None:
+    """`step_threads` is a count or `auto`: one line naming the key as the file spells it,
+    not one per alternative under pydantic's schema tags (`step_threads.constrained-int`)."""
+    data = _default()
+    data["pipeline"]["step_threads"] = value
+    data["pipeline"]["scoring_precision"] = "fp8"
+    with pytest.raises(ConfigError) as raised:
+        settings_from_mapping(data, "test.yaml")
+    assert str(raised.value).splitlines() == [
+        "invalid configuration in test.yaml:",
+        f"  pipeline.step_threads: Input should be {message}",
+        "  pipeline.scoring_precision: Input should be 'auto', 'fp32' or 'bf16' (got 'fp8')",
+    ]
+
+
+def test_a_missing_key_is_named() -> None:
+    data = _default()
+    del data["surfaces"]["push"]["display_count"]
+    with pytest.raises(ConfigError, match=r"surfaces\.push\.display_count: Field required$"):
+        settings_from_mapping(data, "test.yaml")
+
+
 def test_a_candidate_pool_block_on_a_final_slate_surface_is_refused() -> None:
     data = _default()
     data["surfaces"]["push"]["candidate_pool"] = {"shortlist_size": 60}

@@ -74,7 +74,9 @@ def search(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> s
         monkeypatch.setattr(
             retrieval,
             "_faiss_search",
-            lambda items: retrieval._torch_search(items, CPU, item_chunk=97, user_batch=29),
+            lambda items, threads: retrieval._torch_search(
+                items, CPU, item_chunk=97, user_batch=29
+            ),
         )
     return str(request.param)
 

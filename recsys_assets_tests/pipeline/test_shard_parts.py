@@ -11,7 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from recsys_assets.config.settings import PipelineConfig
-from recsys_assets.pipeline.assets import block_threads
+from recsys_assets.pipeline.assets import block_threads, usable_cores
 from recsys_assets.pipeline.candidates import SOURCES, provenance_labels
 from recsys_assets.pipeline.shards import (
     in_subject_blocks,
@@ -22,6 +22,7 @@ from recsys_assets.pipeline.shards import (
     verify_shard_parts,
 )
 from recsys_assets.pipeline.subjects import shard_count, subject_shards
+from recsys_assets.pipeline.threads import sharing, thread_share
 from recsys_assets.warehouse import Warehouse
 
 
@@ -216,6 +217,26 @@ def test_pool_provenance_codes_the_same_way_in_any_block() -> None:
     assert list(first) == [SOURCES[0]] and list(second) == [SOURCES[1]]
 
 
+def test_kernels_in_a_block_take_its_share_of_the_threads() -> None:
+    """Each of N blocks' kernels (faiss, the retrieval pool) gets threads // N, at least 1,
+    not the process's count each; outside a block a kernel keeps its default."""
+    seen: list[int] = []
+
+    def work(block: pd.DataFrame) -> pd.DataFrame:
+        seen.append(thread_share(99))
+        return block
+
+    two_subjects = pd.DataFrame({"subject_id": [1, 1, 2, 2]})  # two blocks at most
+    for threads, share in ((2, 1), (3, 1), (8, 4)):
+        seen.clear()
+        in_subject_blocks(two_subjects, work, threads)
+        assert seen == [share, share]
+    assert thread_share(99) == 99
+    with sharing(3):
+        assert thread_share(99) == 3
+    assert thread_share(99) == 99
+
+
 def test_a_failing_block_fails_the_whole_call() -> None:
     def work(block: pd.DataFrame) -> pd.DataFrame:
         if 39 in set(block["subject_id"]):
@@ -230,8 +251,10 @@ def test_step_threads_is_a_count_or_auto_for_torch_threads() -> None:
     import torch
 
     assert PipelineConfig().step_threads == "auto"
-    assert block_threads("auto") == torch.get_num_threads()
-    assert block_threads(PipelineConfig(step_threads=3).step_threads) == 3
+    assert block_threads("auto") == min(torch.get_num_threads(), usable_cores())
+    assert block_threads(PipelineConfig(step_threads=1).step_threads) == 1
+    # Never more threads than cores: past them a block only adds its fixed costs.
+    assert block_threads(PipelineConfig(step_threads=100_000).step_threads) == usable_cores()
     for bad in (0, -1, "2", 1.5):
         with pytest.raises(ValidationError, match="step_threads"):
             PipelineConfig(step_threads=bad)

@@ -7,6 +7,8 @@ import os
 import sys
 import time
 
+import pandas as pd
+
 from recsys_assets.config import load_settings
 from recsys_assets.data.snapshot import read_snapshot
 from recsys_assets.pipeline.resources import RecsysResource
@@ -37,6 +39,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="use the current model bundle instead of retraining (trains if there is none)",
     )
+    run.add_argument(
+        "--score-time",
+        type=_score_time,
+        help="pin the pipeline clock (ISO 8601, UTC unless it names a zone) for a reproducible "
+        "run or a re-run of a past one: the same data, bundle and time give the same lists "
+        "(default: now)",
+    )
     _workers_argument(run)
     run.set_defaults(handler=_run)
 
@@ -60,6 +69,18 @@ def _workers_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _score_time(text: str) -> str:
+    try:
+        stamp = pd.Timestamp(text)
+    except ValueError:
+        stamp = pd.NaT
+    if stamp is pd.NaT:
+        raise argparse.ArgumentTypeError(
+            f"expected an ISO 8601 time such as 2026-11-20T06:00:00, got {text!r}"
+        )
+    return stamp.isoformat()
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -77,7 +98,12 @@ def _run(args: argparse.Namespace) -> int:
     read_snapshot(warehouse)  # no raw data: say so in one line, before any run starts
     train = not (args.reuse_model and warehouse.exists("models/current.json"))
     outcomes = _execute(
-        args.surface, args.region, train_model=train, workers=args.workers, verbose=args.verbose
+        args.surface,
+        args.region,
+        train_model=train,
+        workers=args.workers,
+        verbose=args.verbose,
+        score_time=args.score_time or "",
     )
     return _report(outcomes, started)
 
@@ -106,10 +132,11 @@ def _execute(
     train_model: bool,
     workers: int | None,
     verbose: bool,
+    score_time: str = "",
 ) -> list[PartitionOutcome]:
     from recsys_assets.definitions import build_definitions
 
-    recsys = RecsysResource()
+    recsys = RecsysResource(score_time=score_time)
     settings = recsys.settings()
     partitions = select_partitions(settings, surfaces, regions)
     workers = min(workers or settings.pipeline.partition_workers, max(len(partitions), 1))

@@ -1,10 +1,12 @@
 """`recsys run` when the model bundle's run fails (exit 1 with the step's cause) or the
-configuration is bad (exit 2 naming each finding): no traceback of the CLI's own."""
+configuration is bad (exit 2 naming each finding), with no traceback of the CLI's own; and
+its pinned clock (`--score-time`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -51,3 +53,27 @@ def test_a_bad_configuration_is_exit_2_with_each_finding_on_one_line(
         "pipeline.scoring_precision: Input should be 'auto', 'fp32' or 'bf16' (got 'fp8')\n"
     )
     assert not (tmp_path / "warehouse").exists()
+
+
+def test_score_time_pins_the_pipeline_clock(
+    tiny_warehouse: Warehouse,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "dagster_home"))
+    pinned = "2026-11-20T06:00:00"
+    partition = ["--surface", "home_feed", "--region", "na", "--workers", "1"]
+    assert cli.main(["run", *partition, "--score-time", pinned]) == 0
+    scored = pd.concat(
+        pd.read_parquet(path, columns=["score_time"])
+        for path in (Path(tiny_warehouse.root) / "pipeline" / "scored_candidates").rglob(
+            "*.parquet"
+        )
+    )
+    assert len(scored) and set(scored["score_time"]) == {pd.Timestamp(pinned)}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["run", *partition, "--score-time", "yesterday"])
+    assert refused.value.code == 2
+    assert "--score-time: expected an ISO 8601 time" in capsys.readouterr().err

@@ -536,8 +536,10 @@ def _format_validation_error(source: str, error: ValidationError, data: Any) -> 
     lines = [f"invalid configuration in {source}:"]
     for where, messages in findings.items():
         text = " or ".join(messages)
-        got = f" (got {given[where]!r})" if where in given else ""
-        lines.append(f"  {where}: {text}{got if got[6:-1] not in text else ''}")
+        value = repr(given[where]) if where in given else None
+        if value is not None and value not in text:  # a message may quote the value itself
+            text += f" (got {value})"
+        lines.append(f"  {where}: {text}")
     return "\n".join(lines)
 
 

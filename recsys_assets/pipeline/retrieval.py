@@ -342,8 +342,8 @@ def _batch_top_k(
     scores: np.ndarray,
 ) -> None:
     """`exact_top_k` of one user batch into `positions` and `scores` ([rows, k]); `slack`
-    None: an approximate search. The rescoring is split in row parts over `pool`'s
-    `threads` threads (numpy releases the GIL)."""
+    None: an approximate search. The rescoring is split in `threads` row parts over `pool`
+    (None when `threads` is 1; numpy releases the GIL)."""
     rows, n_items = len(users), len(items)
     counts = np.zeros(rows, dtype=np.int64) if excluded is None else excluded.counts
     depth = np.minimum(n_items, k + _SEARCH_MARGIN + counts)
@@ -356,7 +356,6 @@ def _batch_top_k(
         positions=positions,
         scores=scores,
     )
-    workers = 1 if pool is None else threads
     # Users whose depths are within a factor of two share one search at the deepest of
     # them: few, large searches, which faiss runs with BLAS.
     doublings = np.ceil(np.log2(depth)).astype(np.int64)
@@ -370,7 +369,7 @@ def _batch_top_k(
         bound = (
             None if slack is None or group_depth == n_items else found_scores[:, -1] + slack[group]
         )
-        parts = _row_parts(len(group), workers)
+        parts = _row_parts(len(group), threads)
         arguments = (
             [group_users[part] for part in parts],
             [found[part] for part in parts],
